@@ -1,0 +1,284 @@
+//! Settings, layered defaults < config file < environment (`SSEGATE_*`) < command-line flags.
+//!
+//! Environment variables use `__` between levels: `SSEGATE_RETENTION__MAX_EVENTS=5000`.
+//! Durations are written like `15s`, `500ms`, `5m`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the gateway can be configured with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// Redis to use; absent runs the embedded in-memory store (single node).
+    pub redis_url: Option<String>,
+    /// First part of every Redis key and channel, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// How much history each topic keeps for resuming clients.
+    pub retention: Retention,
+    /// Interval of the comment lines that keep idle connections open through proxies.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Sent as `retry:` on connect: how long a browser waits before reconnecting.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+    /// Largest accepted event payload (`data`), in bytes.
+    pub max_event_bytes: usize,
+    /// Most events accepted in one batch publish.
+    pub max_batch_events: usize,
+    /// Events read from the store per page when replaying history; bounds memory per client.
+    pub replay_page_size: usize,
+    /// How long an idempotency key keeps mapping to the id it first produced.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+    /// How often every active topic is checked against its stream, so that a missed pub/sub
+    /// message or keyspace notification costs latency, never an event.
+    #[serde(with = "humantime_serde")]
+    pub catchup_interval: Duration,
+    /// Events buffered in memory per topic for live fan-out; a client falling further behind
+    /// catches up from the store instead.
+    pub fanout_buffer: usize,
+    /// How long shutdown waits for connections to close after the streams were ended.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Redis connection timing.
+    pub redis: RedisTiming,
+}
+
+/// Per-topic history retention.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// Events kept per topic; 0 keeps everything.
+    pub max_events: u64,
+    /// Trim with `MAXLEN ~` (much cheaper; keeps at least `max_events`) instead of exactly.
+    pub approximate: bool,
+}
+
+/// Timeouts for talking to Redis; the driver's defaults are too short for large replays.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTiming {
+    /// Time allowed to open a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for one command's answer; also how fast a hung connection is noticed.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Interval of the health check on the pub/sub connection.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            redis_url: None,
+            key_prefix: "ssegate".into(),
+            retention: Retention::default(),
+            heartbeat_interval: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+            max_event_bytes: 64 * 1024,
+            max_batch_events: 1000,
+            replay_page_size: 500,
+            idempotency_window: Duration::from_secs(300),
+            catchup_interval: Duration::from_secs(5),
+            fanout_buffer: 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            redis: RedisTiming::default(),
+        }
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_events: 10_000,
+            approximate: true,
+        }
+    }
+}
+
+impl Default for RedisTiming {
+    fn default() -> Self {
+        RedisTiming {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(3),
+            ping_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The layers above the defaults that only the command line can give.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub redis_url: Option<String>,
+}
+
+/// A setting that cannot be used, named so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: `{setting}` {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
+}
+
+impl Settings {
+    /// Loads defaults < file < `SSEGATE_*` environment < flags, then validates.
+    pub fn load(overrides: Overrides) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = &overrides.config_file {
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("SSEGATE")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
+        if let Some(listen) = overrides.listen {
+            builder = builder.set_override("listen", listen.to_string())?;
+        }
+        if let Some(url) = overrides.redis_url {
+            builder = builder.set_override("redis_url", url)?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Rejects values the gateway cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, problem: &str| {
+            Err(ConfigError::Invalid {
+                setting,
+                problem: problem.to_owned(),
+            })
+        };
+        let prefix_ok = !self.key_prefix.is_empty()
+            && self.key_prefix.len() <= 64
+            && self
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"{}*?[]".contains(&b));
+        if !prefix_ok {
+            return invalid(
+                "key_prefix",
+                "must be 1-64 printable ASCII characters without whitespace, braces or glob characters",
+            );
+        }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                return invalid(
+                    "redis_url",
+                    "must start with redis://, rediss:// or unix://",
+                );
+            }
+        }
+        if self.heartbeat_interval < Duration::from_millis(10) {
+            return invalid("heartbeat_interval", "must be at least 10ms");
+        }
+        if self.retry.is_zero() {
+            return invalid("retry", "must be more than 0");
+        }
+        if !(1..=16 * 1024 * 1024).contains(&self.max_event_bytes) {
+            return invalid("max_event_bytes", "must be between 1 and 16777216");
+        }
+        if !(1..=10_000).contains(&self.max_batch_events) {
+            return invalid("max_batch_events", "must be between 1 and 10000");
+        }
+        if !(1..=10_000).contains(&self.replay_page_size) {
+            return invalid("replay_page_size", "must be between 1 and 10000");
+        }
+        if self.idempotency_window < Duration::from_secs(1) {
+            return invalid("idempotency_window", "must be at least 1s");
+        }
+        if self.catchup_interval < Duration::from_millis(10) {
+            return invalid("catchup_interval", "must be at least 10ms");
+        }
+        if !(16..=1_000_000).contains(&self.fanout_buffer) {
+            return invalid("fanout_buffer", "must be between 16 and 1000000");
+        }
+        if self.redis.response_timeout < Duration::from_millis(10) {
+            return invalid("redis.response_timeout", "must be at least 10ms");
+        }
+        if self.redis.connect_timeout < Duration::from_millis(10) {
+            return invalid("redis.connect_timeout", "must be at least 10ms");
+        }
+        if self.redis.ping_interval < Duration::from_millis(10) {
+            return invalid("redis.ping_interval", "must be at least 10ms");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let s = Settings {
+            replay_page_size: 0,
+            ..Settings::default()
+        };
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("replay_page_size"), "{err}");
+        let s = Settings {
+            key_prefix: "a{b".into(),
+            ..Settings::default()
+        };
+        assert!(s.validate().unwrap_err().to_string().contains("key_prefix"));
+    }
+
+    #[test]
+    fn file_then_flags_layer_over_defaults() {
+        let dir = std::env::temp_dir().join(format!("ssegate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ssegate.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nheartbeat_interval = \"3s\"\n[retention]\nmax_events = 7\n",
+        )
+        .unwrap();
+        let s = Settings::load(Overrides {
+            config_file: Some(file.clone()),
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            redis_url: None,
+        })
+        .unwrap();
+        assert_eq!(s.listen.port(), 9001, "flag wins over file");
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(3));
+        assert_eq!(s.retention.max_events, 7);
+        assert!(s.retention.approximate, "untouched default stays");
+
+        std::fs::write(&file, "heartbeat_interval = \"soon\"\n").unwrap();
+        let err = Settings::load(Overrides {
+            config_file: Some(file),
+            ..Overrides::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("heartbeat_interval"), "{err}");
+    }
+}

@@ -1,0 +1,204 @@
+//! Domain types: stream ids, topic names, event types and events.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest accepted topic name, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+/// Longest accepted event type, in bytes.
+pub const MAX_EVENT_TYPE_LEN: usize = 256;
+/// Event types starting with this are the gateway's own (e.g. `ssegate.gap`).
+pub const RESERVED_EVENT_PREFIX: &str = "ssegate.";
+
+/// A Redis stream entry id, `<ms>-<seq>`. It is also the SSE `id` of the event.
+///
+/// Ordering is Redis's: by milliseconds, then sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct StreamId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl StreamId {
+    /// `0-0`: before every entry. As a cursor it asks for everything still retained.
+    pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
+
+    pub fn new(ms: u64, seq: u64) -> Self {
+        StreamId { ms, seq }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Self::ZERO
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Why a string is not a stream id.
+#[derive(Debug, thiserror::Error)]
+#[error("a stream id is `0` or `<ms>-<seq>` with both parts decimal integers")]
+pub struct BadStreamId;
+
+impl FromStr for StreamId {
+    type Err = BadStreamId;
+
+    /// Accepts `0` and `<ms>-<seq>`; nothing else (no signs, spaces or missing parts).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "0" {
+            return Ok(StreamId::ZERO);
+        }
+        let (ms, seq) = s.split_once('-').ok_or(BadStreamId)?;
+        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return Err(BadStreamId);
+        }
+        Ok(StreamId {
+            ms: ms.parse().map_err(|_| BadStreamId)?,
+            seq: seq.parse().map_err(|_| BadStreamId)?,
+        })
+    }
+}
+
+/// A validated topic name: 1–256 bytes of printable ASCII, no whitespace, no `{` or `}` (they
+/// would break the Redis Cluster hash tag in the key names).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(String);
+
+/// Why a string is not a topic name.
+#[derive(Debug, thiserror::Error)]
+#[error("a topic is 1-256 bytes of printable ASCII without whitespace, `{{` or `}}`")]
+pub struct BadTopic;
+
+impl Topic {
+    pub fn parse(s: &str) -> Result<Self, BadTopic> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_TOPIC_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+        if ok {
+            Ok(Topic(s.to_owned()))
+        } else {
+            Err(BadTopic)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an event type is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadEventType {
+    #[error("the event type must be 1-256 bytes without CR, LF or NUL")]
+    Malformed,
+    #[error("event types starting with `ssegate.` are reserved for the gateway")]
+    Reserved,
+}
+
+/// Checks an event type given by a publisher. `message` is the SSE default and is accepted.
+pub fn validate_event_type(s: &str) -> Result<(), BadEventType> {
+    if !is_frameable_event_type(s) {
+        return Err(BadEventType::Malformed);
+    }
+    if s.starts_with(RESERVED_EVENT_PREFIX) {
+        return Err(BadEventType::Reserved);
+    }
+    Ok(())
+}
+
+/// Whether a type can be written on an SSE `event:` line without breaking the framing.
+pub fn is_frameable_event_type(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_EVENT_TYPE_LEN && !s.contains(['\r', '\n', '\0'])
+}
+
+/// An event to append, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// SSE event type; `None` is the default `message`.
+    pub event: Option<String>,
+    /// The payload, sent as `data:` lines.
+    pub data: String,
+    /// A publisher's key: the same key within the idempotency window yields the same id and
+    /// appends nothing.
+    pub idempotency_key: Option<String>,
+}
+
+/// An event as stored: what a subscriber receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: StreamId,
+    /// SSE event type; `None` is the default `message`.
+    pub event: Option<String>,
+    pub data: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_parse_strictly_and_order_like_redis() {
+        assert_eq!("0".parse::<StreamId>().unwrap(), StreamId::ZERO);
+        assert_eq!("5-3".parse::<StreamId>().unwrap(), StreamId::new(5, 3));
+        for bad in [
+            "",
+            "-",
+            "5",
+            "5-",
+            "-3",
+            "a-1",
+            "1-b",
+            "+1-2",
+            "1 -2",
+            "1-2-3",
+            "99999999999999999999-0",
+        ] {
+            assert!(bad.parse::<StreamId>().is_err(), "{bad:?} parsed");
+        }
+        assert!(StreamId::new(1, 9) < StreamId::new(2, 0));
+        assert!(StreamId::new(2, 1) > StreamId::new(2, 0));
+        assert_eq!(StreamId::new(17, 4).to_string(), "17-4");
+    }
+
+    #[test]
+    fn topics_refuse_whitespace_braces_and_length() {
+        assert!(Topic::parse("news.eu-1:x").is_ok());
+        assert!(Topic::parse(&"a".repeat(256)).is_ok());
+        for bad in ["", "a b", "a{b", "a}b", "tab\t", "é", &"a".repeat(257)] {
+            assert!(Topic::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn event_types_refuse_newlines_and_reserved_prefix() {
+        assert!(validate_event_type("update").is_ok());
+        assert!(validate_event_type("message").is_ok());
+        assert!(matches!(
+            validate_event_type("a\nb"),
+            Err(BadEventType::Malformed)
+        ));
+        assert!(matches!(
+            validate_event_type("a\rb"),
+            Err(BadEventType::Malformed)
+        ));
+        assert!(matches!(
+            validate_event_type(""),
+            Err(BadEventType::Malformed)
+        ));
+        assert!(matches!(
+            validate_event_type("ssegate.gap"),
+            Err(BadEventType::Reserved)
+        ));
+    }
+}

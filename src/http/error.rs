@@ -1,0 +1,104 @@
+//! API errors and their JSON responses: `{"error": "<code>", "message": "<what to fix>"}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::event::StreamId;
+use crate::store::StoreError;
+
+/// Seconds a client is asked to wait before retrying when the store is unavailable.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is wrong; `code` says how, `message` what to fix.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// An event, batch or body is larger than allowed.
+    #[error("{message}")]
+    TooLarge { code: &'static str, message: String },
+    #[error("no such route")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The store cannot be reached. For a batch, `persisted` holds the ids of the leading
+    /// events that were stored before the failure; the others were not acknowledged.
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        persisted: Option<Vec<StreamId>>,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::TooLarge {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A store failure after `persisted` leading events of a batch were stored.
+    pub fn from_store(e: StoreError, persisted: Option<Vec<StreamId>>) -> Self {
+        match e {
+            StoreError::Unavailable(m) => ApiError::Unavailable {
+                message: format!("the event store is unavailable ({m}); retry later"),
+                persisted,
+            },
+            StoreError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::from_store(e, None)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let (status, code, extra) = match self {
+            ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, None),
+            ApiError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, None),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
+            }
+            ApiError::Unavailable { persisted, .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                persisted,
+            ),
+            ApiError::Internal(ref m) => {
+                tracing::error!(error = %m, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
+            }
+        };
+        let mut body = json!({ "error": code, "message": message });
+        if let Some(ids) = extra {
+            body["persisted"] = json!(ids.iter().map(|id| id.to_string()).collect::<Vec<_>>());
+        }
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,298 @@
+//! `GET /v1/events` (subscribe) and `POST /v1/events` (publish).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
+use crate::hub::Output;
+use crate::sse;
+
+/// Longest accepted idempotency key, in bytes.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+fn query_params(raw: Option<&str>) -> Result<HashMap<String, String>, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_query",
+            "the query string is not valid URL encoding",
+        )
+    })
+}
+
+fn parse_topic(raw: Option<&str>) -> Result<Topic, ApiError> {
+    let raw =
+        raw.ok_or_else(|| ApiError::bad_request("missing_topic", "give the topic as ?topic=NAME"))?;
+    Topic::parse(raw).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))
+}
+
+/// The resume cursor: the `Last-Event-ID` header wins over `?lastEventId=`, because a browser
+/// keeps the original URL on every reconnect and adds the header with the newest id.
+fn parse_cursor(
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<Option<StreamId>, ApiError> {
+    let header = match headers.get("last-event-id") {
+        Some(v) => Some(v.to_str().map_err(|_| invalid_cursor())?.trim()),
+        None => None,
+    };
+    let raw = header.filter(|h| !h.is_empty()).or_else(|| {
+        query
+            .get("lastEventId")
+            .map(String::as_str)
+            .filter(|q| !q.is_empty())
+    });
+    raw.map(|r| r.parse().map_err(|_| invalid_cursor()))
+        .transpose()
+}
+
+fn invalid_cursor() -> ApiError {
+    ApiError::bad_request(
+        "invalid_cursor",
+        "Last-Event-ID / lastEventId must be an event id (`<ms>-<seq>`) or `0` for everything retained",
+    )
+}
+
+/// Opens an SSE stream: `retry:`, then the replay after the cursor, then live events, with
+/// heartbeat comments while idle.
+pub async fn subscribe(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = query_params(raw.as_deref())?;
+    let topic = parse_topic(query.get("topic").map(String::as_str))?;
+    let cursor = parse_cursor(&headers, &query)?;
+    let session = state.hub.subscribe(topic, cursor).await?;
+
+    let retry = sse::retry_frame(state.settings.retry.as_millis() as u64);
+    let heartbeat = state.settings.heartbeat_interval;
+    let first = futures_util::stream::once(async move { Ok::<_, Infallible>(retry) });
+    let rest = futures_util::stream::unfold(session, move |mut session| async move {
+        match session.next(tokio::time::sleep(heartbeat)).await {
+            Output::Frames(frames) => Some((Ok(frames), session)),
+            Output::Idle => Some((Ok(sse::heartbeat_frame()), session)),
+            Output::End => None,
+        }
+    });
+    let body = Body::from_stream(futures_util::StreamExt::chain(first, rest));
+
+    let mut response = (StatusCode::OK, body).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// One event as published in JSON.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishItem {
+    topic: String,
+    /// A string is sent as is; any other JSON value is sent as its JSON text.
+    data: Value,
+    event: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+/// Stores events and answers `201` once the store has them.
+///
+/// A batch (JSON array) is validated whole before anything is stored; then consecutive events of
+/// one topic are stored atomically together, in order. If the store fails part-way, the answer is
+/// `503` with `persisted`: the ids of the leading events that were stored. The events after them
+/// were not acknowledged and should be sent again (with idempotency keys, that is always safe).
+pub async fn publish(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::too_large(
+            "body_too_large",
+            format!(
+                "the request body is larger than max_event_bytes x max_batch_events ({} x {})",
+                state.settings.max_event_bytes, state.settings.max_batch_events
+            ),
+        ),
+        other => ApiError::bad_request("invalid_body", other.body_text()),
+    })?;
+    let query = query_params(raw.as_deref())?;
+    let limits = Limits {
+        max_event_bytes: state.settings.max_event_bytes,
+        max_batch_events: state.settings.max_batch_events,
+    };
+
+    let (events, batch) = if let Some(topic) = query.get("topic") {
+        let data = String::from_utf8(body.to_vec()).map_err(|_| {
+            ApiError::bad_request("invalid_data", "the event body must be UTF-8 text")
+        })?;
+        let key = match headers.get("idempotency-key") {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| {
+                        ApiError::bad_request(
+                            "invalid_idempotency_key",
+                            "Idempotency-Key must be ASCII",
+                        )
+                    })?
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let item = limits.check(topic, data, query.get("event").cloned(), key, None)?;
+        (vec![item], false)
+    } else {
+        parse_json_body(&body, &limits)?
+    };
+
+    let mut ids: Vec<StreamId> = Vec::with_capacity(events.len());
+    for run in events.chunk_by(|a, b| a.0 == b.0) {
+        let new: Vec<NewEvent> = run.iter().map(|(_, e)| e.clone()).collect();
+        match state.hub.store().append(&run[0].0, &new).await {
+            Ok(stored) => ids.extend(stored),
+            Err(e) => return Err(ApiError::from_store(e, batch.then_some(ids))),
+        }
+    }
+    let body = if batch {
+        json!({ "ids": ids.iter().map(|id| id.to_string()).collect::<Vec<_>>() })
+    } else {
+        json!({ "id": ids.first().map(|id| id.to_string()) })
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Parses a JSON object or array into validated events; the bool says whether it was an array.
+fn parse_json_body(
+    body: &[u8],
+    limits: &Limits,
+) -> Result<(Vec<(Topic, NewEvent)>, bool), ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the body is not valid JSON ({e}); send an event object, an array of them, or a plain body with ?topic="),
+        )
+    })?;
+    let parse_item = |v: Value, index: Option<usize>| -> Result<(Topic, NewEvent), ApiError> {
+        let item: PublishItem = serde_json::from_value(v).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_event",
+                format!(
+                    "{}expected {{\"topic\", \"data\", \"event\"?, \"idempotency_key\"?}} ({e})",
+                    at(index)
+                ),
+            )
+        })?;
+        let data = match item.data {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        limits.check(&item.topic, data, item.event, item.idempotency_key, index)
+    };
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(ApiError::bad_request(
+                    "empty_batch",
+                    "the batch has no events",
+                ));
+            }
+            if items.len() > limits.max_batch_events {
+                return Err(ApiError::too_large(
+                    "batch_too_large",
+                    format!(
+                        "a batch holds at most {} events (max_batch_events)",
+                        limits.max_batch_events
+                    ),
+                ));
+            }
+            let events = items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| parse_item(v, Some(i)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((events, true))
+        }
+        Value::Object(_) => Ok((vec![parse_item(value, None)?], false)),
+        _ => Err(ApiError::bad_request(
+            "invalid_event",
+            "the body must be a JSON object or an array of objects",
+        )),
+    }
+}
+
+fn at(index: Option<usize>) -> String {
+    index.map(|i| format!("event {i}: ")).unwrap_or_default()
+}
+
+struct Limits {
+    max_event_bytes: usize,
+    max_batch_events: usize,
+}
+
+impl Limits {
+    /// Validates one event's fields, naming its place in a batch in the message.
+    fn check(
+        &self,
+        topic: &str,
+        data: String,
+        event: Option<String>,
+        idempotency_key: Option<String>,
+        index: Option<usize>,
+    ) -> Result<(Topic, NewEvent), ApiError> {
+        let topic = Topic::parse(topic)
+            .map_err(|e| ApiError::bad_request("invalid_topic", format!("{}{e}", at(index))))?;
+        if data.len() > self.max_event_bytes {
+            return Err(ApiError::too_large(
+                "event_too_large",
+                format!(
+                    "{}the event data is {} bytes; the limit is {} (max_event_bytes)",
+                    at(index),
+                    data.len(),
+                    self.max_event_bytes
+                ),
+            ));
+        }
+        if let Some(ty) = &event {
+            validate_event_type(ty).map_err(|e| {
+                let code = match e {
+                    BadEventType::Malformed => "invalid_event_type",
+                    BadEventType::Reserved => "reserved_event_type",
+                };
+                ApiError::bad_request(code, format!("{}{e}", at(index)))
+            })?;
+        }
+        if let Some(key) = &idempotency_key {
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+                return Err(ApiError::bad_request(
+                    "invalid_idempotency_key",
+                    format!(
+                        "{}an idempotency key is 1-{MAX_IDEMPOTENCY_KEY_LEN} bytes",
+                        at(index)
+                    ),
+                ));
+            }
+        }
+        Ok((
+            topic,
+            NewEvent {
+                event: event.filter(|t| t != "message"),
+                data,
+                idempotency_key,
+            },
+        ))
+    }
+}

@@ -1,0 +1,30 @@
+//! ssegate: a Redis-backed, horizontally scalable Server-Sent Events gateway.
+//!
+//! Every published event is appended to a Redis Stream per topic; the stream entry ID is the SSE
+//! `id`, so any node can resume any client after its `Last-Event-ID`. Events reach every node live
+//! through Redis pub/sub (and keyspace notifications for programs that `XADD` directly), and each
+//! node fans them out to its own connections in memory. Without Redis, one node runs on an embedded
+//! in-memory store with the same semantics.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings, layered defaults < file < environment < flags, and their validation.
+//! - [`startup`]: builds the store, the hub and the router; serves until shutdown.
+//! - [`http`]: the HTTP handlers (`/v1/events`, health) and the error → response mapping.
+//! - [`hub`]: the per-node topic hub: one store subscription per active topic, in-memory fan-out,
+//!   and the per-client replay → live state machine that keeps the seam exact.
+//! - [`store`]: the small [`store::Store`] trait and its two implementations, memory and Redis.
+//! - [`sse`]: SSE frame encoding.
+//! - [`event`]: the domain types shared by all of the above (stream ids, topics, events).
+//! - [`shutdown`]: the shutdown signal passed down to every long-lived task and stream.
+//! - [`telemetry`]: tracing set-up.
+
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod hub;
+pub mod shutdown;
+pub mod sse;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

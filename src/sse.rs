@@ -1,0 +1,92 @@
+//! SSE frame encoding.
+//!
+//! Frames are written by hand rather than through `axum::response::sse::Event`, which panics on
+//! line breaks in `event`/`id` and turns `\r\n` in data into two line breaks. Every line break in a
+//! payload (`\r\n`, `\r` or `\n`) becomes one `data:` line boundary, so a parser following the SSE
+//! spec reads the payload back with its line breaks as `\n` (SSE cannot carry a bare `\r`).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::event::{is_frameable_event_type, Event, StreamId};
+
+/// Event type of the gap notice.
+pub const GAP_EVENT: &str = "ssegate.gap";
+
+/// Encodes one event: `id:`, `event:` (omitted for the default `message`), `data:` lines.
+pub fn event_frame(event: &Event) -> Bytes {
+    frame(Some(event.id), event.event.as_deref(), &event.data)
+}
+
+/// Encodes a frame; `id` is omitted when `None` (so a browser keeps its last event id).
+pub fn frame(id: Option<StreamId>, event: Option<&str>, data: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 64);
+    if let Some(id) = id {
+        out.put_slice(b"id: ");
+        out.put_slice(id.to_string().as_bytes());
+        out.put_u8(b'\n');
+    }
+    // A type that cannot be framed (possible only from a direct XADD) falls back to `message`
+    // rather than corrupting the stream.
+    if let Some(ty) = event.filter(|t| *t != "message" && is_frameable_event_type(t)) {
+        out.put_slice(b"event: ");
+        out.put_slice(ty.as_bytes());
+        out.put_u8(b'\n');
+    }
+    for line in lines(data) {
+        out.put_slice(b"data: ");
+        out.put_slice(line.as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// The `retry:` field, telling the browser how long to wait before reconnecting.
+pub fn retry_frame(millis: u64) -> Bytes {
+    Bytes::from(format!("retry: {millis}\n\n"))
+}
+
+/// A comment line: keeps proxies and load balancers from timing the connection out.
+pub fn heartbeat_frame() -> Bytes {
+    Bytes::from_static(b":\n\n")
+}
+
+/// Splits on `\r\n`, `\r` and `\n`, as an SSE parser will. Empty data is one empty line.
+fn lines(data: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(data);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        match s.find(['\r', '\n']) {
+            None => {
+                rest = None;
+                Some(s)
+            }
+            Some(i) => {
+                let skip = if s[i..].starts_with("\r\n") { 2 } else { 1 };
+                rest = Some(&s[i + skip..]);
+                Some(&s[..i])
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_every_kind_of_line_break_once() {
+        let got: Vec<&str> = lines("a\r\nb\rc\nd").collect();
+        assert_eq!(got, ["a", "b", "c", "d"]);
+        assert_eq!(lines("").collect::<Vec<_>>(), [""]);
+        assert_eq!(lines("x\n").collect::<Vec<_>>(), ["x", ""]);
+    }
+
+    #[test]
+    fn omits_default_and_unframeable_types() {
+        let f = frame(Some(StreamId::new(1, 2)), Some("message"), "hi");
+        assert_eq!(&f[..], b"id: 1-2\ndata: hi\n\n");
+        let f = frame(None, Some("bad\ntype"), "x");
+        assert_eq!(&f[..], b"data: x\n\n");
+    }
+}

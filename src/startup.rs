@@ -1,0 +1,113 @@
+//! Builds the store, the hub and the router; serves until shutdown.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::hub::Hub;
+use crate::shutdown::Shutdown;
+use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot use the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A bound, ready-to-serve gateway.
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    hub: Hub,
+    router: axum::Router,
+    shutdown: Shutdown,
+    shutdown_timeout: Duration,
+}
+
+impl Application {
+    /// Binds the listen address and connects the store. `shutdown` stops everything.
+    pub async fn build(
+        settings: Settings,
+        shutdown: Shutdown,
+    ) -> Result<Application, StartupError> {
+        let store: Arc<dyn Store> = match &settings.redis_url {
+            Some(_) => Arc::new(RedisStore::connect(&settings, shutdown.clone()).await?),
+            None => {
+                info!("no redis_url: using the embedded in-memory store (single node, nothing survives a restart)");
+                Arc::new(MemoryStore::new(&settings))
+            }
+        };
+        let hub = Hub::start(store, &settings, shutdown.clone());
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen {
+                addr: settings.listen,
+                source,
+            })?;
+        let shutdown_timeout = settings.shutdown_timeout;
+        let router = http::router(AppState {
+            hub: hub.clone(),
+            settings: Arc::new(settings),
+        });
+        Ok(Application {
+            listener,
+            addr,
+            hub,
+            router,
+            shutdown,
+            shutdown_timeout,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn hub(&self) -> Hub {
+        self.hub.clone()
+    }
+
+    /// Serves until shutdown. Open streams end at once when shutdown starts, so clients reconnect
+    /// elsewhere; connections still open after `shutdown_timeout` are abandoned.
+    pub async fn run(self) -> std::io::Result<()> {
+        info!(addr = %self.addr, "ssegate listening");
+        let signal = self.shutdown.clone();
+        let serve = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { signal.wait().await })
+            .into_future();
+        let deadline = async {
+            self.shutdown.wait().await;
+            tokio::time::sleep(self.shutdown_timeout).await;
+        };
+        tokio::select! {
+            result = serve => {
+                info!("ssegate stopped");
+                result
+            }
+            _ = deadline => {
+                warn!("connections still open after shutdown_timeout; exiting anyway");
+                Ok(())
+            }
+        }
+    }
+}

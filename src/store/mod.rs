@@ -1,0 +1,193 @@
+//! Event storage: one small trait, [`Store`], with a memory and a Redis implementation.
+//!
+//! Both follow the same semantics, checked by one conformance suite (`tests/api/store.rs`):
+//! ids are `<ms>-<seq>` and strictly increasing per topic, retention trims the oldest events, and
+//! whether a cursor is still covered is decided by one rule, [`classify`].
+//!
+//! Besides reads and writes, a store announces appends to the [`hub`](crate::hub) through
+//! [`Signal`]s, for the topics the hub [`watch`](Store::watch)es.
+
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::{Event, NewEvent, StreamId, Topic};
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing service cannot be reached or did not answer in time; retrying later may work.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something the gateway does not understand.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// Why the events right after a cursor cannot all be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapReason {
+    /// Events after the cursor were trimmed away by retention.
+    Trimmed,
+    /// The cursor never existed in this stream (data lost, stream recreated, foreign or future id).
+    UnknownCursor,
+}
+
+impl GapReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GapReason::Trimmed => "trimmed",
+            GapReason::UnknownCursor => "unknown_cursor",
+        }
+    }
+}
+
+/// One page of a read after a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Set when the cursor is not covered; `events` then start at the oldest retained event.
+    pub gap: Option<GapReason>,
+    /// Events in id order, at most the requested count.
+    pub events: Vec<Event>,
+}
+
+/// What a stream says about itself, for deciding whether a cursor is covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamFacts {
+    /// Highest id ever removed (trimmed or deleted); `0-0` if nothing was.
+    pub max_deleted: StreamId,
+    /// Highest id ever added.
+    pub last_generated: StreamId,
+}
+
+/// The one rule deciding whether the events right after `cursor` are all still retained.
+///
+/// `cursor_exists` says whether an entry with exactly that id is present; `facts` is `None` when
+/// the stream does not exist at all.
+pub fn classify(
+    cursor: StreamId,
+    cursor_exists: bool,
+    facts: Option<StreamFacts>,
+) -> Option<GapReason> {
+    if cursor_exists {
+        return None;
+    }
+    let Some(facts) = facts else {
+        // Nothing was ever written here: only "everything" is covered.
+        return (!cursor.is_zero()).then_some(GapReason::UnknownCursor);
+    };
+    if cursor.is_zero() {
+        return (!facts.max_deleted.is_zero()).then_some(GapReason::Trimmed);
+    }
+    if cursor > facts.last_generated {
+        return Some(GapReason::UnknownCursor);
+    }
+    if cursor == facts.max_deleted {
+        return None;
+    }
+    if cursor < facts.max_deleted {
+        return Some(GapReason::Trimmed);
+    }
+    Some(GapReason::UnknownCursor)
+}
+
+/// A store's announcement to the hub.
+#[derive(Debug, Clone)]
+pub enum Signal {
+    /// An event was appended right after `prev` (the stream's newest entry before it).
+    Appended {
+        topic: String,
+        prev: StreamId,
+        event: Event,
+    },
+    /// Something was appended to the topic that the store cannot describe (e.g. a direct
+    /// `XADD`): read the stream.
+    Poke { topic: String },
+    /// The store may have missed announcements (e.g. its Redis connection came back): read every
+    /// watched topic's stream.
+    CatchUpAll,
+}
+
+/// Storage for events, shared by all of a node's connections.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Appends `events` to `topic`, atomically and in order, and announces them. Returns one id
+    /// per event; an event whose idempotency key was seen within the window gets the id it got
+    /// then and is not appended again.
+    async fn append(&self, topic: &Topic, events: &[NewEvent])
+        -> Result<Vec<StreamId>, StoreError>;
+
+    /// Reads up to `count` events after `cursor`, with the gap rule applied.
+    async fn read(&self, topic: &Topic, cursor: StreamId, count: usize)
+        -> Result<Page, StoreError>;
+
+    /// The position a new reader starts from: the newest entry id, or where the stream ends if it
+    /// has no entries (`0-0` if it never existed). Reading after it returns only newer events.
+    async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError>;
+
+    /// Starts announcing appends to `topic`. Calls are counted: a topic stays watched until every
+    /// `watch` has been matched by an `unwatch`. The returned channel completes once
+    /// announcements flow, so anything appended after it is announced.
+    fn watch(&self, topic: &Topic) -> oneshot::Receiver<()>;
+
+    /// Undoes one [`watch`](Store::watch).
+    fn unwatch(&self, topic: &Topic);
+
+    /// The announcements. Only the first call gets the receiver.
+    fn take_signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;
+
+    /// Whether the store can serve reads, writes and announcements now.
+    async fn ready(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ms: u64, seq: u64) -> StreamId {
+        StreamId::new(ms, seq)
+    }
+
+    #[test]
+    fn gap_rule() {
+        let facts = Some(StreamFacts {
+            max_deleted: id(5, 0),
+            last_generated: id(9, 0),
+        });
+        assert_eq!(classify(id(7, 0), true, facts), None, "entry exists");
+        assert_eq!(
+            classify(id(5, 0), false, facts),
+            None,
+            "cursor is the last deleted"
+        );
+        assert_eq!(classify(id(3, 0), false, facts), Some(GapReason::Trimmed));
+        assert_eq!(
+            classify(id(6, 1), false, facts),
+            Some(GapReason::UnknownCursor)
+        );
+        assert_eq!(
+            classify(id(10, 0), false, facts),
+            Some(GapReason::UnknownCursor),
+            "future"
+        );
+        assert_eq!(
+            classify(StreamId::ZERO, false, facts),
+            Some(GapReason::Trimmed)
+        );
+        let untrimmed = Some(StreamFacts {
+            max_deleted: StreamId::ZERO,
+            last_generated: id(9, 0),
+        });
+        assert_eq!(classify(StreamId::ZERO, false, untrimmed), None);
+        assert_eq!(classify(StreamId::ZERO, false, None), None);
+        assert_eq!(
+            classify(id(1, 0), false, None),
+            Some(GapReason::UnknownCursor)
+        );
+    }
+}
