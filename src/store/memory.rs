@@ -36,8 +36,8 @@ struct TopicLog {
     entries: VecDeque<Event>,
     /// Highest id ever added: the next id must be greater, even if the clock goes back.
     last_generated: StreamId,
-    /// Highest id ever trimmed, for the gap rule.
-    max_deleted: StreamId,
+    /// Whether retention ever removed an entry, for the gap rule.
+    trimmed_any: bool,
     /// Idempotency key → id it produced and when.
     idempotency: HashMap<String, (StreamId, Instant)>,
     /// Keys in the order they were stored, so expired ones are dropped without a scan.
@@ -101,9 +101,8 @@ impl TopicLog {
             return;
         }
         while self.entries.len() as u64 > max_events {
-            if let Some(old) = self.entries.pop_front() {
-                self.max_deleted = self.max_deleted.max(old.id);
-            }
+            self.entries.pop_front();
+            self.trimmed_any = true;
         }
     }
 
@@ -174,8 +173,11 @@ impl Store for MemoryStore {
         };
         let (exists, after) = log.position_after(cursor);
         let facts = StreamFacts {
-            max_deleted: log.max_deleted,
+            first_retained: log.entries.front().map(|e| e.id),
             last_generated: log.last_generated,
+            // Events are never deleted one by one here, only trimmed.
+            max_deleted: StreamId::ZERO,
+            removed_any: log.trimmed_any,
         };
         let gap = classify(cursor, exists, Some(facts));
         let start = if gap.is_some() { 0 } else { after };

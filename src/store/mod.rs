@@ -59,16 +59,25 @@ pub struct Page {
 /// What a stream says about itself, for deciding whether a cursor is covered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamFacts {
-    /// Highest id ever removed (trimmed or deleted); `0-0` if nothing was.
-    pub max_deleted: StreamId,
+    /// Oldest entry still retained; `None` when the stream is empty.
+    pub first_retained: Option<StreamId>,
     /// Highest id ever added.
     pub last_generated: StreamId,
+    /// Highest id removed by `XDEL` (`0-0` if none). Redis does not move it when trimming.
+    pub max_deleted: StreamId,
+    /// Whether any entry was ever removed, by trimming or deletion.
+    pub removed_any: bool,
 }
 
 /// The one rule deciding whether the events right after `cursor` are all still retained.
 ///
 /// `cursor_exists` says whether an entry with exactly that id is present; `facts` is `None` when
 /// the stream does not exist at all.
+///
+/// Redis records where trimming *reached* (the oldest retained entry) but not the last id it
+/// removed, so a cursor older than the oldest retained entry of a trimmed stream always gets a
+/// gap, even in the rare case where it was the very last entry trimmed: a notice too many, never
+/// a loss untold.
 pub fn classify(
     cursor: StreamId,
     cursor_exists: bool,
@@ -81,11 +90,18 @@ pub fn classify(
         // Nothing was ever written here: only "everything" is covered.
         return (!cursor.is_zero()).then_some(GapReason::UnknownCursor);
     };
-    if cursor.is_zero() {
-        return (!facts.max_deleted.is_zero()).then_some(GapReason::Trimmed);
-    }
     if cursor > facts.last_generated {
         return Some(GapReason::UnknownCursor);
+    }
+    if cursor == facts.last_generated {
+        // Nothing was ever added after it.
+        return None;
+    }
+    if cursor.is_zero() {
+        return facts.removed_any.then_some(GapReason::Trimmed);
+    }
+    if facts.removed_any && facts.first_retained.is_none_or(|first| cursor < first) {
+        return Some(GapReason::Trimmed);
     }
     if cursor == facts.max_deleted {
         return None;
@@ -155,20 +171,39 @@ mod tests {
 
     #[test]
     fn gap_rule() {
+        // Entries 1..=9 were added, 1..=4 trimmed, 7 deleted.
         let facts = Some(StreamFacts {
-            max_deleted: id(5, 0),
+            first_retained: Some(id(5, 0)),
             last_generated: id(9, 0),
+            max_deleted: id(7, 0),
+            removed_any: true,
         });
-        assert_eq!(classify(id(7, 0), true, facts), None, "entry exists");
+        assert_eq!(classify(id(6, 0), true, facts), None, "entry exists");
         assert_eq!(
-            classify(id(5, 0), false, facts),
-            None,
-            "cursor is the last deleted"
+            classify(id(3, 0), false, facts),
+            Some(GapReason::Trimmed),
+            "before the oldest retained"
         );
-        assert_eq!(classify(id(3, 0), false, facts), Some(GapReason::Trimmed));
         assert_eq!(
-            classify(id(6, 1), false, facts),
-            Some(GapReason::UnknownCursor)
+            classify(id(4, 0), false, facts),
+            Some(GapReason::Trimmed),
+            "the last trimmed: conservative"
+        );
+        assert_eq!(classify(id(7, 0), false, facts), None, "the newest deleted");
+        assert_eq!(
+            classify(id(6, 5), false, facts),
+            Some(GapReason::Trimmed),
+            "older than a deletion"
+        );
+        assert_eq!(
+            classify(id(8, 5), false, facts),
+            Some(GapReason::UnknownCursor),
+            "never existed"
+        );
+        assert_eq!(
+            classify(id(9, 0), false, facts),
+            None,
+            "the newest ever, deleted"
         );
         assert_eq!(
             classify(id(10, 0), false, facts),
@@ -179,11 +214,32 @@ mod tests {
             classify(StreamId::ZERO, false, facts),
             Some(GapReason::Trimmed)
         );
-        let untrimmed = Some(StreamFacts {
-            max_deleted: StreamId::ZERO,
+
+        let untouched = Some(StreamFacts {
+            first_retained: Some(id(1, 0)),
             last_generated: id(9, 0),
+            max_deleted: StreamId::ZERO,
+            removed_any: false,
         });
-        assert_eq!(classify(StreamId::ZERO, false, untrimmed), None);
+        assert_eq!(classify(StreamId::ZERO, false, untouched), None);
+        assert_eq!(
+            classify(id(0, 5), false, untouched),
+            Some(GapReason::UnknownCursor)
+        );
+
+        let emptied = Some(StreamFacts {
+            first_retained: None,
+            last_generated: id(9, 0),
+            max_deleted: StreamId::ZERO,
+            removed_any: true,
+        });
+        assert_eq!(
+            classify(id(9, 0), false, emptied),
+            None,
+            "an emptied stream's tail"
+        );
+        assert_eq!(classify(id(8, 0), false, emptied), Some(GapReason::Trimmed));
+
         assert_eq!(classify(StreamId::ZERO, false, None), None);
         assert_eq!(
             classify(id(1, 0), false, None),

@@ -306,22 +306,10 @@ impl Store for RedisStore {
             let events = page.into_iter().skip(1).take(count).collect();
             return Ok(Page { gap: None, events });
         }
-        let max_deleted = as_text(parts.get(2))?;
-        let facts = if max_deleted.is_empty() {
-            None
-        } else {
-            Some(StreamFacts {
-                max_deleted: max_deleted
-                    .parse()
-                    .map_err(|_| bad_reply("max-deleted-entry-id"))?,
-                last_generated: as_text(parts.get(3))?
-                    .parse()
-                    .map_err(|_| bad_reply("last-generated-id"))?,
-            })
-        };
+        let facts = parse_facts(parts.get(2..7))?;
         let gap = classify(cursor, false, facts);
         let events = if gap.is_some() {
-            parse_entries(parts.get(4))?
+            parse_entries(parts.get(7))?
         } else {
             page
         };
@@ -666,7 +654,7 @@ fn bad_reply(what: &str) -> StoreError {
 fn as_array(v: &Value) -> Result<&[Value], StoreError> {
     match v {
         Value::Array(items) | Value::Set(items) => Ok(items),
-        _ => Err(bad_reply("expected an array")),
+        other => Err(bad_reply(&format!("expected an array, got {other:?}"))),
     }
 }
 
@@ -680,14 +668,41 @@ fn as_bytes(v: &Value) -> Result<&[u8], StoreError> {
 }
 
 fn as_text(v: Option<&Value>) -> Result<String, StoreError> {
-    let bytes = as_bytes(v.ok_or_else(|| bad_reply("missing field"))?)?;
-    Ok(String::from_utf8_lossy(bytes).into_owned())
+    match v.ok_or_else(|| bad_reply("missing field"))? {
+        Value::Int(n) => Ok(n.to_string()),
+        other => Ok(String::from_utf8_lossy(as_bytes(other)?).into_owned()),
+    }
 }
 
 fn parse_id(v: &Value) -> Result<StreamId, StoreError> {
     as_text(Some(v))?
         .parse()
         .map_err(|_| bad_reply("stream id"))
+}
+
+/// Parses the stream facts returned by `read.lua`: last generated id, max deleted id, entries
+/// added, length, first retained id (all '' when the stream does not exist).
+fn parse_facts(fields: Option<&[Value]>) -> Result<Option<StreamFacts>, StoreError> {
+    let fields = fields.ok_or_else(|| bad_reply("stream facts"))?;
+    let text = |i: usize| as_text(fields.get(i));
+    let last_generated = text(0)?;
+    if last_generated.is_empty() {
+        return Ok(None);
+    }
+    let id = |s: String, what| s.parse::<StreamId>().map_err(|_| bad_reply(what));
+    let number = |s: String, what| s.parse::<u64>().map_err(|_| bad_reply(what));
+    let added = number(text(2)?, "entries-added")?;
+    let length = number(text(3)?, "length")?;
+    Ok(Some(StreamFacts {
+        first_retained: if length > 0 {
+            Some(id(text(4)?, "recorded-first-entry-id")?)
+        } else {
+            None
+        },
+        last_generated: id(last_generated, "last-generated-id")?,
+        max_deleted: id(text(1)?, "max-deleted-entry-id")?,
+        removed_any: added > length,
+    }))
 }
 
 /// Parses XRANGE output: `[[id, [field, value, ...]], ...]`. The payload is the `data` field and

@@ -1,1 +1,8 @@
+//! The integration test binary: one binary, so it links once.
+//!
+//! Tests that involve Redis start their own `redis-server` (see `helpers::RedisServer`).
 
+mod delivery;
+mod helpers;
+mod input;
+mod store;

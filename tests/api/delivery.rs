@@ -1,0 +1,382 @@
+//! Delivery guarantees through the HTTP API: across nodes, at the replay/live seam, for direct
+//! XADDs, with gaps, and without leaks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::seq::IndexedRandom;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::helpers::{settings, spawn_app, RedisServer, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_live_events_and_resume_each_other() {
+    let redis = RedisServer::start().await;
+    let a = spawn_app(settings(Some(&redis))).await;
+    let b = spawn_app(settings(Some(&redis))).await;
+
+    // Live: published on A, received on B.
+    let mut on_b = b.subscribe("room", None).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(a.publish("room", &format!("m{i}")).await);
+    }
+    let got = on_b.take(10).await;
+    assert_eq!(got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(got[3].data, "m3");
+
+    // A client reads 1..k from A, then reconnects to B with the id of event k.
+    let k = 4;
+    let mut on_a = a.subscribe("room", Some("0")).await;
+    let first = on_a.take(k).await;
+    assert_eq!(first.last().unwrap().id, ids[k - 1]);
+    drop(on_a);
+    let mut resumed = b.subscribe("room", Some(&ids[k - 1])).await;
+    let rest = resumed.take(10 - k).await;
+    assert_eq!(
+        rest.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        ids[k..]
+    );
+
+    // Then the live stream, with no duplicate at the seam.
+    let live1 = a.publish("room", "live1").await;
+    let live2 = b.publish("room", "live2").await;
+    let next = resumed.take(2).await;
+    assert_eq!([next[0].id.clone(), next[1].id.clone()], [live1, live2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seam_is_exact_for_concurrent_publishing_and_subscribing() {
+    let redis = RedisServer::start().await;
+    let mut s = settings(Some(&redis));
+    s.retention.max_events = 0;
+    // Small pages and a small fan-out buffer exercise paging and the fall-behind path too.
+    s.replay_page_size = 7;
+    s.fanout_buffer = 16;
+    let a = Arc::new(spawn_app(s.clone()).await);
+    let b = Arc::new(spawn_app(s).await);
+    let topic = "seam";
+    const EVENTS: usize = 1000;
+    const PUBLISHERS: usize = 10;
+    const CLIENTS: usize = 20;
+
+    let published = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (progress_tx, progress_rx) = watch::channel(0usize);
+    let progress_tx = Arc::new(progress_tx);
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let node = if p % 2 == 0 { a.clone() } else { b.clone() };
+        let published = published.clone();
+        let progress = progress_tx.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..EVENTS / PUBLISHERS {
+                let id = node.publish(topic, &format!("p{p}-{i}")).await;
+                let n = {
+                    let mut all = published.lock().unwrap();
+                    all.push(id);
+                    all.len()
+                };
+                progress.send_replace(n);
+            }
+        }));
+    }
+
+    // Clients join while publishing goes on, with assorted cursors.
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let mut progress = progress_rx.clone();
+        progress
+            .wait_for(|n| *n >= c * EVENTS / CLIENTS / 2)
+            .await
+            .unwrap();
+        let cursor = {
+            let all = published.lock().unwrap();
+            match c % 4 {
+                0 => None,
+                1 => Some("0".to_string()),
+                2 => all.choose(&mut rand::rng()).cloned().or(Some("0".into())),
+                _ => all.last().cloned().or(Some("0".into())),
+            }
+        };
+        let node = if c % 3 == 0 { a.clone() } else { b.clone() };
+        let sse = node.subscribe(topic, cursor.as_deref()).await;
+        clients.push((cursor, sse));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let stream = redis.stream_ids(topic).await;
+    assert_eq!(stream.len(), EVENTS);
+    let last = stream.last().unwrap().clone();
+
+    for (i, (cursor, mut sse)) in clients.into_iter().enumerate() {
+        let got = sse.ids_until(&last).await;
+        let expected: Vec<String> = match &cursor {
+            Some(c) if c == "0" => stream.clone(),
+            Some(c) => {
+                let pos = stream.iter().position(|id| id == c).unwrap();
+                stream[pos + 1..].to_vec()
+            }
+            None => {
+                // Live only: whatever it got must be the stream's exact suffix from its first.
+                let pos = stream
+                    .iter()
+                    .position(|id| *id == got[0])
+                    .expect("a stream id");
+                stream[pos..].to_vec()
+            }
+        };
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "client {i} (cursor {cursor:?}) count"
+        );
+        assert_eq!(got, expected, "client {i} (cursor {cursor:?})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_xadd_reaches_connected_clients() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    let mut sse = app.subscribe("sensors", None).await;
+    let mut conn = redis.conn().await;
+    let id: String = redis::cmd("XADD")
+        .arg("ssegate:{sensors}")
+        .arg("*")
+        .arg("data")
+        .arg("21.5")
+        .arg("event")
+        .arg("temperature")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let e = sse.expect().await;
+    assert_eq!(
+        (e.id.as_str(), e.event.as_str(), e.data.as_str()),
+        (id.as_str(), "temperature", "21.5")
+    );
+
+    // A gateway publish after a direct one keeps the order and both arrive once.
+    let id2: String = redis::cmd("XADD")
+        .arg("ssegate:{sensors}")
+        .arg("*")
+        .arg("data")
+        .arg("22")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id3 = app.publish("sensors", "via http").await;
+    let got = sse.take(2).await;
+    assert_eq!([got[0].id.clone(), got[1].id.clone()], [id2, id3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_xadd_arrives_without_keyspace_notifications() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    let mut conn = redis.conn().await;
+    // As on a managed Redis where the gateway may not enable them.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut sse = app.subscribe("quiet", None).await;
+    let id: String = redis::cmd("XADD")
+        .arg("ssegate:{quiet}")
+        .arg("*")
+        .arg("data")
+        .arg("found by catch-up")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let e = sse.expect().await;
+    assert_eq!(e.id, id);
+    // The next gateway publish names the direct entry as its predecessor: still in order.
+    let direct: String = redis::cmd("XADD")
+        .arg("ssegate:{quiet}")
+        .arg("*")
+        .arg("data")
+        .arg("d")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let http = app.publish("quiet", "h").await;
+    let got = sse.take(2).await;
+    assert_eq!([got[0].id.clone(), got[1].id.clone()], [direct, http]);
+}
+
+async fn assert_gap_then(
+    app: &TestApp,
+    topic: &str,
+    cursor: &str,
+    reason: &str,
+    retained: &[String],
+) {
+    let mut sse = app.subscribe(topic, Some(cursor)).await;
+    let gap = sse.expect().await;
+    assert_eq!(
+        gap.event, "ssegate.gap",
+        "gap notice first for cursor {cursor}"
+    );
+    let data: Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(data["cursor"], cursor);
+    assert_eq!(data["reason"], reason);
+    assert_eq!(data["resume_from"], retained[0].as_str());
+    let got = sse.take(retained.len()).await;
+    assert_eq!(
+        got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        retained
+    );
+    let live = app.publish(topic, "after the gap").await;
+    assert_eq!(sse.expect().await.id, live, "then live");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_are_announced_before_the_retained_events() {
+    let redis = RedisServer::start().await;
+    let mut s = settings(Some(&redis));
+    s.retention.max_events = 5;
+    s.retention.approximate = false;
+    let app = spawn_app(s).await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(app.publish("hist", &format!("{i}")).await);
+    }
+    let retained = redis.stream_ids("hist").await;
+    assert_eq!(retained, ids[7..]);
+    assert_gap_then(&app, "hist", &ids[1], "trimmed", &retained).await;
+
+    let retained = redis.stream_ids("hist").await;
+    let (ms, _) = retained[0].split_once('-').unwrap();
+    let future = format!("{}-0", ms.parse::<u64>().unwrap() + 10_000_000);
+    assert_gap_then(&app, "hist", &future, "unknown_cursor", &retained).await;
+
+    // A stream that lost its history (e.g. Redis restarted without persistence) and was written
+    // again: the client's cursor is unknown to it.
+    let other: Vec<String> = vec![app.publish("fresh", "x").await];
+    let (ms, _) = other[0].split_once('-').unwrap();
+    let before = format!("{}-3", ms.parse::<u64>().unwrap() - 1);
+    assert_gap_then(&app, "fresh", &before, "unknown_cursor", &other).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leave_nothing_behind() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    let mut clients = Vec::new();
+    for i in 0..100 {
+        clients.push(app.subscribe(&format!("t{}", i % 10), None).await);
+    }
+    assert_eq!(app.hub.active_topics(), 10);
+    assert_eq!(app.hub.running_pumps(), 10);
+    let mut conn = redis.conn().await;
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        channels.len(),
+        20,
+        "one live and one keyspace channel per topic: {channels:?}"
+    );
+
+    drop(clients);
+    let hub = app.hub.clone();
+    app.eventually("every topic is released", async || {
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        hub.active_topics() == 0 && hub.running_pumps() == 0 && channels.is_empty()
+    })
+    .await;
+
+    // And the node still serves.
+    let mut sse = app.subscribe("t1", None).await;
+    let id = app.publish("t1", "still here").await;
+    assert_eq!(sse.expect().await.id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_released_and_rejoined_at_once_misses_nothing() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    for round in 0..30 {
+        let first = app.subscribe("churn", None).await;
+        drop(first);
+        let mut second = app.subscribe("churn", None).await;
+        let id = app.publish("churn", &format!("r{round}")).await;
+        assert_eq!(second.expect().await.id, id, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_delivers_live_and_resumes() {
+    let app = spawn_app(settings(None)).await;
+    let mut live = app.subscribe("solo", None).await;
+    let ids = vec![
+        app.publish("solo", "1").await,
+        app.publish("solo", "2").await,
+    ];
+    assert_eq!(
+        live.take(2)
+            .await
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let mut resumed = app.subscribe("solo", Some(&ids[0])).await;
+    assert_eq!(resumed.expect().await.id, ids[1]);
+    let id3 = app.publish("solo", "3").await;
+    assert_eq!(resumed.expect().await.id, id3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_streams_and_exits() {
+    let redis = RedisServer::start().await;
+    let mut app = spawn_app(settings(Some(&redis))).await;
+    let mut sse = app.subscribe("bye", None).await;
+    let id = app.publish("bye", "x").await;
+    assert_eq!(sse.expect().await.id, id);
+    app.shutdown.trigger();
+    assert!(
+        sse.next().await.is_none(),
+        "the stream ends so the client reconnects elsewhere"
+    );
+    let task = app.task.take().unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(10), task).await;
+    assert!(
+        matches!(done, Ok(Ok(Ok(())))),
+        "server exits in bounded time: {done:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let alive = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(alive.status(), 200);
+    drop(redis);
+    let http = app.http.clone();
+    let url = app.url("/readyz");
+    app.eventually("readyz reports Redis gone", async || {
+        let r = http.get(&url).send().await.unwrap();
+        r.status() == 503
+    })
+    .await;
+    let r = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the process is still alive");
+}

@@ -1,0 +1,313 @@
+//! Test fixtures: a real `redis-server` per test, the gateway spawned on port 0, and an SSE
+//! client built on an independent parser (`eventsource-stream`).
+
+use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use eventsource_stream::{Event, Eventsource};
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use ssegate::config::Settings;
+use ssegate::hub::Hub;
+use ssegate::shutdown::Shutdown;
+use ssegate::startup::Application;
+use tokio::task::JoinHandle;
+
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// A `redis-server` on a free loopback port in a temporary directory, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("temp dir");
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (the test command installs it)");
+            let mut server = RedisServer {
+                child,
+                port,
+                _dir: dir,
+            };
+            if server.wait_until_up().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    /// True once it answers PING; false if it exited (e.g. the port was taken).
+    async fn wait_until_up(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(client) = redis::Client::open(self.url()) {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok()
+                    {
+                        return true;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// All ids of a topic's stream, in order (read in pages with XRANGE).
+    pub async fn stream_ids(&self, topic: &str) -> Vec<String> {
+        let mut conn = self.conn().await;
+        let key = format!("ssegate:{{{topic}}}");
+        let mut ids = Vec::new();
+        let mut start = "-".to_string();
+        loop {
+            let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let n = page.ids.len();
+            ids.extend(page.ids.into_iter().map(|e| e.id));
+            match ids.last() {
+                Some(last) if n == 500 => start = format!("({last}"),
+                _ => return ids,
+            }
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Settings for a test gateway: port 0, the given Redis (or memory), fast heartbeats.
+pub fn settings(redis: Option<&RedisServer>) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        redis_url: redis.map(|r| r.url()),
+        heartbeat_interval: Duration::from_millis(200),
+        catchup_interval: Duration::from_millis(500),
+        shutdown_timeout: Duration::from_secs(5),
+        ..Settings::default()
+    }
+}
+
+/// A gateway running in this process.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    pub shutdown: Shutdown,
+    pub task: Option<JoinHandle<std::io::Result<()>>>,
+    pub http: reqwest::Client,
+}
+
+pub async fn spawn_app(settings: Settings) -> TestApp {
+    ssegate::telemetry::init();
+    let shutdown = Shutdown::new();
+    let app = Application::build(settings, shutdown.clone())
+        .await
+        .expect("gateway starts");
+    let addr = app.local_addr();
+    let hub = app.hub();
+    let task = tokio::spawn(app.run());
+    TestApp {
+        addr,
+        hub,
+        shutdown,
+        task: Some(task),
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Publishes one JSON event and returns its id; panics unless the answer is 201.
+    pub async fn publish(&self, topic: &str, data: &str) -> String {
+        let (status, body) = self
+            .post_json(&serde_json::json!({ "topic": topic, "data": data }))
+            .await;
+        assert_eq!(status, 201, "publish failed: {body}");
+        body["id"].as_str().expect("id").to_owned()
+    }
+
+    pub async fn post_json(&self, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url("/v1/events"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, query: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/events{query}")))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Opens `GET /v1/events?topic=...` with an optional `Last-Event-ID`; panics unless 200.
+    pub async fn subscribe(&self, topic: &str, last_event_id: Option<&str>) -> Sse {
+        self.subscribe_with(&format!("?topic={topic}"), last_event_id)
+            .await
+    }
+
+    pub async fn subscribe_with(&self, query: &str, last_event_id: Option<&str>) -> Sse {
+        let mut req = self.http.get(self.url(&format!("/v1/events{query}")));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let response = req.send().await.unwrap();
+        assert_eq!(response.status(), 200, "subscribe failed");
+        Sse::new(response)
+    }
+
+    /// Waits until `check` holds, polling; panics after [`PATIENCE`].
+    pub async fn eventually(&self, what: &str, mut check: impl AsyncFnMut() -> bool) {
+        eventually(what, &mut check).await
+    }
+}
+
+pub async fn eventually(what: &str, check: &mut impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>;
+
+/// An open SSE stream, parsed by `eventsource-stream`.
+pub struct Sse {
+    events: EventStream,
+}
+
+impl Sse {
+    fn new(response: reqwest::Response) -> Sse {
+        let events = response
+            .bytes_stream()
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .boxed();
+        Sse { events }
+    }
+
+    /// The next event; `None` when the stream ended. Panics after [`PATIENCE`].
+    pub async fn next(&mut self) -> Option<Event> {
+        match tokio::time::timeout(PATIENCE, self.events.next()).await {
+            Ok(Some(Ok(e))) => Some(e),
+            Ok(Some(Err(e))) => panic!("stream error: {e}"),
+            Ok(None) => None,
+            Err(_) => panic!("no event within {PATIENCE:?}"),
+        }
+    }
+
+    pub async fn expect(&mut self) -> Event {
+        self.next().await.expect("stream ended early")
+    }
+
+    /// Reads events until one has id `last`; returns all ids read (gap notices included as
+    /// `ssegate.gap`).
+    pub async fn ids_until(&mut self, last: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        loop {
+            let e = self.expect().await;
+            if e.event == "ssegate.gap" {
+                ids.push(e.event);
+                continue;
+            }
+            let done = e.id == last;
+            ids.push(e.id);
+            if done {
+                return ids;
+            }
+        }
+    }
+
+    pub async fn take(&mut self, n: usize) -> Vec<Event> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.expect().await);
+        }
+        out
+    }
+}

@@ -1,0 +1,311 @@
+//! The store conformance suite: every case runs against the memory store and against Redis.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ssegate::config::Settings;
+use ssegate::event::{NewEvent, StreamId, Topic};
+use ssegate::shutdown::Shutdown;
+use ssegate::store::{GapReason, MemoryStore, RedisStore, Signal, Store};
+
+use crate::helpers::RedisServer;
+
+/// A store under test, with whatever keeps it alive.
+struct Subject {
+    store: Arc<dyn Store>,
+    _redis: Option<RedisServer>,
+    _shutdown: ShutdownOnDrop,
+}
+
+struct ShutdownOnDrop(Shutdown);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
+
+fn base_settings(max_events: u64) -> Settings {
+    let mut s = Settings::default();
+    s.retention.max_events = max_events;
+    s.retention.approximate = false;
+    s
+}
+
+async fn memory(max_events: u64) -> Subject {
+    Subject {
+        store: Arc::new(MemoryStore::new(&base_settings(max_events))),
+        _redis: None,
+        _shutdown: ShutdownOnDrop(Shutdown::new()),
+    }
+}
+
+async fn redis(max_events: u64) -> Subject {
+    let server = RedisServer::start().await;
+    let mut settings = base_settings(max_events);
+    settings.redis_url = Some(server.url());
+    let shutdown = Shutdown::new();
+    let store = RedisStore::connect(&settings, shutdown.clone())
+        .await
+        .unwrap();
+    Subject {
+        store: Arc::new(store),
+        _redis: Some(server),
+        _shutdown: ShutdownOnDrop(shutdown),
+    }
+}
+
+/// Runs each case once per store.
+macro_rules! conformance {
+    ($($case:ident($max_events:expr);)*) => {
+        mod memory_store {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::memory($max_events).await).await
+            })*
+        }
+        mod redis_store {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::redis($max_events).await).await
+            })*
+        }
+    };
+}
+
+conformance! {
+    appends_in_order_and_reads_in_pages(0);
+    idempotency_keys_return_the_first_id(0);
+    gap_rule_for_trimmed_history(5);
+    gap_rule_for_unknown_cursors(0);
+    tail_is_where_new_readers_start(3);
+    appends_are_announced_with_their_predecessor(0);
+}
+
+fn topic(name: &str) -> Topic {
+    Topic::parse(name).unwrap()
+}
+
+fn event(data: &str) -> NewEvent {
+    NewEvent {
+        event: None,
+        data: data.to_owned(),
+        idempotency_key: None,
+    }
+}
+
+async fn append_n(store: &dyn Store, t: &Topic, n: usize) -> Vec<StreamId> {
+    let events: Vec<NewEvent> = (0..n).map(|i| event(&format!("e{i}"))).collect();
+    store.append(t, &events).await.unwrap()
+}
+
+async fn appends_in_order_and_reads_in_pages(s: Subject) {
+    let t = topic("orders");
+    let mut ids = append_n(&*s.store, &t, 7).await;
+    ids.extend(append_n(&*s.store, &t, 5).await);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+    let mut cursor = StreamId::ZERO;
+    let mut read = Vec::new();
+    loop {
+        let page = s.store.read(&t, cursor, 5).await.unwrap();
+        assert_eq!(page.gap, None);
+        assert!(page.events.len() <= 5);
+        if page.events.is_empty() {
+            break;
+        }
+        cursor = page.events.last().unwrap().id;
+        read.extend(page.events);
+    }
+    assert_eq!(read.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+    assert_eq!(read[8].data, "e1", "second batch's second event");
+
+    let after = s.store.read(&t, ids[9], 100).await.unwrap();
+    assert_eq!(
+        after.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[10..]
+    );
+
+    let typed = NewEvent {
+        event: Some("update".into()),
+        data: "a\nb".into(),
+        idempotency_key: None,
+    };
+    let id = s.store.append(&t, &[typed]).await.unwrap()[0];
+    let page = s.store.read(&t, ids[11], 10).await.unwrap();
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].id, id);
+    assert_eq!(page.events[0].event.as_deref(), Some("update"));
+    assert_eq!(page.events[0].data, "a\nb");
+}
+
+async fn idempotency_keys_return_the_first_id(s: Subject) {
+    let t = topic("pay");
+    let keyed = |data: &str, key: &str| NewEvent {
+        event: None,
+        data: data.into(),
+        idempotency_key: Some(key.into()),
+    };
+    let first = s.store.append(&t, &[keyed("a", "k1")]).await.unwrap();
+    let again = s
+        .store
+        .append(
+            &t,
+            &[keyed("changed", "k1"), keyed("b", "k2"), keyed("b2", "k2")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(again[0], first[0], "repeated key gives the first id");
+    assert_eq!(again[1], again[2], "repeat within one batch too");
+    assert!(again[1] > first[0]);
+    let all = s.store.read(&t, StreamId::ZERO, 10).await.unwrap();
+    let data: Vec<&str> = all.events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data, ["a", "b"], "nothing appended twice");
+
+    let other = s
+        .store
+        .append(&topic("other"), &[keyed("x", "k1")])
+        .await
+        .unwrap();
+    let page = s
+        .store
+        .read(&topic("other"), StreamId::ZERO, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        other,
+        "keys are per topic"
+    );
+}
+
+async fn gap_rule_for_trimmed_history(s: Subject) {
+    let t = topic("trimmed");
+    let ids = append_n(&*s.store, &t, 12).await;
+    // Retention keeps the last 5: ids[7..].
+    let page = s.store.read(&t, ids[2], 100).await.unwrap();
+    assert_eq!(page.gap, Some(GapReason::Trimmed));
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[7..],
+        "resumes at the oldest retained"
+    );
+
+    // Redis does not record where trimming stopped: even the newest trimmed id gets a notice.
+    let page = s.store.read(&t, ids[6], 100).await.unwrap();
+    assert_eq!(page.gap, Some(GapReason::Trimmed), "the newest trimmed id");
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[7..]
+    );
+
+    let page = s.store.read(&t, ids[7], 100).await.unwrap();
+    assert_eq!(page.gap, None, "the oldest retained is covered");
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[8..]
+    );
+
+    let page = s.store.read(&t, StreamId::ZERO, 2).await.unwrap();
+    assert_eq!(page.gap, Some(GapReason::Trimmed), "`0` after trimming");
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids[7..9]
+    );
+
+    let page = s.store.read(&t, ids[8], 100).await.unwrap();
+    assert_eq!(page.gap, None);
+    assert_eq!(page.events.len(), 3);
+}
+
+async fn gap_rule_for_unknown_cursors(s: Subject) {
+    let t = topic("known");
+    let ids = append_n(&*s.store, &t, 4).await;
+    // Before the first entry, never deleted, never added: not this stream's id.
+    let never = StreamId::new(ids[0].ms - 1, 7);
+    let page = s.store.read(&t, never, 100).await.unwrap();
+    assert_eq!(
+        page.gap,
+        Some(GapReason::UnknownCursor),
+        "an id that never existed"
+    );
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        ids,
+        "then everything retained"
+    );
+
+    let future = StreamId::new(ids[3].ms + 1_000_000, 0);
+    let page = s.store.read(&t, future, 100).await.unwrap();
+    assert_eq!(page.gap, Some(GapReason::UnknownCursor), "a future id");
+    assert_eq!(page.events.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+
+    let page = s
+        .store
+        .read(&topic("nothing-here"), StreamId::new(5, 0), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.gap,
+        Some(GapReason::UnknownCursor),
+        "a cursor on a topic never written"
+    );
+    assert!(page.events.is_empty());
+
+    let page = s
+        .store
+        .read(&topic("nothing-here"), StreamId::ZERO, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.gap, None, "`0` on a topic never written is covered");
+
+    let page = s.store.read(&t, StreamId::ZERO, 10).await.unwrap();
+    assert_eq!(page.gap, None, "`0` on an untrimmed topic is covered");
+    assert_eq!(page.events.len(), 4);
+}
+
+async fn tail_is_where_new_readers_start(s: Subject) {
+    let t = topic("tail");
+    assert_eq!(s.store.tail(&t).await.unwrap(), StreamId::ZERO);
+    let ids = append_n(&*s.store, &t, 4).await;
+    let tail = s.store.tail(&t).await.unwrap();
+    assert_eq!(tail, ids[3]);
+    let page = s.store.read(&t, tail, 10).await.unwrap();
+    assert_eq!(page.gap, None);
+    assert!(page.events.is_empty());
+    let next = append_n(&*s.store, &t, 1).await;
+    let page = s.store.read(&t, tail, 10).await.unwrap();
+    assert_eq!(page.events.iter().map(|e| e.id).collect::<Vec<_>>(), next);
+}
+
+async fn appends_are_announced_with_their_predecessor(s: Subject) {
+    let t = topic("announced");
+    let mut signals = s.store.take_signals().expect("signals");
+    assert!(s.store.take_signals().is_none(), "handed out once");
+    tokio::time::timeout(Duration::from_secs(10), s.store.watch(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    let ids = append_n(&*s.store, &t, 3).await;
+    let mut prev = StreamId::ZERO;
+    for id in &ids {
+        loop {
+            let signal = tokio::time::timeout(Duration::from_secs(10), signals.recv())
+                .await
+                .expect("announced")
+                .expect("open");
+            if let Signal::Appended {
+                topic,
+                prev: p,
+                event,
+            } = signal
+            {
+                assert_eq!(topic, "announced");
+                assert_eq!(p, prev, "predecessor of {id}");
+                assert_eq!(event.id, *id);
+                prev = *id;
+                break;
+            }
+        }
+    }
+}
