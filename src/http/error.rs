@@ -31,8 +31,12 @@ pub enum ApiError {
         message: String,
         persisted: Option<Vec<StreamId>>,
     },
-    #[error("{0}")]
-    Internal(String),
+    /// The store failed in a way retrying will not fix. `persisted` as for `Unavailable`.
+    #[error("the event store failed: {message}")]
+    Internal {
+        message: String,
+        persisted: Option<Vec<StreamId>>,
+    },
 }
 
 impl ApiError {
@@ -57,7 +61,7 @@ impl ApiError {
                 message: format!("the event store is unavailable ({m}); retry later"),
                 persisted,
             },
-            StoreError::Internal(m) => ApiError::Internal(m),
+            StoreError::Internal(message) => ApiError::Internal { message, persisted },
         }
     }
 }
@@ -83,9 +87,9 @@ impl IntoResponse for ApiError {
                 "store_unavailable",
                 persisted,
             ),
-            ApiError::Internal(ref m) => {
-                tracing::error!(error = %m, "internal error");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
+            ApiError::Internal { message, persisted } => {
+                tracing::error!(error = %message, "store error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "store_error", persisted)
             }
         };
         let mut body = json!({ "error": code, "message": message });

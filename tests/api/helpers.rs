@@ -231,7 +231,7 @@ impl TestApp {
         }
         let response = req.send().await.unwrap();
         assert_eq!(response.status(), 200, "subscribe failed");
-        Sse::new(response)
+        Sse::from_response(response)
     }
 
     /// Waits until `check` holds, polling; panics after [`PATIENCE`].
@@ -262,7 +262,7 @@ pub struct Sse {
 }
 
 impl Sse {
-    fn new(response: reqwest::Response) -> Sse {
+    pub fn from_response(response: reqwest::Response) -> Sse {
         let events = response
             .bytes_stream()
             .eventsource()

@@ -337,3 +337,34 @@ async fn publishing_without_redis_fails_fast_with_503() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_part_way_says_which_events_were_persisted() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    // Make the second topic's stream key unusable, as a misconfigured Redis would.
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg("ssegate:{broken}")
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, reply) = app
+        .post_json(&json!([
+            {"topic": "fine", "data": "1"},
+            {"topic": "fine", "data": "2"},
+            {"topic": "broken", "data": "3"},
+            {"topic": "fine", "data": "4"},
+        ]))
+        .await;
+    assert_eq!(status, 500, "{reply}");
+    assert_eq!(reply["error"], "store_error");
+    let persisted: Vec<String> = serde_json::from_value(reply["persisted"].clone()).unwrap();
+    assert_eq!(
+        persisted,
+        redis.stream_ids("fine").await,
+        "exactly the leading events were stored"
+    );
+    assert_eq!(persisted.len(), 2);
+}

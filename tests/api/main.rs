@@ -5,4 +5,5 @@
 mod delivery;
 mod helpers;
 mod input;
+mod process;
 mod store;
