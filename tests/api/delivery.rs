@@ -141,17 +141,7 @@ async fn direct_xadd_reaches_connected_clients() {
     let redis = RedisServer::start().await;
     let app = spawn_app(settings(Some(&redis))).await;
     let mut sse = app.subscribe("sensors", None).await;
-    let mut conn = redis.conn().await;
-    let id: String = redis::cmd("XADD")
-        .arg("ssegate:{sensors}")
-        .arg("*")
-        .arg("data")
-        .arg("21.5")
-        .arg("event")
-        .arg("temperature")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let id = redis.xadd("sensors", "21.5", Some("temperature")).await;
     let e = sse.expect().await;
     assert_eq!(
         (e.id.as_str(), e.event.as_str(), e.data.as_str()),
@@ -159,14 +149,7 @@ async fn direct_xadd_reaches_connected_clients() {
     );
 
     // A gateway publish after a direct one keeps the order and both arrive once.
-    let id2: String = redis::cmd("XADD")
-        .arg("ssegate:{sensors}")
-        .arg("*")
-        .arg("data")
-        .arg("22")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let id2 = redis.xadd("sensors", "22", None).await;
     let id3 = app.publish("sensors", "via http").await;
     let got = sse.take(2).await;
     assert_eq!([got[0].id.clone(), got[1].id.clone()], [id2, id3]);
@@ -186,25 +169,11 @@ async fn direct_xadd_arrives_without_keyspace_notifications() {
         .await
         .unwrap();
     let mut sse = app.subscribe("quiet", None).await;
-    let id: String = redis::cmd("XADD")
-        .arg("ssegate:{quiet}")
-        .arg("*")
-        .arg("data")
-        .arg("found by catch-up")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let id = redis.xadd("quiet", "found by catch-up", None).await;
     let e = sse.expect().await;
     assert_eq!(e.id, id);
     // The next gateway publish names the direct entry as its predecessor: still in order.
-    let direct: String = redis::cmd("XADD")
-        .arg("ssegate:{quiet}")
-        .arg("*")
-        .arg("data")
-        .arg("d")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let direct = redis.xadd("quiet", "d", None).await;
     let http = app.publish("quiet", "h").await;
     let got = sse.take(2).await;
     assert_eq!([got[0].id.clone(), got[1].id.clone()], [direct, http]);
@@ -274,29 +243,17 @@ async fn clients_leave_nothing_behind() {
     }
     assert_eq!(app.hub.active_topics(), 10);
     assert_eq!(app.hub.running_pumps(), 10);
-    let mut conn = redis.conn().await;
-    let channels: Vec<String> = redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        channels.len(),
-        20,
-        "one live and one keyspace channel per topic: {channels:?}"
-    );
+    // One live and one keyspace channel per topic, not per client. Subscribing completes in
+    // the background, so wait for it.
+    app.eventually("one subscription per topic", async || {
+        redis.channels().await.len() == 20
+    })
+    .await;
 
     drop(clients);
     let hub = app.hub.clone();
     app.eventually("every topic is released", async || {
-        let channels: Vec<String> = redis::cmd("PUBSUB")
-            .arg("CHANNELS")
-            .arg("*")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        hub.active_topics() == 0 && hub.running_pumps() == 0 && channels.is_empty()
+        hub.active_topics() == 0 && hub.running_pumps() == 0 && redis.channels().await.is_empty()
     })
     .await;
 

@@ -94,6 +94,29 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// Appends to a topic's stream the way a direct publisher would; returns the id.
+    pub async fn xadd(&self, topic: &str, data: &str, event: Option<&str>) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(format!("ssegate:{{{topic}}}"))
+            .arg("*")
+            .arg("data")
+            .arg(data);
+        if let Some(e) = event {
+            cmd.arg("event").arg(e);
+        }
+        cmd.query_async(&mut self.conn().await).await.unwrap()
+    }
+
+    /// Pub/sub channels with at least one subscriber.
+    pub async fn channels(&self) -> Vec<String> {
+        redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("*")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap()
+    }
+
     /// All ids of a topic's stream, in order (read in pages with XRANGE).
     pub async fn stream_ids(&self, topic: &str) -> Vec<String> {
         let mut conn = self.conn().await;
