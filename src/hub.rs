@@ -505,7 +505,12 @@ impl Session {
             } else {
                 let mut ready = self.pump_ready.clone();
                 tokio::select! {
-                    _ = ready.wait_for(|r| *r) => {}
+                    started = ready.wait_for(|r| *r) => {
+                        if started.is_err() {
+                            // The pump ended without starting (the store went away).
+                            return Err(StoreError::Unavailable("the topic's live feed stopped".into()));
+                        }
+                    }
                     _ = self.shutdown.wait() => {}
                 }
             }
