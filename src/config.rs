@@ -43,6 +43,14 @@ pub struct Settings {
     /// Events buffered in memory per topic for live fan-out; a client falling further behind
     /// catches up from the store instead.
     pub fanout_buffer: usize,
+    /// A client whose connection accepts no data for this long is disconnected (it resumes
+    /// from its `Last-Event-ID` when it comes back).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// On shutdown, clients are told to reconnect after `retry` plus a random part of this, so
+    /// their reconnects spread over the remaining nodes instead of arriving at once.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_retry_spread: Duration,
     /// How long shutdown waits for connections to close after the streams were ended.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -91,6 +99,8 @@ impl Default for Settings {
             catchup_interval: Duration::from_secs(5),
             fanout_buffer: 1024,
             shutdown_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            shutdown_retry_spread: Duration::from_secs(5),
             redis: RedisTiming::default(),
         }
     }
@@ -213,6 +223,9 @@ impl Settings {
         }
         if !(16..=1_000_000).contains(&self.fanout_buffer) {
             return invalid("fanout_buffer", "must be between 16 and 1000000");
+        }
+        if self.write_timeout < Duration::from_millis(100) {
+            return invalid("write_timeout", "must be at least 100ms");
         }
         if self.redis.response_timeout < Duration::from_millis(10) {
             return invalid("redis.response_timeout", "must be at least 10ms");

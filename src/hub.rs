@@ -49,6 +49,9 @@ struct Inner {
     fanout_buffer: usize,
     /// Events per store read.
     page_size: usize,
+    /// The `retry:` sent to clients, and the random extra added on shutdown.
+    retry: Duration,
+    retry_spread: Duration,
     /// Running pump tasks, to prove that released topics leave nothing behind.
     pumps: AtomicUsize,
     /// Ends pumps and sessions.
@@ -105,6 +108,8 @@ impl Hub {
             topics: Mutex::new(HashMap::new()),
             fanout_buffer: settings.fanout_buffer,
             page_size: settings.replay_page_size,
+            retry: settings.retry,
+            retry_spread: settings.shutdown_retry_spread,
             pumps: AtomicUsize::new(0),
             shutdown,
         });
@@ -149,6 +154,9 @@ impl Hub {
             store: self.inner.store.clone(),
             page_size: self.inner.page_size,
             shutdown: self.inner.shutdown.clone(),
+            retry: self.inner.retry,
+            retry_spread: self.inner.retry_spread,
+            said_goodbye: false,
             topic,
             cursor,
             replaying: true,
@@ -413,6 +421,10 @@ pub struct Session {
     store: Arc<dyn Store>,
     page_size: usize,
     shutdown: Shutdown,
+    retry: Duration,
+    retry_spread: Duration,
+    /// Whether the jittered `retry:` was sent on shutdown.
+    said_goodbye: bool,
     topic: Topic,
     /// Id of the last event sent to the client (or its starting cursor).
     cursor: StreamId,
@@ -444,7 +456,7 @@ impl Session {
         tokio::pin!(idle);
         loop {
             if self.shutdown.is_triggered() {
-                return Output::End;
+                return self.farewell();
             }
             if self.replaying {
                 match self.replay_page().await {
@@ -459,7 +471,7 @@ impl Session {
             let item = tokio::select! {
                 item = self.feed.recv() => item,
                 _ = &mut idle => return Output::Idle,
-                _ = self.shutdown.wait() => return Output::End,
+                _ = self.shutdown.wait() => return self.farewell(),
             };
             match item {
                 Ok(Item::Event(d)) if d.id > self.cursor => {
@@ -473,6 +485,22 @@ impl Session {
                 Err(broadcast::error::RecvError::Closed) => return Output::End,
             }
         }
+    }
+
+    /// On shutdown: first a `retry:` with a random extra delay, so clients of this node come back
+    /// spread out over the others; then the end.
+    fn farewell(&mut self) -> Output {
+        if self.said_goodbye {
+            return Output::End;
+        }
+        self.said_goodbye = true;
+        let spread = self.retry_spread.as_millis() as u64;
+        let extra = if spread == 0 {
+            0
+        } else {
+            rand::random_range(0..=spread)
+        };
+        Output::Frames(sse::retry_frame(self.retry.as_millis() as u64 + extra))
     }
 
     /// Reads one page after the cursor. `None` when there was nothing to send.

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, DeadlineListener};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
@@ -28,7 +28,7 @@ pub enum StartupError {
 
 /// A bound, ready-to-serve gateway.
 pub struct Application {
-    listener: TcpListener,
+    listener: DeadlineListener,
     addr: SocketAddr,
     hub: Hub,
     router: axum::Router,
@@ -43,7 +43,16 @@ impl Application {
         shutdown: Shutdown,
     ) -> Result<Application, StartupError> {
         let store: Arc<dyn Store> = match &settings.redis_url {
-            Some(_) => Arc::new(RedisStore::connect(&settings, shutdown.clone()).await?),
+            Some(_) => {
+                let store = RedisStore::connect(&settings, shutdown.clone())?;
+                // A normal start is ready at once; without Redis, serve and report not-ready.
+                let first =
+                    tokio::time::timeout(settings.redis.connect_timeout * 2, store.connected());
+                if first.await.is_err() {
+                    warn!("redis is not reachable yet; serving, not ready until it answers");
+                }
+                Arc::new(store)
+            }
             None => {
                 info!("no redis_url: using the embedded in-memory store (single node, nothing survives a restart)");
                 Arc::new(MemoryStore::new(&settings))
@@ -63,6 +72,7 @@ impl Application {
                 addr: settings.listen,
                 source,
             })?;
+        let listener = DeadlineListener::new(listener, settings.write_timeout);
         let shutdown_timeout = settings.shutdown_timeout;
         let router = http::router(AppState {
             hub: hub.clone(),

@@ -3,6 +3,7 @@
 mod error;
 mod events;
 mod health;
+mod listener;
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use axum::routing::get;
 use axum::Router;
 
 pub use self::error::ApiError;
+pub use self::listener::DeadlineListener;
 use crate::config::Settings;
 use crate::hub::Hub;
 

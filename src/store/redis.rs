@@ -28,11 +28,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisError, Script, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::{classify, Page, Signal, Store, StoreError, StreamFacts};
-use crate::config::Settings;
+use crate::config::{RedisTiming, Settings};
 use crate::event::{Event, NewEvent, StreamId, Topic};
 use crate::shutdown::Shutdown;
 
@@ -45,10 +45,11 @@ const MIN_REDIS_MAJOR: u32 = 7;
 
 /// Events in Redis Streams, announced through Redis pub/sub.
 pub struct RedisStore {
-    /// Command connection: multiplexed, reconnects by itself.
-    conn: ConnectionManager,
-    /// Subscription connection (RESP3). Kept here for health checks.
-    pubsub: ConnectionManager,
+    /// The connections, once Redis first answered. The gateway starts without Redis and
+    /// reports not-ready until then.
+    link: watch::Receiver<Option<Link>>,
+    /// Why the last attempt to connect failed, for error messages and readiness.
+    connect_error: Arc<Mutex<Option<String>>>,
     /// Names of keys and channels.
     keys: Keys,
     /// Compiled scripts, sent by SHA after the first use.
@@ -67,6 +68,15 @@ pub struct RedisStore {
     pubsub_healthy: Arc<AtomicBool>,
     /// Handed out once, by `take_signals`.
     signal_rx: Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
+}
+
+/// The two connections to Redis.
+#[derive(Clone)]
+struct Link {
+    /// Command connection: multiplexed, reconnects by itself.
+    conn: ConnectionManager,
+    /// Subscription connection (RESP3, resubscribes by itself after a reconnect).
+    pubsub: ConnectionManager,
 }
 
 struct Scripts {
@@ -131,12 +141,9 @@ enum WatchCommand {
 }
 
 impl RedisStore {
-    /// Connects, checks the Redis version, enables keyspace notifications where allowed and
-    /// starts the tasks that own the subscriptions.
-    pub async fn connect(
-        settings: &Settings,
-        shutdown: Shutdown,
-    ) -> Result<RedisStore, StoreError> {
+    /// Prepares the store and starts connecting in the background: the gateway serves (and
+    /// reports not-ready) while Redis is unreachable. Only a malformed URL fails here.
+    pub fn connect(settings: &Settings, shutdown: Shutdown) -> Result<RedisStore, StoreError> {
         let url = settings
             .redis_url
             .as_deref()
@@ -149,28 +156,8 @@ impl RedisStore {
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(unavailable)?;
-
-        let timing = &settings.redis;
-        let base = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timing.connect_timeout))
-            .set_response_timeout(Some(timing.response_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client.clone(), base.clone())
-            .await
-            .map_err(unavailable)?;
-        let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let pubsub = ConnectionManager::new_with_config(
-            client,
-            base.set_push_sender(push_tx).set_automatic_resubscription(),
-        )
-        .await
-        .map_err(unavailable)?;
-
-        let mut check = conn.clone();
-        check_version(&mut check).await?;
-        enable_keyspace_notifications(&mut check).await;
+        let client = redis::Client::open(info.set_redis_settings(resp3))
+            .map_err(|e| StoreError::Internal(format!("redis_url: {e}")))?;
 
         let keys = Keys {
             prefix: settings.key_prefix.clone(),
@@ -178,33 +165,30 @@ impl RedisStore {
         };
         let (signal_tx, signal_rx) = mpsc::unbounded_channel();
         let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+        let (link_tx, link) = watch::channel(None);
         let pubsub_healthy = Arc::new(AtomicBool::new(true));
+        let connect_error = Arc::new(Mutex::new(None));
+        let timing = settings.redis.clone();
 
-        tokio::spawn(translate_pushes(
-            push_rx,
-            keys.clone(),
-            signal_tx.clone(),
-            pubsub_healthy.clone(),
-        ));
-        tokio::spawn(own_subscriptions(
-            watch_rx,
-            pubsub.clone(),
-            keys.clone(),
-            signal_tx,
-            shutdown.clone(),
-        ));
-        tokio::spawn(check_subscription_health(
-            pubsub.clone(),
-            timing.ping_interval,
-            timing.response_timeout,
-            pubsub_healthy.clone(),
-            watch_tx.clone(),
+        let tasks = Tasks {
+            keys: keys.clone(),
+            signals: signal_tx,
+            watch_tx: watch_tx.clone(),
+            healthy: pubsub_healthy.clone(),
+            timing: timing.clone(),
             shutdown,
+        };
+        tokio::spawn(establish(
+            client,
+            link_tx,
+            watch_rx,
+            connect_error.clone(),
+            tasks,
         ));
 
         Ok(RedisStore {
-            conn,
-            pubsub,
+            link,
+            connect_error,
             keys,
             scripts: Scripts {
                 append: Script::new(include_str!("append.lua")),
@@ -225,9 +209,27 @@ impl RedisStore {
         })
     }
 
+    /// Completes once Redis has answered for the first time.
+    pub async fn connected(&self) {
+        let mut link = self.link.clone();
+        let _ = link.wait_for(Option::is_some).await;
+    }
+
+    fn link(&self) -> Result<Link, StoreError> {
+        self.link.borrow().clone().ok_or_else(|| {
+            let why = self
+                .connect_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| "connecting".into());
+            StoreError::Unavailable(format!("not connected to redis yet ({why})"))
+        })
+    }
+
     /// Runs one script with an overall deadline.
     async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link()?.conn;
         // Twice the per-reply timeout: EVALSHA may be retried as EVAL once.
         match tokio::time::timeout(
             self.response_timeout * 2,
@@ -349,7 +351,7 @@ impl Store for RedisStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        ping(&mut self.conn.clone(), self.response_timeout).await?;
+        ping(&mut self.link()?.conn, self.response_timeout).await?;
         if !self.pubsub_healthy.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(
                 "the redis subscription connection is down".into(),
@@ -359,11 +361,94 @@ impl Store for RedisStore {
     }
 }
 
-impl RedisStore {
-    /// The subscription connection, for tests that inspect it.
-    pub fn subscription_connection(&self) -> ConnectionManager {
-        self.pubsub.clone()
-    }
+/// What the background tasks share once connected.
+struct Tasks {
+    keys: Keys,
+    signals: mpsc::UnboundedSender<Signal>,
+    watch_tx: mpsc::UnboundedSender<WatchCommand>,
+    healthy: Arc<AtomicBool>,
+    timing: RedisTiming,
+    shutdown: Shutdown,
+}
+
+/// Connects (retrying with backoff until Redis answers), then starts the tasks that own the
+/// subscriptions.
+async fn establish(
+    client: redis::Client,
+    link_tx: watch::Sender<Option<Link>>,
+    watch_rx: mpsc::UnboundedReceiver<WatchCommand>,
+    connect_error: Arc<Mutex<Option<String>>>,
+    tasks: Tasks,
+) {
+    let (push_tx, push_rx) = mpsc::unbounded_channel();
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0u32;
+    let link = loop {
+        match open_link(&client, &tasks.timing, push_tx.clone()).await {
+            Ok(link) => break link,
+            Err(e) => {
+                if attempts % 10 == 0 {
+                    warn!(error = %e, "cannot connect to redis; retrying");
+                }
+                attempts += 1;
+                *connect_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = tasks.shutdown.wait() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    info!("connected to redis");
+    *connect_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    tokio::spawn(translate_pushes(
+        push_rx,
+        tasks.keys.clone(),
+        tasks.signals.clone(),
+        tasks.healthy.clone(),
+    ));
+    tokio::spawn(own_subscriptions(
+        watch_rx,
+        link.pubsub.clone(),
+        tasks.keys,
+        tasks.signals,
+        tasks.shutdown.clone(),
+    ));
+    tokio::spawn(check_subscription_health(
+        link.pubsub.clone(),
+        tasks.timing.ping_interval,
+        tasks.timing.response_timeout,
+        tasks.healthy,
+        tasks.watch_tx,
+        tasks.shutdown,
+    ));
+    let _ = link_tx.send(Some(link));
+}
+
+/// Opens both connections and prepares Redis: version check, keyspace notifications.
+async fn open_link(
+    client: &redis::Client,
+    timing: &RedisTiming,
+    push_tx: mpsc::UnboundedSender<PushInfo>,
+) -> Result<Link, StoreError> {
+    let base = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timing.connect_timeout))
+        .set_response_timeout(Some(timing.response_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    let mut conn = ConnectionManager::new_with_config(client.clone(), base.clone())
+        .await
+        .map_err(unavailable)?;
+    check_version(&mut conn).await?;
+    enable_keyspace_notifications(&mut conn).await;
+    let pubsub = ConnectionManager::new_with_config(
+        client.clone(),
+        base.set_push_sender(push_tx).set_automatic_resubscription(),
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(Link { conn, pubsub })
 }
 
 /// Subscribes and unsubscribes in the order asked, counting watches per topic, so a topic

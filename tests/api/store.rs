@@ -45,9 +45,8 @@ async fn redis(max_events: u64) -> Subject {
     let mut settings = base_settings(max_events);
     settings.redis_url = Some(server.url());
     let shutdown = Shutdown::new();
-    let store = RedisStore::connect(&settings, shutdown.clone())
-        .await
-        .unwrap();
+    let store = RedisStore::connect(&settings, shutdown.clone()).unwrap();
+    store.connected().await;
     Subject {
         store: Arc::new(store),
         _redis: Some(server),
