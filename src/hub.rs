@@ -14,7 +14,7 @@
 //! duplicate. A client that falls behind the broadcast replays from the store again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +54,8 @@ struct Inner {
     retry_spread: Duration,
     /// Running pump tasks, to prove that released topics leave nothing behind.
     pumps: AtomicUsize,
+    /// Times a client fell behind the in-memory feed and caught up from the store.
+    catch_ups: AtomicU64,
     /// Ends pumps and sessions.
     shutdown: Shutdown,
 }
@@ -111,6 +113,7 @@ impl Hub {
             retry: settings.retry,
             retry_spread: settings.shutdown_retry_spread,
             pumps: AtomicUsize::new(0),
+            catch_ups: AtomicU64::new(0),
             shutdown,
         });
         if let Some(signals) = inner.store.take_signals() {
@@ -135,6 +138,11 @@ impl Hub {
     /// Pump tasks still running.
     pub fn running_pumps(&self) -> usize {
         self.inner.pumps.load(Ordering::Acquire)
+    }
+
+    /// Times a client fell behind the in-memory feed and caught up from the store.
+    pub fn catch_ups(&self) -> u64 {
+        self.inner.catch_ups.load(Ordering::Relaxed)
     }
 
     /// Opens a session on `topic`, resuming after `cursor` (`None`: only new events).
@@ -162,7 +170,7 @@ impl Hub {
             replaying: true,
             feed,
             pump_ready,
-            _membership: membership,
+            membership,
         })
     }
 
@@ -433,7 +441,7 @@ pub struct Session {
     feed: broadcast::Receiver<Item>,
     pump_ready: watch::Receiver<bool>,
     /// Held for the session's life: dropping it releases the topic.
-    _membership: Membership,
+    membership: Membership,
 }
 
 /// What a session produces next.
@@ -479,8 +487,13 @@ impl Session {
                     return Output::Frames(d.frame.clone());
                 }
                 Ok(Item::Event(_)) => {} // sent during the replay
-                Ok(Item::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    self.replaying = true
+                Ok(Item::Resync) => self.replaying = true,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.membership
+                        .hub
+                        .catch_ups
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.replaying = true;
                 }
                 Err(broadcast::error::RecvError::Closed) => return Output::End,
             }

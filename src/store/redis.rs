@@ -387,7 +387,7 @@ async fn establish(
         match open_link(&client, &tasks.timing, push_tx.clone()).await {
             Ok(link) => break link,
             Err(e) => {
-                if attempts % 10 == 0 {
+                if attempts.is_multiple_of(10) {
                     warn!(error = %e, "cannot connect to redis; retrying");
                 }
                 attempts += 1;

@@ -13,58 +13,113 @@ use ssegate::config::Settings;
 use ssegate::hub::Hub;
 use ssegate::shutdown::Shutdown;
 use ssegate::startup::Application;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
-/// A `redis-server` on a free loopback port in a temporary directory, killed on drop.
+/// A `redis-server` on a free loopback port in a temporary directory, killed on drop. It can be
+/// killed and restarted on the same port and data directory, paused and resumed.
 pub struct RedisServer {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    /// Append-only file with `appendfsync always`: acknowledged writes survive a restart.
+    aof: bool,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
+        Self::start_with(false).await
+    }
+
+    /// With AOF on, as production should run.
+    pub async fn start_durable() -> RedisServer {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(aof: bool) -> RedisServer {
         for _ in 0..5 {
-            let port = free_port();
-            let dir = tempfile::tempdir().expect("temp dir");
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed (the test command installs it)");
-            let mut server = RedisServer {
-                child,
-                port,
-                _dir: dir,
-            };
-            if server.wait_until_up().await {
+            let mut server = Self::unstarted_with(aof);
+            if server.launch().await {
                 return server;
             }
         }
         panic!("could not start redis-server");
     }
 
+    /// A port and directory for a server that is not running yet.
+    pub fn unstarted() -> RedisServer {
+        Self::unstarted_with(false)
+    }
+
+    fn unstarted_with(aof: bool) -> RedisServer {
+        RedisServer {
+            child: None,
+            port: free_port(),
+            aof,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Starts the server; false if it could not (e.g. the port was taken).
+    pub async fn launch(&mut self) -> bool {
+        let (aof, fsync) = if self.aof {
+            ("yes", "always")
+        } else {
+            ("no", "everysec")
+        };
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", aof, "--appendfsync", fsync])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the test command installs it)");
+        self.child = Some(child);
+        self.wait_until_up().await
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the process stays, its connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success());
+    }
+
     /// True once it answers PING; false if it exited (e.g. the port was taken).
     async fn wait_until_up(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while tokio::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(None)) => {}
+                _ => return false,
             }
             if let Ok(client) = redis::Client::open(self.url()) {
                 if let Ok(mut c) = client.get_multiplexed_async_connection().await {
@@ -145,8 +200,16 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.child.is_some() {
+            // A paused server cannot die until it runs again.
+            let _ = Command::new("kill")
+                .args([
+                    "-CONT",
+                    &self.child.as_ref().map(|c| c.id()).unwrap_or(0).to_string(),
+                ])
+                .status();
+        }
+        self.kill();
     }
 }
 
@@ -332,5 +395,72 @@ impl Sse {
             out.push(self.expect().await);
         }
         out
+    }
+}
+
+/// A subscriber that behaves like a browser's `EventSource`: when its stream ends or fails, it
+/// reconnects (to the next of its nodes) with `Last-Event-ID` set to the last id it received.
+pub struct ResumingClient {
+    received: watch::Receiver<Vec<Event>>,
+    task: JoinHandle<()>,
+}
+
+impl ResumingClient {
+    pub fn start(nodes: Vec<String>, topic: &str, cursor: Option<String>) -> ResumingClient {
+        let (tx, received) = watch::channel(Vec::new());
+        let topic = topic.to_owned();
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut last_id = cursor;
+            for attempt in 0usize.. {
+                let url = format!("{}/v1/events?topic={topic}", nodes[attempt % nodes.len()]);
+                let mut req = http.get(&url);
+                if let Some(id) = &last_id {
+                    req = req.header("Last-Event-ID", id);
+                }
+                if let Ok(response) = req.send().await {
+                    if response.status() == 200 {
+                        let mut events = response.bytes_stream().eventsource();
+                        while let Some(Ok(event)) = events.next().await {
+                            if !event.id.is_empty() && event.event != "ssegate.gap" {
+                                last_id = Some(event.id.clone());
+                            }
+                            tx.send_modify(|all| all.push(event));
+                        }
+                    }
+                }
+                // The browser's reconnection delay.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        ResumingClient { received, task }
+    }
+
+    /// Waits until an event with id `last` arrived; returns every id received, in order.
+    pub async fn ids_until(&mut self, last: &str) -> Vec<String> {
+        let got = tokio::time::timeout(
+            PATIENCE * 2,
+            self.received
+                .wait_for(|all| all.iter().any(|e| e.id == last)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("event {last} never arrived"))
+        .unwrap()
+        .iter()
+        .map(|e| {
+            if e.event == "ssegate.gap" {
+                e.event.clone()
+            } else {
+                e.id.clone()
+            }
+        })
+        .collect();
+        got
+    }
+}
+
+impl Drop for ResumingClient {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -3,6 +3,7 @@
 //! Tests that involve Redis start their own `redis-server` (see `helpers::RedisServer`).
 
 mod delivery;
+mod failure;
 mod helpers;
 mod input;
 mod process;
