@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Runs every check and test of ssegate. Installs what the tests need (redis-server >= 7.0) when
-# it is missing. Usage: scripts/test.sh
+# Usage: scripts/test.sh (the chaos run inside lasts CHAOS_SECONDS, 60 by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_redis() {
-  command -v redis-server >/dev/null 2>&1 || return 0
-  local major
-  major=$(redis-server --version | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
-  [ "${major:-0}" -lt 7 ]
-}
-
-if need_redis; then
-  echo "== installing redis-server (the integration tests start their own)"
+# Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
+# (integration tests start their own), haproxy and curl (the test bed behind the chaos run).
+missing=()
+redis_major=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
+[ "${redis_major:-0}" -ge 7 ] || missing+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 redis-server --version
+haproxy -v | sed -n 1p
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -436,26 +436,37 @@ impl ResumingClient {
         ResumingClient { received, task }
     }
 
-    /// Waits until an event with id `last` arrived; returns every id received, in order.
+    /// Waits until an event with id `last` arrived; returns every id received, in order (a gap
+    /// notice as `ssegate.gap`).
     pub async fn ids_until(&mut self, last: &str) -> Vec<String> {
-        let got = tokio::time::timeout(
-            PATIENCE * 2,
+        let (ids, arrived) = self.ids_within(last, PATIENCE * 2).await;
+        assert!(arrived, "event {last} never arrived");
+        ids
+    }
+
+    /// Like `ids_until`, but returns what arrived after `patience` instead of failing, and
+    /// whether `last` was among it.
+    pub async fn ids_within(&mut self, last: &str, patience: Duration) -> (Vec<String>, bool) {
+        let arrived = tokio::time::timeout(
+            patience,
             self.received
                 .wait_for(|all| all.iter().any(|e| e.id == last)),
         )
         .await
-        .unwrap_or_else(|_| panic!("event {last} never arrived"))
-        .unwrap()
-        .iter()
-        .map(|e| {
-            if e.event == "ssegate.gap" {
-                e.event.clone()
-            } else {
-                e.id.clone()
-            }
-        })
-        .collect();
-        got
+        .is_ok();
+        let ids = self
+            .received
+            .borrow()
+            .iter()
+            .map(|e| {
+                if e.event == "ssegate.gap" {
+                    e.event.clone()
+                } else {
+                    e.id.clone()
+                }
+            })
+            .collect();
+        (ids, arrived)
     }
 }
 

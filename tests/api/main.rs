@@ -2,6 +2,7 @@
 //!
 //! Tests that involve Redis start their own `redis-server` (see `helpers::RedisServer`).
 
+mod chaos;
 mod delivery;
 mod failure;
 mod helpers;

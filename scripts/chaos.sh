@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The chaos run on its own, for as long as you like: the test bed (scripts/testbed.sh) under a
+# steady publish load while nodes are SIGKILLed or drained and Redis is killed and restarted at
+# random; prints lost / duplicated / reordered. It stops by itself.
+#
+#   scripts/chaos.sh [--seconds N]     (default 300; CI runs 60 as part of scripts/test.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=300
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=${2:?--seconds needs a number}; shift 2 ;;
+    *) echo "usage: scripts/chaos.sh [--seconds N]" >&2; exit 2 ;;
+  esac
+done
+[[ "$seconds" =~ ^[0-9]+$ ]] || { echo "--seconds needs a number" >&2; exit 2; }
+CHAOS_SECONDS=$seconds cargo test --release --test api chaos -- --nocapture

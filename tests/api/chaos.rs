@@ -1,0 +1,341 @@
+//! The chaos run: the multi-node test bed (`scripts/testbed.sh`: Redis with AOF, three nodes,
+//! HAProxy) under a steady publish load, while nodes are SIGKILLed or drained and Redis is
+//! killed and restarted at random. Subscribers and publishers go through the load balancer only.
+//! At the end every subscriber's ids are checked against the stream read from Redis.
+//!
+//! `CHAOS_SECONDS` sets the length (60 by default; `scripts/chaos.sh --seconds N` for longer).
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::{json, Value};
+
+use crate::helpers::ResumingClient;
+
+const TOPIC: &str = "chaos";
+
+/// The bed, stopped on drop.
+struct TestBed {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl TestBed {
+    fn start() -> TestBed {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port_run(5);
+        let bed = TestBed { dir, port };
+        let out = bed.script(&["start"]);
+        assert!(
+            out.status.success(),
+            "testbed start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bed
+    }
+
+    fn script(&self, args: &[&str]) -> std::process::Output {
+        Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed.sh"))
+            .args(args)
+            .env("TESTBED_DIR", self.dir.path())
+            .env("TESTBED_PORT", self.port.to_string())
+            .env("TESTBED_BIN", env!("CARGO_BIN_EXE_ssegate"))
+            // Keep everything: the check compares against the whole stream.
+            .env("SSEGATE_RETENTION__MAX_EVENTS", "0")
+            .env("SSEGATE_SHUTDOWN_TIMEOUT", "3s")
+            .env("SSEGATE_SHUTDOWN_RETRY_SPREAD", "1s")
+            .env("SSEGATE_RETRY", "100ms")
+            .env("SSEGATE_REDIS__RESPONSE_TIMEOUT", "1s")
+            .env("SSEGATE_REDIS__PING_INTERVAL", "200ms")
+            .output()
+            .unwrap()
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = self.script(args);
+        assert!(
+            out.status.success(),
+            "testbed {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port + 1)
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        let _ = self.script(&["stop"]);
+    }
+}
+
+/// The first of `n` consecutive free loopback ports.
+fn free_port_run(n: u16) -> u16 {
+    let mut rng = rand::rng();
+    loop {
+        let base: u16 = rng.random_range(20_000..60_000);
+        let held: Vec<_> = (0..n)
+            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+}
+
+/// Publishes through the load balancer until told to stop, each event with its own
+/// idempotency key, retrying refused or failed attempts with the same key.
+async fn publish_until(
+    lb: String,
+    publisher: usize,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+) -> usize {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut retries = 0;
+    for i in 0.. {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let body = json!({"topic": TOPIC, "data": format!("p{publisher}-{i}"), "idempotency_key": format!("p{publisher}-{i}")});
+        loop {
+            let reply = http
+                .post(format!("{lb}/v1/events"))
+                .json(&body)
+                .send()
+                .await;
+            if let Ok(r) = reply {
+                if r.status() == 201 {
+                    let v: Value = r.json().await.unwrap();
+                    acked
+                        .lock()
+                        .unwrap()
+                        .push(v["id"].as_str().unwrap().to_owned());
+                    break;
+                }
+            }
+            retries += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    retries
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    lost: usize,
+    duplicated: usize,
+    reordered: usize,
+    gaps: usize,
+}
+
+/// Compares what a subscriber received with what it should have: `expected`, in stream order.
+fn tally(received: &[String], expected: &[String], position: &HashMap<&str, usize>) -> Tally {
+    let mut t = Tally::default();
+    let mut seen = HashSet::new();
+    let mut last = None;
+    for id in received {
+        if id == "ssegate.gap" {
+            t.gaps += 1;
+            continue;
+        }
+        if !seen.insert(id.as_str()) {
+            t.duplicated += 1;
+        }
+        let pos = position.get(id.as_str()).copied();
+        if let (Some(p), Some(l)) = (pos, last) {
+            if p < l {
+                t.reordered += 1;
+            }
+        }
+        last = pos.or(last);
+    }
+    t.lost = expected
+        .iter()
+        .filter(|id| !seen.contains(id.as_str()))
+        .count();
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_loses_duplicates_and_reorders_nothing() {
+    let seconds: u64 = std::env::var("CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let bed = Arc::new(TestBed::start());
+    let lb = bed.url();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let publishers: Vec<_> = (0..2)
+        .map(|p| tokio::spawn(publish_until(lb.clone(), p, stop.clone(), acked.clone())))
+        .collect();
+    let mut subscribers: Vec<(Option<String>, ResumingClient)> = (0..6)
+        .map(|_| {
+            (
+                Some("0".to_string()),
+                ResumingClient::start(vec![lb.clone()], TOPIC, Some("0".into())),
+            )
+        })
+        .collect();
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut actions: HashMap<&str, usize> = HashMap::new();
+    let mut late_joined = false;
+    while Instant::now() < deadline {
+        let pause = Duration::from_millis(rand::rng().random_range(1500..3500));
+        tokio::time::sleep(pause).await;
+        if !late_joined && Instant::now() > started + Duration::from_secs(seconds / 2) {
+            // Late joiners, resuming from an id acknowledged mid-run.
+            let cursor = acked.lock().unwrap().last().cloned();
+            for _ in 0..2 {
+                subscribers.push((
+                    cursor.clone(),
+                    ResumingClient::start(vec![lb.clone()], TOPIC, cursor.clone()),
+                ));
+            }
+            late_joined = true;
+        }
+        let node = rand::rng().random_range(1..=3).to_string();
+        let bed = bed.clone();
+        // Every kind once first, so even a short run proves each; then at random.
+        let done: usize = actions.values().sum();
+        let choice = if done < 3 {
+            done
+        } else {
+            rand::rng().random_range(0..3)
+        };
+        let name = tokio::task::spawn_blocking(move || match choice {
+            0 => {
+                bed.run(&["kill-node", &node]);
+                std::thread::sleep(Duration::from_millis(500));
+                bed.run(&["start-node", &node]);
+                "node SIGKILL"
+            }
+            1 => {
+                let drain = Instant::now();
+                bed.run(&["term-node", &node]);
+                assert!(
+                    drain.elapsed() < Duration::from_secs(8),
+                    "drain took {:?}",
+                    drain.elapsed()
+                );
+                bed.run(&["start-node", &node]);
+                "node SIGTERM"
+            }
+            _ => {
+                bed.run(&["kill-redis"]);
+                std::thread::sleep(Duration::from_millis(1000));
+                bed.run(&["start-redis"]);
+                "redis SIGKILL + restart"
+            }
+        })
+        .await
+        .unwrap();
+        *actions.entry(name).or_default() += 1;
+    }
+    stop.store(true, Ordering::Release);
+    let mut retries = 0;
+    for p in publishers {
+        retries += p.await.unwrap();
+    }
+
+    // Ground truth: the stream as Redis holds it.
+    let mut conn = redis::Client::open(bed.redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut stream: Vec<String> = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("ssegate:{{{TOPIC}}}"))
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let n = page.ids.len();
+        stream.extend(page.ids.into_iter().map(|e| e.id));
+        match stream.last() {
+            Some(last) if n == 1000 => start = format!("({last}"),
+            _ => break,
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    let position: HashMap<&str, usize> = stream
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let acked_lost = acked
+        .iter()
+        .filter(|id| !position.contains_key(id.as_str()))
+        .count();
+    let acked_unique: HashSet<&String> = acked.iter().collect();
+    let last = stream.last().expect("events were published").clone();
+
+    let mut total = Tally::default();
+    for (i, (cursor, client)) in subscribers.iter_mut().enumerate() {
+        let (got, complete) = client.ids_within(&last, Duration::from_secs(30)).await;
+        let from = match cursor.as_deref() {
+            Some("0") | None => 0,
+            Some(c) => position[c] + 1,
+        };
+        let t = tally(&got, &stream[from..], &position);
+        println!(
+            "subscriber {i}: {} received, complete: {complete}, {t:?}",
+            got.len()
+        );
+        total.lost += t.lost;
+        total.duplicated += t.duplicated;
+        total.reordered += t.reordered;
+        total.gaps += t.gaps;
+    }
+    let kills: usize = actions.values().sum();
+    println!(
+        "chaos: {}s, {kills} disruptions {actions:?}, {} events acknowledged ({} publish retries), \
+         {} subscribers: lost {} / duplicated {} / reordered {} (gap notices {}, acknowledged but missing from Redis {})",
+        started.elapsed().as_secs(),
+        acked.len(),
+        retries,
+        subscribers.len(),
+        total.lost,
+        total.duplicated,
+        total.reordered,
+        total.gaps,
+        acked_lost,
+    );
+    assert!(kills >= 1 && !acked.is_empty(), "the run did something");
+    assert_eq!(
+        acked_unique.len(),
+        acked.len(),
+        "each publish acknowledged once, with its own id"
+    );
+    assert_eq!(acked_lost, 0, "acknowledged events are all in Redis");
+    assert_eq!(
+        (total.lost, total.duplicated, total.reordered, total.gaps),
+        (0, 0, 0, 0)
+    );
+}
