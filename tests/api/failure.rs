@@ -344,3 +344,63 @@ async fn a_client_moves_to_another_node_when_its_node_stops() {
     }
     assert_eq!(client.ids_until(&ids[39]).await, ids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_connection_is_restored_and_caught_up() {
+    let redis = RedisServer::start().await;
+    let mut s = fast(&redis);
+    // Only the restore after the reconnect can find what was missed, not the periodic check.
+    s.catchup_interval = Duration::from_secs(600);
+    let app = spawn_app(s).await;
+    let mut sse = app.subscribe("resub", None).await;
+    let first = app.publish("resub", "first").await;
+    assert_eq!(sse.expect().await.id, first);
+
+    // Kill only the node's subscription connection and keep it from coming back (Redis refuses
+    // new connections at `maxclients`) while events are published: their announcements reach
+    // nobody, and no later announcement reveals them.
+    let mut conn = redis.conn().await;
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let subscriber = clients
+        .lines()
+        .find(|l| !l.contains(" sub=0 "))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .expect("the node's subscription connection")
+        .to_owned();
+    let set_maxclients = |n: u32| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(n)
+            .clone()
+    };
+    let _: () = set_maxclients(1).query_async(&mut conn).await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&subscriber)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    let mut missed = Vec::new();
+    for i in 0..5 {
+        missed.push(app.publish("resub", &format!("{i}")).await);
+    }
+    let _: () = set_maxclients(10_000).query_async(&mut conn).await.unwrap();
+    let got: Vec<String> = sse
+        .take(missed.len())
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(got, missed);
+    app.eventually("the topic is subscribed again", async || {
+        redis.channels().await.len() == 2
+    })
+    .await;
+}
