@@ -346,7 +346,7 @@ async fn a_client_moves_to_another_node_when_its_node_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_subscription_connection_is_restored_and_caught_up() {
+async fn a_lost_subscription_connection_makes_the_node_unready_then_catches_up() {
     let redis = RedisServer::start().await;
     let mut s = fast(&redis);
     // Only the restore after the reconnect can find what was missed, not the periodic check.
@@ -387,11 +387,14 @@ async fn a_dropped_subscription_connection_is_restored_and_caught_up() {
         .await
         .unwrap();
     assert_eq!(killed, 1);
+    // The command connection still works, yet the node is not ready: it would miss live events.
+    wait_ready(&app, false).await;
     let mut missed = Vec::new();
     for i in 0..5 {
         missed.push(app.publish("resub", &format!("{i}")).await);
     }
     let _: () = set_maxclients(10_000).query_async(&mut conn).await.unwrap();
+    wait_ready(&app, true).await;
     let got: Vec<String> = sse
         .take(missed.len())
         .await
