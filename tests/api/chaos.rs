@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::helpers::ResumingClient;
+use crate::helpers::{stream_ids, ResumingClient};
 
 const TOPIC: &str = "chaos";
 
@@ -259,30 +259,7 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
     }
 
     // Ground truth: the stream as Redis holds it.
-    let mut conn = redis::Client::open(bed.redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let mut stream: Vec<String> = Vec::new();
-    let mut start = "-".to_string();
-    loop {
-        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(format!("ssegate:{{{TOPIC}}}"))
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let n = page.ids.len();
-        stream.extend(page.ids.into_iter().map(|e| e.id));
-        match stream.last() {
-            Some(last) if n == 1000 => start = format!("({last}"),
-            _ => break,
-        }
-    }
+    let stream = stream_ids(&bed.redis_url(), TOPIC).await;
     let acked = acked.lock().unwrap().clone();
     let position: HashMap<&str, usize> = stream
         .iter()

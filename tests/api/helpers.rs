@@ -172,29 +172,9 @@ impl RedisServer {
             .unwrap()
     }
 
-    /// All ids of a topic's stream, in order (read in pages with XRANGE).
+    /// All ids of a topic's stream, in order.
     pub async fn stream_ids(&self, topic: &str) -> Vec<String> {
-        let mut conn = self.conn().await;
-        let key = format!("ssegate:{{{topic}}}");
-        let mut ids = Vec::new();
-        let mut start = "-".to_string();
-        loop {
-            let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let n = page.ids.len();
-            ids.extend(page.ids.into_iter().map(|e| e.id));
-            match ids.last() {
-                Some(last) if n == 500 => start = format!("({last}"),
-                _ => return ids,
-            }
-        }
+        stream_ids(&self.url(), topic).await
     }
 }
 
@@ -210,6 +190,36 @@ impl Drop for RedisServer {
                 .status();
         }
         self.kill();
+    }
+}
+
+/// All ids of a topic's stream in the Redis at `url`, read in pages with XRANGE: the ground truth
+/// deliveries are checked against.
+pub async fn stream_ids(url: &str, topic: &str) -> Vec<String> {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("ssegate:{{{topic}}}");
+    let mut ids = Vec::new();
+    let mut start = "-".to_string();
+    loop {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let n = page.ids.len();
+        ids.extend(page.ids.into_iter().map(|e| e.id));
+        match ids.last() {
+            Some(last) if n == 1000 => start = format!("({last}"),
+            _ => return ids,
+        }
     }
 }
 
