@@ -1,0 +1,534 @@
+//! `ssegate-bench`: a load generator for ssegate and for peer SSE hubs (nchan), so both are
+//! measured by the same client in the same run. Each scenario prints one JSON line of results;
+//! `scripts/bench.sh` runs them and writes `BENCHMARKS.md`.
+//!
+//! Scenarios:
+//! - `publish`: single-event POSTs at a concurrency, or JSON-array batches (ssegate).
+//! - `fanout`: subscribers on one or several topics fed at a fixed rate; deliveries/s and
+//!   publish→receive latency, from a timestamp in each payload.
+//! - `idle`: open connections in steps and read the hub's resident memory from /proc.
+//! - `storm`: clients all resuming the same range at once; time until all caught up, and the
+//!   Redis commands that cost.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "ssegate-bench",
+    about = "Load generator for ssegate and peer SSE hubs"
+)]
+struct Args {
+    /// The hub's base URL, e.g. http://127.0.0.1:8080
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Which API the hub speaks.
+    #[arg(long, global = true, value_enum, default_value = "ssegate")]
+    target: Target,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// `POST /v1/events?topic=T`, `GET /v1/events?topic=T`
+    Ssegate,
+    /// `POST /pub/T`, `GET /sub/T` (nchan's publisher and EventSource subscriber locations)
+    Nchan,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Publish as fast as `concurrency` connections allow.
+    Publish {
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Events per request as a JSON array (ssegate only); 1 = single-event plain POSTs.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Topics published to, round robin.
+        #[arg(long, default_value_t = 16)]
+        topics: usize,
+    },
+    /// Subscribers spread over topics, fed at a fixed total rate.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
+        /// Events per second, over all topics.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Publish through this URL instead (e.g. another node).
+        #[arg(long)]
+        publish_url: Option<String>,
+    },
+    /// Idle connections in steps; the hub's RSS read from /proc/<pid>/status.
+    Idle {
+        /// Cumulative connection counts to measure at, e.g. 1000,5000,10000.
+        #[arg(long, value_delimiter = ',', default_value = "1000,2000,4000")]
+        steps: Vec<usize>,
+        /// The hub's process id.
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
+    },
+    /// Clients resuming the same range at the same moment.
+    Storm {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Events each client is behind.
+        #[arg(long, default_value_t = 100)]
+        behind: usize,
+        /// The Redis behind the hub, for INFO commandstats before and after.
+        #[arg(long)]
+        redis_url: Option<String>,
+    },
+}
+
+struct Hub {
+    target: Target,
+    base: String,
+}
+
+impl Hub {
+    fn publish_url(&self, topic: &str) -> String {
+        match self.target {
+            Target::Ssegate => format!("{}/v1/events?topic={topic}", self.base),
+            Target::Nchan => format!("{}/pub/{topic}", self.base),
+        }
+    }
+
+    fn subscribe_url(&self, topic: &str) -> String {
+        match self.target {
+            Target::Ssegate => format!("{}/v1/events?topic={topic}", self.base),
+            Target::Nchan => format!("{}/sub/{topic}", self.base),
+        }
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn client(connections: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .tcp_nodelay(true)
+        .build()
+        .expect("http client")
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let hub = Arc::new(Hub {
+        target: args.target,
+        base: args.url.trim_end_matches('/').to_owned(),
+    });
+    let result = match args.scenario {
+        Scenario::Publish {
+            concurrency,
+            seconds,
+            batch,
+            size,
+            topics,
+        } => publish(hub, concurrency, seconds, batch, size, topics).await,
+        Scenario::Fanout {
+            subscribers,
+            topics,
+            rate,
+            seconds,
+            publish_url,
+        } => fanout(hub, subscribers, topics, rate, seconds, publish_url).await,
+        Scenario::Idle { steps, pid, topics } => idle(hub, steps, pid, topics).await,
+        Scenario::Storm {
+            clients,
+            behind,
+            redis_url,
+        } => storm(hub, clients, behind, redis_url).await,
+    };
+    println!("{result}");
+}
+
+async fn publish(
+    hub: Arc<Hub>,
+    concurrency: usize,
+    seconds: f64,
+    batch: usize,
+    size: usize,
+    topics: usize,
+) -> Value {
+    assert!(
+        batch == 1 || hub.target == Target::Ssegate,
+        "batches are ssegate's API"
+    );
+    let http = client(concurrency);
+    let payload = "x".repeat(size);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let events = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (http, hub, payload) = (http.clone(), hub.clone(), payload.clone());
+            let (events, errors, latencies) = (events.clone(), errors.clone(), latencies.clone());
+            tokio::spawn(async move {
+                let mut local = histogram();
+                let mut i = w;
+                while Instant::now() < deadline {
+                    let topic = format!("bench{}", i % topics);
+                    i += concurrency;
+                    let sent = Instant::now();
+                    let request = if batch == 1 {
+                        http.post(hub.publish_url(&topic)).body(payload.clone())
+                    } else {
+                        let items: Vec<Value> = (0..batch)
+                            .map(|_| json!({"topic": topic, "data": payload}))
+                            .collect();
+                        http.post(format!("{}/v1/events", hub.base)).json(&items)
+                    };
+                    match request.send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            events.fetch_add(batch as u64, Ordering::Relaxed);
+                            let _ = local.record(sent.elapsed().as_micros().max(1) as u64);
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                latencies
+                    .lock()
+                    .expect("histogram lock")
+                    .add(&local)
+                    .expect("same bounds");
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let h = latencies.lock().expect("histogram lock");
+    let events = events.load(Ordering::Relaxed);
+    json!({
+        "scenario": "publish", "concurrency": concurrency, "batch": batch, "size": size,
+        "events": events, "events_per_sec": events as f64 / elapsed,
+        "requests_per_sec": events as f64 / batch as f64 / elapsed,
+        "errors": errors.load(Ordering::Relaxed),
+        "request_p50_ms": ms(&h, 0.5), "request_p99_ms": ms(&h, 0.99),
+    })
+}
+
+/// Opens one SSE subscription; returns once its response headers arrived.
+async fn open_stream(
+    http: &reqwest::Client,
+    url: &str,
+    last_event_id: Option<&str>,
+) -> Option<impl futures_util::Stream<Item = Result<eventsource_stream::Event, String>>> {
+    let mut request = http.get(url).header("Accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id);
+    }
+    let response = request.send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    Some(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string())),
+    )
+}
+
+async fn fanout(
+    hub: Arc<Hub>,
+    subscribers: usize,
+    topics: usize,
+    rate: f64,
+    seconds: f64,
+    publish_url: Option<String>,
+) -> Value {
+    let http = client(64);
+    let delivered = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::with_capacity(subscribers);
+    let mut failed = 0;
+    for s in 0..subscribers {
+        let url = hub.subscribe_url(&format!("fan{}", s % topics));
+        let Some(mut stream) = open_stream(&http, &url, None).await else {
+            failed += 1;
+            continue;
+        };
+        let (delivered, latencies, stop) = (delivered.clone(), latencies.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut local = histogram();
+            while let Ok(Some(Ok(event))) =
+                tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+            {
+                if let Some(sent) = event
+                    .data
+                    .split(' ')
+                    .next()
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    let _ = local.record(now_micros().saturating_sub(sent).max(1));
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            latencies
+                .lock()
+                .expect("histogram lock")
+                .add(&local)
+                .expect("same bounds");
+        }));
+    }
+    let publisher = Hub {
+        target: hub.target,
+        base: publish_url.unwrap_or_else(|| hub.base.clone()),
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut published = 0u64;
+    let mut publish_errors = 0u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut next = Instant::now();
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    while Instant::now() < deadline {
+        next += interval;
+        let topic = format!("fan{}", published as usize % topics);
+        let body = format!("{} {}", now_micros(), "p".repeat(32));
+        in_flight.push(http.post(publisher.publish_url(&topic)).body(body).send());
+        published += 1;
+        // Keep the rate without letting slow answers pile up unboundedly.
+        while in_flight.len() > 256 {
+            if !matches!(in_flight.next().await, Some(Ok(r)) if r.status().is_success()) {
+                publish_errors += 1;
+            }
+        }
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        if !matches!(r, Ok(r) if r.status().is_success()) {
+            publish_errors += 1;
+        }
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    // Let the last events arrive; readers stop after 500 ms of silence.
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
+    let h = latencies.lock().expect("histogram lock");
+    let delivered = delivered.load(Ordering::Relaxed);
+    let connected = (subscribers - failed) as u64;
+    let expected = (published - publish_errors) * connected / topics as u64;
+    json!({
+        "scenario": "fanout", "subscribers": subscribers, "topics": topics, "rate": rate,
+        "connect_failures": failed, "published": published, "publish_errors": publish_errors,
+        "delivered": delivered, "expected_deliveries": expected,
+        "deliveries_per_sec": delivered as f64 / publish_secs,
+        "latency_p50_ms": ms(&h, 0.5), "latency_p99_ms": ms(&h, 0.99), "latency_p999_ms": ms(&h, 0.999),
+        "latency_max_ms": h.max() as f64 / 1000.0,
+    })
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn idle(hub: Arc<Hub>, steps: Vec<usize>, pid: u32, topics: usize) -> Value {
+    let http = client(16);
+    let mut open = Vec::new();
+    let base_rss = rss_bytes(pid);
+    let mut points = vec![(0usize, base_rss)];
+    for &target in &steps {
+        while open.len() < target {
+            let url = hub.subscribe_url(&format!("idle{}", open.len() % topics));
+            match open_stream(&http, &url, None).await {
+                Some(stream) => open.push(Box::pin(stream)),
+                None => break,
+            }
+        }
+        // Let the hub settle (allocator, buffers) before reading its memory.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        points.push((open.len(), rss_bytes(pid)));
+    }
+    // Least-squares slope of RSS over connections.
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + *x as f64, b + *y as f64));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
+        let dx = *x as f64 - mx;
+        (a + dx * (*y as f64 - my), b + dx * dx)
+    });
+    let slope = if den > 0.0 { num / den } else { 0.0 };
+    json!({
+        "scenario": "idle", "points": points.iter().map(|(k, r)| json!({"connections": k, "rss_bytes": r})).collect::<Vec<_>>(),
+        "bytes_per_connection": slope, "projected_100k_mib": slope * 100_000.0 / 1_048_576.0 + base_rss as f64 / 1_048_576.0,
+    })
+}
+
+async fn commandstats(redis_url: &str) -> Option<(u64, Value)> {
+    let client = redis::Client::open(redis_url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let mut total = 0;
+    let mut per = serde_json::Map::new();
+    for line in info.lines() {
+        let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let calls = rest
+            .split(',')
+            .find_map(|f| f.strip_prefix("calls="))
+            .and_then(|c| c.parse::<u64>().ok())
+            .unwrap_or(0);
+        total += calls;
+        per.insert(name.to_owned(), json!(calls));
+    }
+    Some((total, Value::Object(per)))
+}
+
+async fn storm(hub: Arc<Hub>, clients: usize, behind: usize, redis_url: Option<String>) -> Value {
+    assert!(
+        hub.target == Target::Ssegate,
+        "the storm resumes by stream id (ssegate)"
+    );
+    let http = client(64);
+    let topic = format!("storm{}", now_micros());
+    // A cursor, then `behind` events after it.
+    let mut ids = Vec::new();
+    for i in 0..=behind {
+        let r = http
+            .post(hub.publish_url(&topic))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .expect("publish");
+        let v: Value = r.json().await.expect("publish answer");
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    let cursor = ids[0].clone();
+    let last = ids[behind].clone();
+    let before = match &redis_url {
+        Some(u) => commandstats(u).await,
+        None => None,
+    };
+    let gate = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let started = Arc::new(Mutex::new(None::<Instant>));
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url, cursor, last, gate) = (
+                http.clone(),
+                hub.subscribe_url(&topic),
+                cursor.clone(),
+                last.clone(),
+                gate.clone(),
+            );
+            tokio::spawn(async move {
+                gate.wait().await;
+                let mut stream = Box::pin(open_stream(&http, &url, Some(&cursor)).await?);
+                let mut got = 0;
+                while let Ok(Some(Ok(event))) =
+                    tokio::time::timeout(Duration::from_secs(30), stream.next()).await
+                {
+                    got += 1;
+                    if event.id == last {
+                        return Some((got, Instant::now()));
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    gate.wait().await;
+    *started.lock().expect("lock") = Some(Instant::now());
+    let t0 = Instant::now();
+    let mut done = 0;
+    let mut exact = 0;
+    let mut finished = t0;
+    for t in tasks {
+        if let Ok(Some((got, at))) = t.await {
+            done += 1;
+            exact += usize::from(got == behind);
+            finished = finished.max(at);
+        }
+    }
+    let after = match &redis_url {
+        Some(u) => commandstats(u).await,
+        None => None,
+    };
+    let commands = match (before, after) {
+        (Some((b, bm)), Some((a, am))) => {
+            let per: serde_json::Map<String, Value> = am
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| {
+                    let d = v.as_u64()? - bm.get(k).and_then(Value::as_u64).unwrap_or(0);
+                    (d > 0).then(|| (k.clone(), json!(d)))
+                })
+                .collect();
+            json!({"total": a - b, "by_command": per})
+        }
+        _ => Value::Null,
+    };
+    json!({
+        "scenario": "storm", "clients": clients, "behind": behind, "caught_up": done,
+        "received_exactly_behind": exact,
+        "seconds_until_all_caught_up": finished.duration_since(t0).as_secs_f64(),
+        "redis_commands": commands,
+    })
+}
