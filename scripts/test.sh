@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
-# (integration tests start their own), haproxy and curl (the test bed behind the chaos run).
+# (integration tests start their own), haproxy and curl (the test bed behind the chaos run);
+# scripts/bench.sh installs nginx with nchan for its smoke run.
 missing=()
 redis_major=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
 [ "${redis_major:-0}" -ge 7 ] || missing+=(redis-server)
@@ -28,5 +29,7 @@ echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+echo "== bench smoke run (ssegate and nchan)"
+scripts/bench.sh --smoke
 # One closing line for the whole run.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -295,20 +295,22 @@ async fn fanout(
         let (delivered, latencies, stop) = (delivered.clone(), latencies.clone(), stop.clone());
         readers.push(tokio::spawn(async move {
             let mut local = histogram();
-            while let Ok(Some(Ok(event))) =
-                tokio::time::timeout(Duration::from_millis(500), stream.next()).await
-            {
-                if let Some(sent) = event
-                    .data
-                    .split(' ')
-                    .next()
-                    .and_then(|t| t.parse::<u64>().ok())
-                {
-                    let _ = local.record(now_micros().saturating_sub(sent).max(1));
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
+            // Read until publishing has stopped and then 500 ms pass without an event.
+            loop {
+                match tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
+                    Ok(Some(Ok(event))) => {
+                        let sent = event
+                            .data
+                            .split(' ')
+                            .next()
+                            .and_then(|t| t.parse::<u64>().ok());
+                        if let Some(sent) = sent {
+                            let _ = local.record(now_micros().saturating_sub(sent).max(1));
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) if !stop.load(Ordering::Relaxed) => {}
+                    _ => break,
                 }
             }
             latencies
@@ -333,11 +335,13 @@ async fn fanout(
         next += interval;
         let topic = format!("fan{}", published as usize % topics);
         let body = format!("{} {}", now_micros(), "p".repeat(32));
-        in_flight.push(http.post(publisher.publish_url(&topic)).body(body).send());
+        // Spawned, so it is sent now whatever the other requests do.
+        let request = http.post(publisher.publish_url(&topic)).body(body).send();
+        in_flight.push(tokio::spawn(request));
         published += 1;
         // Keep the rate without letting slow answers pile up unboundedly.
         while in_flight.len() > 256 {
-            if !matches!(in_flight.next().await, Some(Ok(r)) if r.status().is_success()) {
+            if !matches!(in_flight.next().await, Some(Ok(Ok(r))) if r.status().is_success()) {
                 publish_errors += 1;
             }
         }
@@ -346,7 +350,7 @@ async fn fanout(
         }
     }
     while let Some(r) = in_flight.next().await {
-        if !matches!(r, Ok(r) if r.status().is_success()) {
+        if !matches!(r, Ok(Ok(r)) if r.status().is_success()) {
             publish_errors += 1;
         }
     }

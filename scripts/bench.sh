@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Benchmarks ssegate side by side with nchan (nginx + libnginx-mod-nchan on Redis storage) and
+# against the Redis ceiling (redis-benchmark), in one run, with one load generator
+# (ssegate-bench). Installs and starts its peers itself, then writes BENCHMARKS.md.
+#
+#   scripts/bench.sh            full run (several minutes), writes BENCHMARKS.md
+#   scripts/bench.sh --smoke    seconds-long run proving the bench works; writes nothing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+[ "${1:-}" = "--smoke" ] && smoke=1
+out=BENCHMARKS.md
+[ $smoke -eq 1 ] && out=$(mktemp)
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || missing+=(redis-tools)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || missing+=(libnginx-mod-nchan)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+cargo build --release --workspace --locked -q
+
+DIR=$(mktemp -d)
+BASE=${BENCH_PORT:-7600}
+REDIS_PORT=$BASE SSEGATE_PORT=$((BASE + 1)) NCHAN_PORT=$((BASE + 2))
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$DIR/nginx.pid" ] && kill "$(cat "$DIR/nginx.pid")" 2>/dev/null || true
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$DIR" --save '' --appendonly no \
+  --daemonize yes --logfile "$DIR/redis.log"
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
+
+RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$SSEGATE_PORT" \
+  --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/ssegate.log" 2>&1 &
+SSEGATE_PID=$!
+pids+=("$SSEGATE_PID")
+sed -e "s/@NCHAN_PORT@/$NCHAN_PORT/" -e "s/@REDIS_PORT@/$REDIS_PORT/" bench/nchan.conf > "$DIR/nchan.conf"
+nginx -p "$DIR" -c "$DIR/nchan.conf" -g "pid $DIR/nginx.pid; error_log $DIR/nginx-error.log warn;"
+for port in "$SSEGATE_PORT" "$NCHAN_PORT"; do
+  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.05; done
+done
+NCHAN_PID=$(pgrep -P "$(cat "$DIR/nginx.pid")" | head -n 1)
+
+bench() { target/release/ssegate-bench "$@"; }
+S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
+N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
+if [ $smoke -eq 1 ]; then
+  secs=1 subs=50 rate=50 steps=100,200 storm=50
+else
+  secs=10 subs=1000 rate=1000 steps=1000,5000,10000,15000 storm=10000
+fi
+
+echo "== publish" >&2
+pub_s=$(bench $S publish --concurrency 32 --seconds $secs)
+pub_n=$(bench $N publish --concurrency 32 --seconds $secs)
+batch_s=$(bench $S publish --concurrency 8 --batch 100 --seconds $secs)
+ceiling=$(redis-benchmark -p "$REDIS_PORT" -q -n $((secs * 200000)) -c 50 -P 32 xadd bench:ceiling '*' data xxxxxxxxxxxxxxxx \
+  | tr '\r' '\n' | sed -n 's/.*: \([0-9.]*\) requests per second.*/\1/p' | tail -n 1)
+echo "== fan-out" >&2
+fan_s=$(bench $S fanout --subscribers $subs --topics 1 --rate $rate --seconds $secs)
+fan_n=$(bench $N fanout --subscribers $subs --topics 1 --rate $rate --seconds $secs)
+fant_s=$(bench $S fanout --subscribers $subs --topics 10 --rate $rate --seconds $secs)
+fant_n=$(bench $N fanout --subscribers $subs --topics 10 --rate $rate --seconds $secs)
+echo "== idle connections" >&2
+idle_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID")
+idle_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID")
+echo "== reconnect storm" >&2
+storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
+
+field() { python3 -c "import json,sys; v=json.loads(sys.argv[1]); print(round(v$2, 2) if isinstance(v$2, float) else v$2)" "$1"; }
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}' if b else 'n/a')" "$1" "$2"; }
+
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`scripts/bench.sh\` on $(date -u +%Y-%m-%d). One machine: $(nproc) cores,"
+  echo "$(free -g | awk '/Mem:/ {print $2}') GiB, $(sed -n 's/model name\t: //p' /proc/cpuinfo | head -n 1)."
+  echo "Everything on loopback: Redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), one ssegate"
+  echo "process, nginx $(nginx -v 2>&1 | sed 's/.*\///') with nchan and one worker, both on that Redis,"
+  echo "and the load generator (\`ssegate-bench\`) sharing the same cores."
+  echo
+  echo "| scenario | ssegate | nchan | ssegate / nchan |"
+  echo "|---|---|---|---|"
+  a=$(field "$pub_s" '["events_per_sec"]'); b=$(field "$pub_n" '["events_per_sec"]')
+  echo "| single-event publish, c=32 (events/s) | $a | $b | $(ratio "$a" "$b") |"
+  a=$(field "$fan_s" '["deliveries_per_sec"]'); b=$(field "$fan_n" '["deliveries_per_sec"]')
+  echo "| fan-out, $subs subscribers on 1 topic, $rate events/s (deliveries/s) | $a | $b | $(ratio "$a" "$b") |"
+  a=$(field "$fan_s" '["latency_p99_ms"]'); b=$(field "$fan_n" '["latency_p99_ms"]')
+  echo "| fan-out, 1 topic: p99 latency (ms) | $a | $b | $(ratio "$a" "$b") |"
+  a=$(field "$fant_s" '["deliveries_per_sec"]'); b=$(field "$fant_n" '["deliveries_per_sec"]')
+  echo "| fan-out, 10 topics (deliveries/s) | $a | $b | $(ratio "$a" "$b") |"
+  a=$(field "$fant_s" '["latency_p99_ms"]'); b=$(field "$fant_n" '["latency_p99_ms"]')
+  echo "| fan-out, 10 topics: p99 latency (ms) | $a | $b | $(ratio "$a" "$b") |"
+  a=$(field "$idle_s" '["bytes_per_connection"]'); b=$(field "$idle_n" '["bytes_per_connection"]')
+  echo "| idle connection (RSS bytes each, slope) | $a | $b | $(ratio "$a" "$b") |"
+  echo
+  a=$(field "$batch_s" '["events_per_sec"]')
+  echo "Batched publish (JSON arrays of 100, c=8): $a events/s; pipelined \`redis-benchmark\` XADD"
+  echo "(-P 32, c=50) on the same Redis: $ceiling/s; ratio $(ratio "$a" "$ceiling")."
+  echo
+  echo "Reconnect storm: $(field "$storm_s" '["clients"]') clients resuming 100 events behind, all at once:"
+  echo "$(field "$storm_s" '["caught_up"]') caught up in $(field "$storm_s" '["seconds_until_all_caught_up"]') s;"
+  echo "Redis commands issued: $(field "$storm_s" '["redis_commands"]["total"]')."
+  echo
+  echo "## Raw results"
+  echo
+  echo '```'
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$idle_n" "$storm_s"; do echo "$r"; done
+  echo '```'
+} > "$out"
+if [ $smoke -eq 1 ]; then
+  cat "$out"
+  rm -f "$out"
+  # Every scenario must have done real work, on both hubs.
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" <<'PY'
+import json, sys
+pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s = map(json.loads, sys.argv[1:])
+checks = {
+    "ssegate publishes": pub_s["events"] > 0 and pub_s["errors"] == 0,
+    "nchan publishes": pub_n["events"] > 0 and pub_n["errors"] == 0,
+    "ssegate batches": batch_s["events"] > 0 and batch_s["errors"] == 0,
+    "ssegate fans out every event": fan_s["delivered"] == fan_s["expected_deliveries"] > 0,
+    "nchan fans out": fan_n["delivered"] > 0,
+    "ssegate fans out over topics": fant_s["delivered"] == fant_s["expected_deliveries"] > 0,
+    "nchan fans out over topics": fant_n["delivered"] > 0,
+    "every storm client caught up exactly": storm_s["received_exactly_behind"] == storm_s["clients"],
+}
+failed = [k for k, ok in checks.items() if not ok]
+if failed:
+    sys.exit("bench smoke run failed: " + ", ".join(failed))
+PY
+  echo "bench smoke run: ok"
+else
+  echo "wrote $out"
+fi
