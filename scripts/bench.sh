@@ -115,6 +115,34 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   echo "$(field "$storm_s" '["caught_up"]') caught up in $(field "$storm_s" '["seconds_until_all_caught_up"]') s;"
   echo "Redis commands issued: $(field "$storm_s" '["redis_commands"]["total"]')."
   echo
+  echo "## Targets"
+  echo
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" <<'PY'
+import json, sys
+pub_s, pub_n, batch_s = (json.loads(a) for a in sys.argv[1:4])
+ceiling = float(sys.argv[4] or 0)
+fan_s, fan_n, fant_s, fant_n, idle_s, storm_s = (json.loads(a) for a in sys.argv[5:11])
+def row(name, figure, ok):
+    print(f"| {name} | {figure} | {'met' if ok else 'not met'} |")
+print("| target | measured | outcome |")
+print("|---|---|---|")
+r = pub_s["events_per_sec"] / max(pub_n["events_per_sec"], 1)
+row("single-event publish >= 2x nchan", f"{r:.2f}x", r >= 2)
+r = batch_s["events_per_sec"] / ceiling if ceiling else 0
+row("batched publish >= 0.5x pipelined XADD", f"{r:.2f}x", r >= 0.5)
+for label, s, n in (("1 topic", fan_s, fan_n), ("10 topics", fant_s, fant_n)):
+    r = s["deliveries_per_sec"] / max(n["deliveries_per_sec"], 1)
+    ok = r >= 1.5 and s["latency_p99_ms"] <= n["latency_p99_ms"]
+    row(f"fan-out ({label}) >= 1.5x nchan at p99 <= nchan's",
+        f"{r:.2f}x, p99 {s['latency_p99_ms']:.1f} ms vs {n['latency_p99_ms']:.1f} ms", ok)
+b = idle_s["bytes_per_connection"]
+row("idle connection <= 10 KiB RSS", f"{b / 1024:.1f} KiB", b <= 10 * 1024)
+t = storm_s["seconds_until_all_caught_up"]
+ok = t <= 3 and storm_s["caught_up"] == storm_s["clients"]
+row(f"reconnect storm ({storm_s['clients']} clients) caught up <= 3 s", f"{t:.2f} s, {storm_s['redis_commands']['total'] if storm_s['redis_commands'] else '?'} Redis commands", ok)
+print("| publish->receive p99 <= 5 ms, 1k events/s to 1k subscribers on another node | not measured yet | not met |")
+PY
+  echo
   echo "## Raw results"
   echo
   echo '```'
