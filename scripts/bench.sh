@@ -81,6 +81,13 @@ echo "== reconnect storm" >&2
 storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
 
 field() { python3 -c "import json,sys; v=json.loads(sys.argv[1]); print(round(v$2, 2) if isinstance(v$2, float) else v$2)" "$1"; }
+# One comparison row: label, ssegate's JSON, nchan's JSON, the field compared.
+row() {
+  local a b
+  a=$(field "$2" "[\"$4\"]")
+  b=$(field "$3" "[\"$4\"]")
+  echo "| $1 | $a | $b | $(ratio "$a" "$b") |"
+}
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}' if b else 'n/a')" "$1" "$2"; }
 
 {
@@ -94,18 +101,12 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   echo
   echo "| scenario | ssegate | nchan | ssegate / nchan |"
   echo "|---|---|---|---|"
-  a=$(field "$pub_s" '["events_per_sec"]'); b=$(field "$pub_n" '["events_per_sec"]')
-  echo "| single-event publish, c=32 (events/s) | $a | $b | $(ratio "$a" "$b") |"
-  a=$(field "$fan_s" '["deliveries_per_sec"]'); b=$(field "$fan_n" '["deliveries_per_sec"]')
-  echo "| fan-out, $subs subscribers on 1 topic, $rate events/s (deliveries/s) | $a | $b | $(ratio "$a" "$b") |"
-  a=$(field "$fan_s" '["latency_p99_ms"]'); b=$(field "$fan_n" '["latency_p99_ms"]')
-  echo "| fan-out, 1 topic: p99 latency (ms) | $a | $b | $(ratio "$a" "$b") |"
-  a=$(field "$fant_s" '["deliveries_per_sec"]'); b=$(field "$fant_n" '["deliveries_per_sec"]')
-  echo "| fan-out, 10 topics (deliveries/s) | $a | $b | $(ratio "$a" "$b") |"
-  a=$(field "$fant_s" '["latency_p99_ms"]'); b=$(field "$fant_n" '["latency_p99_ms"]')
-  echo "| fan-out, 10 topics: p99 latency (ms) | $a | $b | $(ratio "$a" "$b") |"
-  a=$(field "$idle_s" '["bytes_per_connection"]'); b=$(field "$idle_n" '["bytes_per_connection"]')
-  echo "| idle connection (RSS bytes each, slope) | $a | $b | $(ratio "$a" "$b") |"
+  row "single-event publish, c=32 (events/s)" "$pub_s" "$pub_n" events_per_sec
+  row "fan-out, $subs subscribers on 1 topic, $rate events/s (deliveries/s)" "$fan_s" "$fan_n" deliveries_per_sec
+  row "fan-out, 1 topic: p99 latency (ms)" "$fan_s" "$fan_n" latency_p99_ms
+  row "fan-out, 10 topics (deliveries/s)" "$fant_s" "$fant_n" deliveries_per_sec
+  row "fan-out, 10 topics: p99 latency (ms)" "$fant_s" "$fant_n" latency_p99_ms
+  row "idle connection (RSS bytes each, slope)" "$idle_s" "$idle_n" bytes_per_connection
   echo
   a=$(field "$batch_s" '["events_per_sec"]')
   echo "Batched publish (JSON arrays of 100, c=8): $a events/s; pipelined \`redis-benchmark\` XADD"
