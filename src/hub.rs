@@ -455,10 +455,6 @@ pub enum Output {
 }
 
 impl Session {
-    pub fn cursor(&self) -> StreamId {
-        self.cursor
-    }
-
     /// Produces the next frames, waiting at most until `idle` completes when live.
     pub async fn next(&mut self, idle: impl std::future::Future<Output = ()>) -> Output {
         tokio::pin!(idle);

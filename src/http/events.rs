@@ -160,9 +160,8 @@ pub async fn publish(
     };
 
     let mut ids: Vec<StreamId> = Vec::with_capacity(events.len());
-    for run in events.chunk_by(|a, b| a.0 == b.0) {
-        let new: Vec<NewEvent> = run.iter().map(|(_, e)| e.clone()).collect();
-        match state.hub.store().append(&run[0].0, &new).await {
+    for (topic, run) in runs_by_topic(events) {
+        match state.hub.store().append(&topic, &run).await {
             Ok(stored) => ids.extend(stored),
             Err(e) => return Err(ApiError::from_store(e, batch.then_some(ids))),
         }
@@ -173,6 +172,19 @@ pub async fn publish(
         json!({ "id": ids.first().map(|id| id.to_string()) })
     };
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Groups consecutive events of the same topic, in order, moving them (no payload copies): each
+/// run is stored atomically in one store call.
+fn runs_by_topic(events: Vec<(Topic, NewEvent)>) -> Vec<(Topic, Vec<NewEvent>)> {
+    let mut runs: Vec<(Topic, Vec<NewEvent>)> = Vec::new();
+    for (topic, event) in events {
+        match runs.last_mut() {
+            Some((t, run)) if *t == topic => run.push(event),
+            _ => runs.push((topic, vec![event])),
+        }
+    }
+    runs
 }
 
 /// Parses a JSON object or array into validated events; the bool says whether it was an array.
