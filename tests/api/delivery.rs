@@ -33,11 +33,7 @@ async fn two_nodes_share_live_events_and_resume_each_other() {
     assert_eq!(first.last().unwrap().id, ids[k - 1]);
     drop(on_a);
     let mut resumed = b.subscribe("room", Some(&ids[k - 1])).await;
-    let rest = resumed.take(10 - k).await;
-    assert_eq!(
-        rest.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
-        ids[k..]
-    );
+    assert_eq!(resumed.take_ids(10 - k).await, ids[k..]);
 
     // Then the live stream, with no duplicate at the seam.
     let live1 = a.publish("room", "live1").await;
@@ -196,11 +192,7 @@ async fn assert_gap_then(
     assert_eq!(data["cursor"], cursor);
     assert_eq!(data["reason"], reason);
     assert_eq!(data["resume_from"], retained[0].as_str());
-    let got = sse.take(retained.len()).await;
-    assert_eq!(
-        got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
-        retained
-    );
+    assert_eq!(sse.take_ids(retained.len()).await, retained);
     let live = app.publish(topic, "after the gap").await;
     assert_eq!(sse.expect().await.id, live, "then live");
 }
@@ -284,14 +276,7 @@ async fn memory_store_delivers_live_and_resumes() {
         app.publish("solo", "1").await,
         app.publish("solo", "2").await,
     ];
-    assert_eq!(
-        live.take(2)
-            .await
-            .iter()
-            .map(|e| e.id.clone())
-            .collect::<Vec<_>>(),
-        ids
-    );
+    assert_eq!(live.take_ids(2).await, ids);
     let mut resumed = app.subscribe("solo", Some(&ids[0])).await;
     assert_eq!(resumed.expect().await.id, ids[1]);
     let id3 = app.publish("solo", "3").await;

@@ -193,12 +193,7 @@ async fn a_hung_redis_is_noticed_not_waited_on() {
     let stream = redis.stream_ids("hung").await;
     assert_eq!(stream.last(), Some(&after));
     let rest = &stream[stream.iter().position(|id| *id == before).unwrap() + 1..];
-    let got: Vec<String> = sse
-        .take(rest.len())
-        .await
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let got = sse.take_ids(rest.len()).await;
     assert_eq!(got, rest);
 }
 
@@ -218,12 +213,7 @@ async fn a_slow_client_catches_up_from_the_stream() {
     for _ in 0..200 {
         ids.push(app.publish("firehose", &payload).await);
     }
-    let got: Vec<String> = slow
-        .take(ids.len())
-        .await
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let got = slow.take_ids(ids.len()).await;
     assert_eq!(got, ids, "everything, once, in order");
     assert!(
         app.hub.catch_ups() > 0,
@@ -275,12 +265,7 @@ async fn a_stalled_client_is_disconnected_and_resumes() {
     }
     // Disconnected: it resumes where it was.
     let mut resumed = app.subscribe("stall", Some(&first)).await;
-    let got: Vec<String> = resumed
-        .take(ids.len())
-        .await
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let got = resumed.take_ids(ids.len()).await;
     assert_eq!(got, ids);
 }
 
@@ -395,12 +380,7 @@ async fn a_lost_subscription_connection_makes_the_node_unready_then_catches_up()
     }
     let _: () = set_maxclients(10_000).query_async(&mut conn).await.unwrap();
     wait_ready(&app, true).await;
-    let got: Vec<String> = sse
-        .take(missed.len())
-        .await
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let got = sse.take_ids(missed.len()).await;
     assert_eq!(got, missed);
     app.eventually("the topic is subscribed again", async || {
         redis.channels().await.len() == 2

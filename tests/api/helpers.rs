@@ -399,6 +399,11 @@ impl Sse {
         }
     }
 
+    /// The ids of the next `n` events.
+    pub async fn take_ids(&mut self, n: usize) -> Vec<String> {
+        self.take(n).await.into_iter().map(|e| e.id).collect()
+    }
+
     pub async fn take(&mut self, n: usize) -> Vec<Event> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
