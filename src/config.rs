@@ -33,6 +33,11 @@ pub struct Settings {
     pub max_batch_events: usize,
     /// Events read from the store per page when replaying history; bounds memory per client.
     pub replay_page_size: usize,
+    /// How long a replay page read from the store also serves the node's other clients resuming
+    /// from the same cursor, so a reconnect storm costs a few reads instead of one per client.
+    /// `0s` shares nothing.
+    #[serde(with = "humantime_serde")]
+    pub replay_sharing: Duration,
     /// How long an idempotency key keeps mapping to the id it first produced.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
@@ -95,6 +100,7 @@ impl Default for Settings {
             max_event_bytes: 64 * 1024,
             max_batch_events: 1000,
             replay_page_size: 500,
+            replay_sharing: Duration::from_secs(1),
             idempotency_window: Duration::from_secs(300),
             catchup_interval: Duration::from_secs(5),
             fanout_buffer: 1024,
@@ -214,6 +220,9 @@ impl Settings {
         }
         if !(1..=10_000).contains(&self.replay_page_size) {
             return invalid("replay_page_size", "must be between 1 and 10000");
+        }
+        if self.replay_sharing > Duration::from_secs(60) {
+            return invalid("replay_sharing", "must be at most 1m");
         }
         if self.idempotency_window < Duration::from_secs(1) {
             return invalid("idempotency_window", "must be at least 1s");

@@ -7,18 +7,27 @@
 //! and otherwise reads the stream from there. The feed goes to the node's clients through a
 //! bounded in-memory broadcast.
 //!
-//! Each client runs a [`Session`]: it joins the topic's broadcast *first*, then replays history
-//! from its cursor in pages, then reads the broadcast, skipping what it already sent. Because the
-//! broadcast was joined before the replay read the store, every event is either replayed or
-//! broadcast after joining, and ids tell which were already sent: the seam has no gap and no
+//! Each client runs a [`Session`]: it joins the topic's broadcast *first*, noting the topic's
+//! *horizon* (the last id the pump had fed when the session joined), then replays history from
+//! its cursor in pages, then reads the broadcast, skipping what it already sent. Everything after
+//! the horizon reaches the session through the broadcast, so the replay only has to reach the
+//! horizon; ids tell which broadcast events were already sent: the seam has no gap and no
 //! duplicate. A client that falls behind the broadcast replays from the store again.
+//!
+//! Replay pages are shared: sessions of one node resuming a topic from the same cursor within
+//! `replay_sharing` get one store read, encoded once (a reconnect storm costs a handful of
+//! reads, not one per client). A shared page may be older than a session's horizon; the session
+//! then reads again, from where the page ended, with a read started after it joined. A client
+//! whose cursor already is the horizon, or that gives no cursor, reads nothing at all.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
@@ -49,6 +58,9 @@ struct Inner {
     fanout_buffer: usize,
     /// Events per store read.
     page_size: usize,
+    /// How long a replay read serves other sessions resuming from the same cursor. A shared
+    /// page holds at most `page_size` events, so little memory lingers.
+    replay_sharing: Duration,
     /// The `retry:` sent to clients, and the random extra added on shutdown.
     retry: Duration,
     retry_spread: Duration,
@@ -75,8 +87,42 @@ struct TopicHandle {
     pump_tx: mpsc::Sender<PumpMessage>,
     /// Set when the pump's inbox was full and a message was dropped: the pump must read.
     overflow: Arc<AtomicBool>,
-    /// True once the pump knows where the feed starts; until then a replay cannot hand over.
-    pump_ready: watch::Receiver<bool>,
+    /// The id of the last event the pump put on the feed (first: where the feed starts);
+    /// `None` until the pump knows. A session's replay must reach the value it saw on joining.
+    fed: watch::Receiver<Option<StreamId>>,
+    /// Replay pages being read or read lately, by cursor, shared by the topic's sessions.
+    replays: Mutex<Replays>,
+}
+
+/// Recent replay reads of one topic.
+#[derive(Default)]
+struct Replays {
+    by_cursor: HashMap<StreamId, SharedReplay>,
+    /// Cursors in the order their reads started, to drop expired reads cheaply.
+    started: VecDeque<(u64, StreamId)>,
+    /// Numbers reads in the order they started; a session compares it with the number it saw
+    /// when it joined to tell whether a read began after that.
+    last_number: u64,
+}
+
+/// A replay read any number of sessions can await.
+#[derive(Clone)]
+struct SharedReplay {
+    /// Orders the read against sessions joining (see [`Replays::last_number`]).
+    number: u64,
+    started: Instant,
+    page: Shared<BoxFuture<'static, Result<Arc<ReplayPage>, StoreError>>>,
+}
+
+/// One page of history after a cursor, as sent to every session that resumes from it.
+#[derive(Debug)]
+struct ReplayPage {
+    /// The gap notice, if any, then the events, encoded.
+    frames: Bytes,
+    /// The cursor after this page.
+    next: StreamId,
+    /// The page holds as many events as asked for: more may follow at once.
+    full: bool,
 }
 
 /// An item of a topic's live feed.
@@ -110,6 +156,7 @@ impl Hub {
             topics: Mutex::new(HashMap::new()),
             fanout_buffer: settings.fanout_buffer,
             page_size: settings.replay_page_size,
+            replay_sharing: settings.replay_sharing,
             retry: settings.retry,
             retry_spread: settings.shutdown_retry_spread,
             pumps: AtomicUsize::new(0),
@@ -153,23 +200,21 @@ impl Hub {
     ) -> Result<Session, StoreError> {
         let membership = self.join(&topic);
         let feed = membership.topic.feed.subscribe();
-        let pump_ready = membership.topic.pump_ready.clone();
-        let cursor = match cursor {
-            Some(c) => c,
-            None => self.inner.store.tail(&topic).await?,
+        let place = membership.topic.place();
+        let cursor = match (cursor, place.horizon) {
+            (Some(c), _) => c,
+            // Only new events: everything after the horizon comes through the feed.
+            (None, Some(horizon)) => horizon,
+            (None, None) => self.inner.store.tail(&topic).await?,
         };
         Ok(Session {
-            store: self.inner.store.clone(),
-            page_size: self.inner.page_size,
-            shutdown: self.inner.shutdown.clone(),
-            retry: self.inner.retry,
-            retry_spread: self.inner.retry_spread,
             said_goodbye: false,
-            topic,
             cursor,
-            replaying: true,
+            // Up to date with the feed already: nothing to read.
+            replaying: place.horizon != Some(cursor),
             feed,
-            pump_ready,
+            place,
+            reread: None,
             membership,
         })
     }
@@ -199,7 +244,7 @@ impl Inner {
     fn activate(self: &Arc<Self>, topic: &Topic) -> Arc<TopicHandle> {
         let (feed, _) = broadcast::channel(self.fanout_buffer);
         let (pump_tx, pump_rx) = mpsc::channel(PUMP_QUEUE);
-        let (ready_tx, pump_ready) = watch::channel(false);
+        let (fed_tx, fed) = watch::channel(None);
         let overflow = Arc::new(AtomicBool::new(false));
         let watching = self.store.watch(topic);
         self.pumps.fetch_add(1, Ordering::AcqRel);
@@ -210,14 +255,16 @@ impl Inner {
             inbox: pump_rx,
             overflow: overflow.clone(),
             last: StreamId::ZERO,
+            fed: fed_tx,
         };
-        tokio::spawn(pump.run(watching, ready_tx));
+        tokio::spawn(pump.run(watching));
         Arc::new(TopicHandle {
             name: topic.clone(),
             feed,
             pump_tx,
             overflow,
-            pump_ready,
+            fed,
+            replays: Mutex::new(Replays::default()),
         })
     }
 
@@ -248,6 +295,93 @@ impl TopicHandle {
             self.overflow.store(true, Ordering::Release);
         }
     }
+
+    fn replays(&self) -> std::sync::MutexGuard<'_, Replays> {
+        self.replays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where a session stands, taken right after it joined (or rejoined) the feed: the horizon
+    /// (`None` while the pump does not know where the feed starts) and the number of the last
+    /// replay read started so far. Every event the session will not get from the feed is at most
+    /// the horizon, and was in the store before any read numbered higher started.
+    fn place(&self) -> Place {
+        Place {
+            read_number: self.replays().last_number,
+            horizon: *self.fed.borrow(),
+        }
+    }
+
+    /// The page after `cursor`: a read shared with other sessions, or a new one. With
+    /// `started_after`, only a read started after that read number will do.
+    fn replay(&self, hub: &Inner, cursor: StreamId, started_after: Option<u64>) -> SharedReplay {
+        let sharing = hub.replay_sharing;
+        let now = Instant::now();
+        let mut replays = self.replays();
+        while let Some(&(number, oldest)) = replays.started.front() {
+            match replays.by_cursor.get(&oldest) {
+                Some(r) if r.number == number && now - r.started < sharing => break,
+                Some(r) if r.number == number => {
+                    replays.by_cursor.remove(&oldest);
+                }
+                _ => {}
+            }
+            replays.started.pop_front();
+        }
+        if let Some(r) = replays.by_cursor.get(&cursor) {
+            let usable = started_after.is_none_or(|n| r.number > n)
+                && !matches!(r.page.peek(), Some(Err(_)));
+            if usable {
+                return r.clone();
+            }
+        }
+        replays.last_number += 1;
+        let number = replays.last_number;
+        let read = read_replay(hub.store.clone(), self.name.clone(), cursor, hub.page_size);
+        let shared = SharedReplay {
+            number,
+            started: now,
+            page: read.boxed().shared(),
+        };
+        replays.by_cursor.insert(cursor, shared.clone());
+        replays.started.push_back((number, cursor));
+        shared
+    }
+}
+
+/// A session's place in its topic's feed (see [`TopicHandle::place`]).
+#[derive(Clone, Copy)]
+struct Place {
+    horizon: Option<StreamId>,
+    read_number: u64,
+}
+
+/// Reads and encodes one replay page.
+async fn read_replay(
+    store: Arc<dyn Store>,
+    topic: Topic,
+    cursor: StreamId,
+    page_size: usize,
+) -> Result<Arc<ReplayPage>, StoreError> {
+    let page = store.read(&topic, cursor, page_size).await?;
+    let mut frames = BytesMut::new();
+    let mut next = cursor;
+    if let Some(reason) = page.gap {
+        let resume_from = page.events.first().map(|e| e.id);
+        frames.extend_from_slice(&gap_frame(cursor, reason, resume_from));
+        if let (None, Some(end)) = (resume_from, page.resume_after) {
+            // Nothing retained: carry on after wherever the stream ended.
+            next = end;
+        }
+    }
+    for event in &page.events {
+        frames.extend_from_slice(&sse::event_frame(event));
+        next = event.id;
+    }
+    Ok(Arc::new(ReplayPage {
+        frames: frames.freeze(),
+        next,
+        full: page.events.len() >= page_size,
+    }))
 }
 
 /// A client's hold on a topic; releases it when dropped (the client went away).
@@ -310,20 +444,22 @@ struct Pump {
     overflow: Arc<AtomicBool>,
     /// Id of the last event put on the feed (or where the feed started).
     last: StreamId,
+    /// `last`, published to sessions once the pump knows where the feed starts.
+    fed: watch::Sender<Option<StreamId>>,
 }
 
 impl Pump {
-    async fn run(mut self, watching: oneshot::Receiver<()>, ready: watch::Sender<bool>) {
+    async fn run(mut self, watching: oneshot::Receiver<()>) {
         let shutdown = self.hub.shutdown.clone();
         tokio::select! {
-            _ = self.start(watching, &ready) => {}
+            _ = self.start(watching) => {}
             _ = shutdown.wait() => {}
         }
         self.hub.pumps.fetch_sub(1, Ordering::AcqRel);
         debug!(topic = %self.topic, "pump stopped");
     }
 
-    async fn start(&mut self, watching: oneshot::Receiver<()>, ready: &watch::Sender<bool>) {
+    async fn start(&mut self, watching: oneshot::Receiver<()>) {
         // Announcements flow from here on, so reading the tail now misses nothing.
         if watching.await.is_err() {
             return;
@@ -331,7 +467,7 @@ impl Pump {
         loop {
             match self.hub.store.tail(&self.topic).await {
                 Ok(tail) => {
-                    self.last = tail;
+                    self.set_last(tail);
                     break;
                 }
                 Err(e) => {
@@ -342,7 +478,6 @@ impl Pump {
                 }
             }
         }
-        let _ = ready.send(true);
         let mut must_read = false;
         loop {
             let message = if must_read {
@@ -387,8 +522,15 @@ impl Pump {
         }
     }
 
+    fn set_last(&mut self, id: StreamId) {
+        self.last = id;
+        self.fed.send_replace(Some(id));
+    }
+
+    /// Puts an event on the feed. `fed` moves first, so a session that joins the feed after the
+    /// event went out sees a horizon that includes it.
     fn put(&mut self, event: &Event) {
-        self.last = event.id;
+        self.set_last(event.id);
         let delivery = Delivery {
             id: event.id,
             frame: sse::event_frame(event),
@@ -409,7 +551,8 @@ impl Pump {
             if let Some(reason) = page.gap {
                 // The feed cannot continue where it was; sessions re-read from their cursors.
                 warn!(topic = %self.topic, reason = reason.as_str(), after = %self.last, "live feed lost its place");
-                self.last = self.hub.store.tail(&self.topic).await?;
+                let tail = self.hub.store.tail(&self.topic).await?;
+                self.set_last(tail);
                 let _ = self.feed.send(Item::Resync);
                 return Ok(());
             }
@@ -426,20 +569,18 @@ impl Pump {
 
 /// One client's stream: replay from the cursor, then the live feed.
 pub struct Session {
-    store: Arc<dyn Store>,
-    page_size: usize,
-    shutdown: Shutdown,
-    retry: Duration,
-    retry_spread: Duration,
     /// Whether the jittered `retry:` was sent on shutdown.
     said_goodbye: bool,
-    topic: Topic,
     /// Id of the last event sent to the client (or its starting cursor).
     cursor: StreamId,
     /// Reading from the store rather than the feed.
     replaying: bool,
     feed: broadcast::Receiver<Item>,
-    pump_ready: watch::Receiver<bool>,
+    /// Where the session joined the feed, or last fell behind it.
+    place: Place,
+    /// Set when a replay page ended before the horizon: the next read must have started after
+    /// this read number.
+    reread: Option<u64>,
     /// Held for the session's life: dropping it releases the topic.
     membership: Membership,
 }
@@ -459,7 +600,7 @@ impl Session {
     pub async fn next(&mut self, idle: impl std::future::Future<Output = ()>) -> Output {
         tokio::pin!(idle);
         loop {
-            if self.shutdown.is_triggered() {
+            if self.membership.hub.shutdown.is_triggered() {
                 return self.farewell();
             }
             if self.replaying {
@@ -467,7 +608,7 @@ impl Session {
                     Ok(Some(frames)) => return Output::Frames(frames),
                     Ok(None) => continue,
                     Err(e) => {
-                        warn!(topic = %self.topic, error = %e, "replay failed; ending the stream");
+                        warn!(topic = %self.membership.topic.name, error = %e, "replay failed; ending the stream");
                         return Output::End;
                     }
                 }
@@ -475,7 +616,7 @@ impl Session {
             let item = tokio::select! {
                 item = self.feed.recv() => item,
                 _ = &mut idle => return Output::Idle,
-                _ = self.shutdown.wait() => return self.farewell(),
+                _ = self.membership.hub.shutdown.wait() => return self.farewell(),
             };
             match item {
                 Ok(Item::Event(d)) if d.id > self.cursor => {
@@ -483,13 +624,13 @@ impl Session {
                     return Output::Frames(d.frame.clone());
                 }
                 Ok(Item::Event(_)) => {} // sent during the replay
-                Ok(Item::Resync) => self.replaying = true,
+                Ok(Item::Resync) => self.replay_again(),
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     self.membership
                         .hub
                         .catch_ups
                         .fetch_add(1, Ordering::Relaxed);
-                    self.replaying = true;
+                    self.replay_again();
                 }
                 Err(broadcast::error::RecvError::Closed) => return Output::End,
             }
@@ -503,56 +644,67 @@ impl Session {
             return Output::End;
         }
         self.said_goodbye = true;
-        let spread = self.retry_spread.as_millis() as u64;
+        let hub = &self.membership.hub;
+        let spread = hub.retry_spread.as_millis() as u64;
         let extra = if spread == 0 {
             0
         } else {
             rand::random_range(0..=spread)
         };
-        Output::Frames(sse::retry_frame(self.retry.as_millis() as u64 + extra))
+        Output::Frames(sse::retry_frame(hub.retry.as_millis() as u64 + extra))
     }
 
-    /// Reads one page after the cursor. `None` when there was nothing to send.
+    /// Back to the store, from a new place in the feed.
+    fn replay_again(&mut self) {
+        self.place = self.membership.topic.place();
+        self.reread = None;
+        self.replaying = true;
+    }
+
+    /// Sends one page after the cursor. `None` when there was nothing to send.
     async fn replay_page(&mut self) -> Result<Option<Bytes>, StoreError> {
-        // A read that starts after the pump is ready covers everything the feed will not carry.
-        let pump_was_ready = *self.pump_ready.borrow();
-        let page = self
-            .store
-            .read(&self.topic, self.cursor, self.page_size)
-            .await?;
-        let mut out = BytesMut::new();
-        if let Some(reason) = page.gap {
-            out.extend_from_slice(&gap_frame(
-                self.cursor,
-                reason,
-                page.events.first().map(|e| e.id),
-            ));
-            if page.events.is_empty() {
-                // Nothing retained: carry on from wherever the stream is now.
-                self.cursor = self.store.tail(&self.topic).await?;
+        let topic = &self.membership.topic;
+        let read = topic.replay(&self.membership.hub, self.cursor, self.reread);
+        let page = read.page.await?;
+        self.cursor = page.next;
+        if !page.full {
+            // The store has nothing more; the feed carries what comes after the horizon.
+            let horizon = match self.place.horizon {
+                Some(h) => h,
+                None => match self.await_pump().await? {
+                    Some(h) => h,
+                    None => return Ok(None), // shutting down
+                },
+            };
+            if self.cursor >= horizon || read.number > self.place.read_number {
+                // The page reached the horizon, or was read after the session joined (then the
+                // store had every event the feed will not carry).
+                self.replaying = false;
+                self.reread = None;
+            } else {
+                // A shared page from before the session joined: read on from where it ended.
+                self.reread = Some(self.place.read_number);
             }
         }
-        for event in &page.events {
-            out.extend_from_slice(&sse::event_frame(event));
-            self.cursor = event.id;
-        }
-        if page.events.len() < self.page_size {
-            if pump_was_ready {
-                self.replaying = false;
-            } else {
-                let mut ready = self.pump_ready.clone();
-                tokio::select! {
-                    started = ready.wait_for(|r| *r) => {
-                        if started.is_err() {
-                            // The pump ended without starting (the store went away).
-                            return Err(StoreError::Unavailable("the topic's live feed stopped".into()));
-                        }
-                    }
-                    _ = self.shutdown.wait() => {}
+        Ok((!page.frames.is_empty()).then(|| page.frames.clone()))
+    }
+
+    /// Waits until the pump knows where the feed starts, and takes the session's place anew.
+    /// `None` on shutdown.
+    async fn await_pump(&mut self) -> Result<Option<StreamId>, StoreError> {
+        let mut fed = self.membership.topic.fed.clone();
+        tokio::select! {
+            started = fed.wait_for(Option::is_some) => {
+                if started.is_err() {
+                    // The pump ended without starting (the store went away).
+                    return Err(StoreError::Unavailable("the topic's live feed stopped".into()));
                 }
             }
+            _ = self.membership.hub.shutdown.wait() => return Ok(None),
         }
-        Ok((!out.is_empty()).then(|| out.freeze()))
+        // Events before the pump started are not on the feed: a read must start after this.
+        self.place = self.membership.topic.place();
+        Ok(self.place.horizon)
     }
 }
 

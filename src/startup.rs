@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::{info, warn};
 
 use crate::config::Settings;
@@ -59,13 +59,10 @@ impl Application {
             }
         };
         let hub = Hub::start(store, &settings, shutdown.clone());
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| StartupError::Listen {
-                    addr: settings.listen,
-                    source,
-                })?;
+        let listener = listen(settings.listen).map_err(|source| StartupError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
         let addr = listener
             .local_addr()
             .map_err(|source| StartupError::Listen {
@@ -120,4 +117,20 @@ impl Application {
             }
         }
     }
+}
+
+/// Connections the kernel queues for `accept` (it caps this at `net.core.somaxconn`). The usual
+/// 128 overflows when thousands of clients reconnect at once; a dropped SYN is retried only
+/// after a second, then three, which is what a reconnect storm then waits for.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

@@ -166,9 +166,11 @@ impl Store for MemoryStore {
     ) -> Result<Page, StoreError> {
         let topics = self.lock();
         let Some(log) = topics.get(topic.as_str()) else {
+            let gap = classify(cursor, false, None);
             return Ok(Page {
-                gap: classify(cursor, false, None),
+                gap,
                 events: Vec::new(),
+                resume_after: gap.map(|_| StreamId::ZERO),
             });
         };
         let (exists, after) = log.position_after(cursor);
@@ -188,7 +190,11 @@ impl Store for MemoryStore {
             .take(count)
             .cloned()
             .collect();
-        Ok(Page { gap, events })
+        Ok(Page {
+            gap,
+            events,
+            resume_after: gap.map(|_| log.last_generated),
+        })
     }
 
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {

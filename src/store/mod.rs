@@ -19,7 +19,7 @@ pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backing service cannot be reached or did not answer in time; retrying later may work.
     #[error("store unavailable: {0}")]
@@ -54,6 +54,10 @@ pub struct Page {
     pub gap: Option<GapReason>,
     /// Events in id order, at most the requested count.
     pub events: Vec<Event>,
+    /// Set with `gap`: the last id the stream had generated when it was read (`0-0` if it never
+    /// existed). A reader left with no events goes on after it; reading the tail separately
+    /// could skip an event appended in between.
+    pub resume_after: Option<StreamId>,
 }
 
 /// What a stream says about itself, for deciding whether a cursor is covered.

@@ -306,10 +306,15 @@ impl Store for RedisStore {
         let page = parse_entries(parts.get(1))?;
         if hit {
             let events = page.into_iter().skip(1).take(count).collect();
-            return Ok(Page { gap: None, events });
+            return Ok(Page {
+                gap: None,
+                events,
+                resume_after: None,
+            });
         }
         let facts = parse_facts(parts.get(2..7))?;
         let gap = classify(cursor, false, facts);
+        let resume_after = gap.map(|_| facts.map_or(StreamId::ZERO, |f| f.last_generated));
         let events = if gap.is_some() {
             parse_entries(parts.get(7))?
         } else {
@@ -318,6 +323,7 @@ impl Store for RedisStore {
         Ok(Page {
             gap,
             events: events.into_iter().take(count).collect(),
+            resume_after,
         })
     }
 

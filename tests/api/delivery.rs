@@ -322,3 +322,93 @@ async fn readiness_follows_redis() {
     let r = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200, "the process is still alive");
 }
+
+/// Settings under which a test can count Redis reads: no periodic catch-up reads, and replay
+/// pages shared long enough not to depend on timing.
+fn counting_reads(redis: &RedisServer) -> ssegate::config::Settings {
+    let mut s = settings(Some(redis));
+    s.catchup_interval = Duration::from_secs(3600);
+    s.replay_sharing = Duration::from_secs(60);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_resuming_from_one_cursor_share_one_read() {
+    let redis = RedisServer::start().await;
+    let app = Arc::new(spawn_app(counting_reads(&redis)).await);
+    let cursor = app.publish("storm", "before").await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(app.publish("storm", &format!("e{i}")).await);
+    }
+    let reads = redis.calls("xrange").await;
+
+    let clients: Vec<_> = (0..200)
+        .map(|_| {
+            let (app, cursor) = (app.clone(), cursor.clone());
+            tokio::spawn(async move {
+                let mut sse = app.subscribe("storm", Some(&cursor)).await;
+                // Returned, so the client stays connected until all have been checked: a
+                // topic no client reads any more is released, and its shared reads with it.
+                (sse.take_ids(50).await, sse)
+            })
+        })
+        .collect();
+    let mut connected = Vec::new();
+    for client in clients {
+        let (got, sse) = client.await.unwrap();
+        assert_eq!(got, ids);
+        connected.push(sse);
+    }
+    assert_eq!(
+        redis.calls("xrange").await - reads,
+        1,
+        "one read for 200 clients"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_page_older_than_the_live_feed_is_read_on() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(counting_reads(&redis)).await;
+    let cursor = app.publish("t", "c").await;
+    let e1 = app.publish("t", "e1").await;
+    let mut first = app.subscribe("t", Some(&cursor)).await;
+    assert_eq!(first.take_ids(1).await, std::slice::from_ref(&e1));
+    // e2 goes out on the live feed; the page read for `first` (just e1) stays shared.
+    let e2 = app.publish("t", "e2").await;
+    assert_eq!(first.take_ids(1).await, std::slice::from_ref(&e2));
+    let reads = redis.calls("xrange").await;
+
+    // The shared page ends before e2, which the feed sent before `second` joined it.
+    let mut second = app.subscribe("t", Some(&cursor)).await;
+    assert_eq!(second.take_ids(2).await, [e1, e2]);
+    assert_eq!(
+        redis.calls("xrange").await - reads,
+        1,
+        "the shared page, then one read on from its end"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_to_date_and_new_clients_read_nothing_from_redis() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(counting_reads(&redis)).await;
+    let mut watcher = app.subscribe("t", None).await;
+    let e1 = app.publish("t", "e1").await;
+    assert_eq!(watcher.take_ids(1).await, std::slice::from_ref(&e1));
+    let (reads, tails) = (redis.calls("xrange").await, redis.calls("xrevrange").await);
+
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(app.subscribe("t", Some(&e1)).await);
+        clients.push(app.subscribe("t", None).await);
+    }
+    let e2 = app.publish("t", "e2").await;
+    for client in &mut clients {
+        assert_eq!(client.take_ids(1).await, std::slice::from_ref(&e2));
+    }
+    assert_eq!(redis.calls("xrange").await - reads, 0);
+    // The one XREVRANGE is the publish finding its predecessor.
+    assert_eq!(redis.calls("xrevrange").await - tails, 1);
+}

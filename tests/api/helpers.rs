@@ -172,6 +172,19 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// How many times Redis ran `command` (scripts' calls included), from INFO commandstats.
+    pub async fn calls(&self, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    }
+
     /// All ids of a topic's stream, in order.
     pub async fn stream_ids(&self, topic: &str) -> Vec<String> {
         stream_ids(&self.url(), topic).await
