@@ -10,7 +10,9 @@
 //!
 //! - [`config`]: settings, layered defaults < file < environment < flags, and their validation.
 //! - [`startup`]: builds the store, the hub and the router; serves until shutdown.
-//! - [`http`]: the HTTP handlers (`/v1/events`, health) and the error → response mapping.
+//! - [`http`]: the HTTP handlers (`/v1/events`, health), the error → response mapping, and the
+//!   listener, which gives connections a write deadline and streams plain subscriptions itself
+//!   (an idle stream then costs a few KiB instead of hyper's per-connection buffers).
 //! - [`hub`]: the per-node topic hub: one store subscription per active topic, in-memory fan-out,
 //!   and the per-client replay → live state machine that keeps the seam exact.
 //! - [`store`]: the small [`store::Store`] trait and its two implementations, memory and Redis.

@@ -2,14 +2,16 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::http::{self, AppState, DeadlineListener};
+use crate::http::{self, AppState, GatewayListener};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
@@ -28,7 +30,9 @@ pub enum StartupError {
 
 /// A bound, ready-to-serve gateway.
 pub struct Application {
-    listener: DeadlineListener,
+    listener: GatewayListener,
+    /// The listener's per-connection tasks (direct streams among them), waited for on shutdown.
+    connections: TaskTracker,
     addr: SocketAddr,
     hub: Hub,
     router: axum::Router,
@@ -69,14 +73,22 @@ impl Application {
                 addr: settings.listen,
                 source,
             })?;
-        let listener = DeadlineListener::new(listener, settings.write_timeout);
         let shutdown_timeout = settings.shutdown_timeout;
-        let router = http::router(AppState {
+        let state = AppState {
             hub: hub.clone(),
             settings: Arc::new(settings),
-        });
+        };
+        let connections = TaskTracker::new();
+        let listener = GatewayListener::new(
+            listener,
+            state.clone(),
+            connections.clone(),
+            shutdown.clone(),
+        );
+        let router = http::router(state);
         Ok(Application {
             listener,
+            connections,
             addr,
             hub,
             router,
@@ -94,14 +106,27 @@ impl Application {
         self.hub.clone()
     }
 
+    /// Counts the event streams the listener served itself rather than through the router.
+    pub fn direct_streams(&self) -> Arc<AtomicU64> {
+        self.listener.direct_streams()
+    }
+
     /// Serves until shutdown. Open streams end at once when shutdown starts, so clients reconnect
     /// elsewhere; connections still open after `shutdown_timeout` are abandoned.
     pub async fn run(self) -> std::io::Result<()> {
         info!(addr = %self.addr, "ssegate listening");
         let signal = self.shutdown.clone();
-        let serve = axum::serve(self.listener, self.router)
+        let connections = self.connections;
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { signal.wait().await })
             .into_future();
+        let serve = async move {
+            let result = served.await;
+            // Direct streams end with the hub on shutdown, like the router's.
+            connections.close();
+            connections.wait().await;
+            result
+        };
         let deadline = async {
             self.shutdown.wait().await;
             tokio::time::sleep(self.shutdown_timeout).await;

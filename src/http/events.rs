@@ -6,15 +6,17 @@ use std::convert::Infallible;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
+use crate::config::Settings;
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
-use crate::hub::Output;
+use crate::hub::{Output, Session};
 use crate::sse;
 
 /// Longest accepted idempotency key, in bytes.
@@ -38,11 +40,17 @@ fn parse_topic(raw: Option<&str>) -> Result<Topic, ApiError> {
 /// The resume cursor: the `Last-Event-ID` header wins over `?lastEventId=`, because a browser
 /// keeps the original URL on every reconnect and adds the header with the newest id.
 fn parse_cursor(
-    headers: &HeaderMap,
+    last_event_id: Option<&[u8]>,
     query: &HashMap<String, String>,
 ) -> Result<Option<StreamId>, ApiError> {
-    let header = match headers.get("last-event-id") {
-        Some(v) => Some(v.to_str().map_err(|_| invalid_cursor())?.trim()),
+    let header = match last_event_id {
+        Some(v) => Some(
+            std::str::from_utf8(v)
+                .ok()
+                .filter(|v| v.is_ascii())
+                .ok_or_else(invalid_cursor)?
+                .trim(),
+        ),
         None => None,
     };
     let raw = header.filter(|h| !h.is_empty()).or_else(|| {
@@ -62,38 +70,64 @@ fn invalid_cursor() -> ApiError {
     )
 }
 
-/// Opens an SSE stream: `retry:`, then the replay after the cursor, then live events, with
+/// Headers of every event stream, besides the framing.
+pub(super) const STREAM_HEADERS: [(&str, &str); 3] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    // nginx and others buffer responses unless told not to.
+    ("x-accel-buffering", "no"),
+];
+
+/// What a subscribe asks for, from its query string and `Last-Event-ID` header: the topic and
+/// the cursor to resume after.
+pub(super) fn subscription(
+    raw_query: Option<&str>,
+    last_event_id: Option<&[u8]>,
+) -> Result<(Topic, Option<StreamId>), ApiError> {
+    let query = query_params(raw_query)?;
+    let topic = parse_topic(query.get("topic").map(String::as_str))?;
+    let cursor = parse_cursor(last_event_id, &query)?;
+    Ok((topic, cursor))
+}
+
+/// A subscription's body: `retry:`, then the replay after the cursor, then live events, with
 /// heartbeat comments while idle.
+pub(super) fn event_stream(
+    session: Session,
+    settings: &Settings,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    let retry = sse::retry_frame(settings.retry.as_millis() as u64);
+    let heartbeat = settings.heartbeat_interval;
+    let first = futures_util::stream::once(async move { retry });
+    let rest = futures_util::stream::unfold(session, move |mut session| async move {
+        match session.next(tokio::time::sleep(heartbeat)).await {
+            Output::Frames(frames) => Some((frames, session)),
+            Output::Idle => Some((sse::heartbeat_frame(), session)),
+            Output::End => None,
+        }
+    });
+    first.chain(rest)
+}
+
+/// Opens an SSE stream (see [`event_stream`]). Most subscriptions never get here: the listener
+/// streams them itself (see [`super::listener`]); this serves the rest, such as a subscribe on a
+/// kept-alive connection, and answers every invalid one.
 pub async fn subscribe(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let query = query_params(raw.as_deref())?;
-    let topic = parse_topic(query.get("topic").map(String::as_str))?;
-    let cursor = parse_cursor(&headers, &query)?;
+    let last_event_id = headers.get("last-event-id").map(|v| v.as_bytes());
+    let (topic, cursor) = subscription(raw.as_deref(), last_event_id)?;
     let session = state.hub.subscribe(topic, cursor).await?;
-
-    let retry = sse::retry_frame(state.settings.retry.as_millis() as u64);
-    let heartbeat = state.settings.heartbeat_interval;
-    let first = futures_util::stream::once(async move { Ok::<_, Infallible>(retry) });
-    let rest = futures_util::stream::unfold(session, move |mut session| async move {
-        match session.next(tokio::time::sleep(heartbeat)).await {
-            Output::Frames(frames) => Some((Ok(frames), session)),
-            Output::Idle => Some((Ok(sse::heartbeat_frame()), session)),
-            Output::End => None,
-        }
-    });
-    let body = Body::from_stream(futures_util::StreamExt::chain(first, rest));
+    let frames = event_stream(session, &state.settings).map(Ok::<_, Infallible>);
+    let body = Body::from_stream(frames);
 
     let mut response = (StatusCode::OK, body).into_response();
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    for (name, value) in STREAM_HEADERS {
+        h.insert(name, HeaderValue::from_static(value));
+    }
     Ok(response)
 }
 

@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::Router;
 
 pub use self::error::ApiError;
-pub use self::listener::DeadlineListener;
+pub use self::listener::GatewayListener;
 use crate::config::Settings;
 use crate::hub::Hub;
 

@@ -4,6 +4,8 @@
 use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventsource_stream::{Event, Eventsource};
@@ -263,6 +265,8 @@ pub struct TestApp {
     pub shutdown: Shutdown,
     pub task: Option<JoinHandle<std::io::Result<()>>>,
     pub http: reqwest::Client,
+    /// Streams the listener served itself rather than through the router.
+    pub direct_streams: Arc<AtomicU64>,
 }
 
 pub async fn spawn_app(settings: Settings) -> TestApp {
@@ -273,6 +277,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         .expect("gateway starts");
     let addr = app.local_addr();
     let hub = app.hub();
+    let direct_streams = app.direct_streams();
     let task = tokio::spawn(app.run());
     TestApp {
         addr,
@@ -280,6 +285,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         shutdown,
         task: Some(task),
         http: reqwest::Client::new(),
+        direct_streams,
     }
 }
 

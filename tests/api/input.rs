@@ -1,9 +1,67 @@
 //! What clients send and what they get back: framing, headers, cursors and bad input.
 
+use std::sync::atomic::Ordering;
+
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::helpers::{settings, spawn_app, RedisServer};
+use crate::helpers::{settings, spawn_app, RedisServer, Sse};
+
+fn new_connection_per_request() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// A subscription on a new connection is streamed by the listener itself, one on a kept-alive
+/// connection by the router: clients must not see a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_the_same_served_directly_or_by_the_router() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    let first = app.publish("paths", "one\nline two").await;
+    let second = app.publish("paths", "two").await;
+
+    let fresh = new_connection_per_request();
+    let kept = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    // `kept` now holds an idle connection, which its subscription reuses.
+    let health = kept.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    health.bytes().await.unwrap();
+
+    let mut streams = Vec::new();
+    for (client, direct) in [(&fresh, 1), (&kept, 0)] {
+        let before = app.direct_streams.load(Ordering::Relaxed);
+        let response = client
+            .get(app.url("/v1/events?topic=paths"))
+            .header("Last-Event-ID", "0")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        for (name, value) in [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+            ("x-accel-buffering", "no"),
+        ] {
+            assert_eq!(response.headers()[name], value, "{name}");
+        }
+        assert_eq!(app.direct_streams.load(Ordering::Relaxed) - before, direct);
+        streams.push(Sse::from_response(response));
+    }
+    let live = app.publish("paths", "three").await;
+    for sse in &mut streams {
+        let got = sse.take(3).await;
+        let ids: Vec<_> = got.iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, [first.clone(), second.clone(), live.clone()]);
+        assert_eq!(got[0].data, "one\nline two");
+        assert_eq!(got[2].data, "three");
+    }
+}
 
 /// Payloads that stress SSE framing, and what a spec-following parser must read back.
 fn framing_cases() -> Vec<(&'static str, &'static str)> {
@@ -264,16 +322,22 @@ async fn bad_input_gets_json_errors_and_the_server_keeps_serving() {
             "invalid_cursor",
         ),
     ];
+    // On a kept-alive connection the router reads the request; on a new one the listener reads
+    // it first and passes it on. The answer must be the same.
+    let fresh = new_connection_per_request();
     for (query, header, code) in subs {
-        let mut req = app.http.get(app.url(&format!("/v1/events{query}")));
-        if let Some(h) = header {
-            req = req.header("Last-Event-ID", h);
+        for client in [&app.http, &fresh] {
+            let mut req = client.get(app.url(&format!("/v1/events{query}")));
+            if let Some(h) = header {
+                req = req.header("Last-Event-ID", h);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 400, "{query} {header:?}");
+            let reply: Value = r.json().await.unwrap();
+            assert_eq!(reply["error"], code, "{query} {header:?}");
         }
-        let r = req.send().await.unwrap();
-        assert_eq!(r.status(), 400, "{query} {header:?}");
-        let reply: Value = r.json().await.unwrap();
-        assert_eq!(reply["error"], code, "{query} {header:?}");
     }
+    assert_eq!(app.direct_streams.load(Ordering::Relaxed), 0);
     let r = app.http.delete(app.url("/v1/events")).send().await.unwrap();
     assert_eq!(r.status(), 405);
     let r = app.http.get(app.url("/nowhere")).send().await.unwrap();
