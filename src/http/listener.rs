@@ -17,6 +17,7 @@
 //! router answers it exactly as it answers everything else; a subscription on a kept-alive
 //! connection is served by the router too.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -229,24 +230,99 @@ async fn stream(mut io: Connection, frames: impl Stream<Item = Bytes>) {
     loop {
         tokio::select! {
             frame = frames.next() => {
-                let Some(frame) = frame else {
-                    let _ = io.write_all(b"0\r\n\r\n").await;
-                    let _ = io.shutdown().await;
-                    return;
-                };
-                if frame.is_empty() {
-                    continue; // an empty chunk would end the response
+                let Some(frame) = frame else { break };
+                // Frames already waiting (a busy topic) go out in the same write.
+                let mut chunk = Chunk::default();
+                chunk.push(frame);
+                let mut ended = false;
+                while chunk.parts.len() < MAX_FRAMES_PER_WRITE {
+                    match frames.next().now_or_never() {
+                        Some(Some(frame)) => chunk.push(frame),
+                        Some(None) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
                 }
-                let size = format!("{:x}\r\n", frame.len());
-                let mut chunk = Buf::chain(size.as_bytes(), frame).chain(&b"\r\n"[..]);
-                if io.write_all_buf(&mut chunk).await.is_err() {
+                if chunk.len > 0 && io.write_all_buf(&mut chunk.framed()).await.is_err() {
                     return;
+                }
+                if ended {
+                    break;
                 }
             }
             read = io.read(&mut discard) => match read {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             },
+        }
+    }
+    let _ = io.write_all(b"0\r\n\r\n").await;
+    let _ = io.shutdown().await;
+}
+
+/// Most frames gathered into one write; with the chunk's size line and end, they fit the 64
+/// slices a vectored write takes at once.
+const MAX_FRAMES_PER_WRITE: usize = 60;
+
+/// Frames gathered for one HTTP chunk.
+#[derive(Default)]
+struct Chunk {
+    parts: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Chunk {
+    fn push(&mut self, frame: Bytes) {
+        // An empty part would be harmless, but an empty chunk ends the response.
+        if !frame.is_empty() {
+            self.len += frame.len();
+            self.parts.push_back(frame);
+        }
+    }
+
+    /// The frames with the chunk's size line before and its line end after.
+    fn framed(mut self) -> Self {
+        self.parts
+            .push_front(Bytes::from(format!("{:x}\r\n", self.len)));
+        self.parts.push_back(Bytes::from_static(b"\r\n"));
+        self.len = self.parts.iter().map(Bytes::len).sum();
+        self
+    }
+}
+
+/// Written with one vectored write where the socket takes it all.
+impl Buf for Chunk {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |p| &p[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(&self.parts) {
+            *slot = io::IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        self.len -= cnt;
+        while cnt > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.parts.pop_front();
         }
     }
 }
@@ -365,6 +441,26 @@ mod tests {
             .expect("bytes");
         assert!(head.len() >= MAX_HEAD, "stops reading at the limit");
         assert!(direct_subscription(&head).is_none());
+    }
+
+    #[test]
+    fn gathered_frames_make_one_chunk_however_the_socket_takes_them() {
+        let mut chunk = Chunk::default();
+        for frame in ["data: a\n\n", "", "data: bc\n\n"] {
+            chunk.push(Bytes::from(frame));
+        }
+        let mut framed = chunk.framed();
+        let mut written = Vec::new();
+        // A socket taking 4 bytes at a time splits parts anywhere.
+        while framed.has_remaining() {
+            let mut slices = [io::IoSlice::new(&[]); 64];
+            let n = framed.chunks_vectored(&mut slices);
+            let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            let take = flat.len().min(4);
+            written.extend_from_slice(&flat[..take]);
+            framed.advance(take);
+        }
+        assert_eq!(written, b"13\r\ndata: a\n\ndata: bc\n\n\r\n");
     }
 
     #[test]
