@@ -29,7 +29,7 @@ cargo build --release --workspace --locked -q
 
 DIR=$(mktemp -d)
 BASE=${BENCH_PORT:-7600}
-REDIS_PORT=$BASE SSEGATE_PORT=$((BASE + 1)) NCHAN_PORT=$((BASE + 2))
+REDIS_PORT=$BASE SSEGATE_PORT=$((BASE + 1)) NCHAN_PORT=$((BASE + 2)) SSEGATE_B_PORT=$((BASE + 3))
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -47,20 +47,27 @@ RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$SSEGATE_PORT" \
   --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/ssegate.log" 2>&1 &
 SSEGATE_PID=$!
 pids+=("$SSEGATE_PID")
+# A second node on the same Redis, for publish -> receive across nodes.
+RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$SSEGATE_B_PORT" \
+  --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/ssegate-b.log" 2>&1 &
+pids+=("$!")
 sed -e "s/@NCHAN_PORT@/$NCHAN_PORT/" -e "s/@REDIS_PORT@/$REDIS_PORT/" bench/nchan.conf > "$DIR/nchan.conf"
 nginx -p "$DIR" -c "$DIR/nchan.conf" -g "pid $DIR/nginx.pid; error_log $DIR/nginx-error.log warn;"
-for port in "$SSEGATE_PORT" "$NCHAN_PORT"; do
+for port in "$SSEGATE_PORT" "$SSEGATE_B_PORT" "$NCHAN_PORT"; do
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.05; done
 done
 NCHAN_PID=$(pgrep -P "$(cat "$DIR/nginx.pid")" | head -n 1)
 
 bench() { target/release/ssegate-bench "$@"; }
 S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
+B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
 N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
 if [ $smoke -eq 1 ]; then
-  secs=1 subs=50 rate=50 steps=100,200 storm=50
+  secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50
 else
-  secs=10 subs=1000 rate=1000 steps=1000,5000,10000,15000 storm=10000
+  # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
+  # events, each to a tenth of the subscribers (500k/s offered).
+  secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000
 fi
 
 echo "== publish" >&2
@@ -72,8 +79,14 @@ ceiling=$(redis-benchmark -p "$REDIS_PORT" -q -n $((secs * 200000)) -c 50 -P 32 
 echo "== fan-out" >&2
 fan_s=$(bench $S fanout --subscribers $subs --topics 1 --rate $rate --seconds $secs)
 fan_n=$(bench $N fanout --subscribers $subs --topics 1 --rate $rate --seconds $secs)
-fant_s=$(bench $S fanout --subscribers $subs --topics 10 --rate $rate --seconds $secs)
-fant_n=$(bench $N fanout --subscribers $subs --topics 10 --rate $rate --seconds $secs)
+fant_s=$(bench $S fanout --subscribers $subs --topics 10 --rate $trate --seconds $secs)
+fant_n=$(bench $N fanout --subscribers $subs --topics 10 --rate $trate --seconds $secs)
+echo "== across nodes" >&2
+# Subscribers on node B, events published to node A.
+cross=$(bench $B fanout --subscribers $subs --topics 1 --rate $rate --seconds $secs \
+  --publish-url "http://127.0.0.1:$SSEGATE_PORT")
+cross_t=$(bench $B fanout --subscribers $subs --topics 10 --rate $rate --seconds $secs \
+  --publish-url "http://127.0.0.1:$SSEGATE_PORT")
 echo "== idle connections" >&2
 idle_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID")
 idle_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID")
@@ -104,7 +117,7 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   row "single-event publish, c=32 (events/s)" "$pub_s" "$pub_n" events_per_sec
   row "fan-out, $subs subscribers on 1 topic, $rate events/s (deliveries/s)" "$fan_s" "$fan_n" deliveries_per_sec
   row "fan-out, 1 topic: p99 latency (ms)" "$fan_s" "$fan_n" latency_p99_ms
-  row "fan-out, 10 topics (deliveries/s)" "$fant_s" "$fant_n" deliveries_per_sec
+  row "fan-out, $subs subscribers over 10 topics, $trate events/s (deliveries/s)" "$fant_s" "$fant_n" deliveries_per_sec
   row "fan-out, 10 topics: p99 latency (ms)" "$fant_s" "$fant_n" latency_p99_ms
   row "idle connection (RSS bytes each, slope)" "$idle_s" "$idle_n" bytes_per_connection
   echo
@@ -112,17 +125,24 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   echo "Batched publish (JSON arrays of 100, c=8): $a events/s; pipelined \`redis-benchmark\` XADD"
   echo "(-P 32, c=50) on the same Redis: $ceiling/s; ratio $(ratio "$a" "$ceiling")."
   echo
+  for c in "$cross" "$cross_t"; do
+    echo "Across nodes, $(field "$c" '["subscribers"]') subscribers on node B over $(field "$c" '["topics"]') topic(s),"
+    echo "$(field "$c" '["rate"]') events/s published to node A: $(field "$c" '["deliveries_per_sec"]') deliveries/s"
+    echo "($(field "$c" '["delivered"]') of $(field "$c" '["expected_deliveries"]')), latency p50 $(field "$c" '["latency_p50_ms"]') ms,"
+    echo "p99 $(field "$c" '["latency_p99_ms"]') ms, p999 $(field "$c" '["latency_p999_ms"]') ms."
+    echo
+  done
   echo "Reconnect storm: $(field "$storm_s" '["clients"]') clients resuming 100 events behind, all at once:"
   echo "$(field "$storm_s" '["caught_up"]') caught up in $(field "$storm_s" '["seconds_until_all_caught_up"]') s;"
   echo "Redis commands issued: $(field "$storm_s" '["redis_commands"]["total"]')."
   echo
   echo "## Targets"
   echo
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" <<'PY'
 import json, sys
 pub_s, pub_n, batch_s = (json.loads(a) for a in sys.argv[1:4])
 ceiling = float(sys.argv[4] or 0)
-fan_s, fan_n, fant_s, fant_n, idle_s, storm_s = (json.loads(a) for a in sys.argv[5:11])
+fan_s, fan_n, fant_s, fant_n, idle_s, storm_s, cross = (json.loads(a) for a in sys.argv[5:12])
 def row(name, figure, ok):
     print(f"| {name} | {figure} | {'met' if ok else 'not met'} |")
 print("| target | measured | outcome |")
@@ -141,22 +161,24 @@ row("idle connection <= 10 KiB RSS", f"{b / 1024:.1f} KiB", b <= 10 * 1024)
 t = storm_s["seconds_until_all_caught_up"]
 ok = t <= 3 and storm_s["caught_up"] == storm_s["clients"]
 row(f"reconnect storm ({storm_s['clients']} clients) caught up <= 3 s", f"{t:.2f} s, {storm_s['redis_commands']['total'] if storm_s['redis_commands'] else '?'} Redis commands", ok)
-print("| publish->receive p99 <= 5 ms, 1k events/s to 1k subscribers on another node | not measured yet | not met |")
+p99 = cross["latency_p99_ms"]
+row(f"publish->receive p99 <= 5 ms, {cross['rate']:.0f} events/s to {cross['subscribers']} subscribers on another node",
+    f"p99 {p99:.1f} ms ({cross['deliveries_per_sec']:.0f} deliveries/s)", p99 <= 5)
 PY
   echo
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$idle_n" "$storm_s"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$storm_s"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
   cat "$out"
   rm -f "$out"
   # Every scenario must have done real work, on both hubs.
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" <<'PY'
 import json, sys
-pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s = map(json.loads, sys.argv[1:])
+pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross = map(json.loads, sys.argv[1:])
 checks = {
     "ssegate publishes": pub_s["events"] > 0 and pub_s["errors"] == 0,
     "nchan publishes": pub_n["events"] > 0 and pub_n["errors"] == 0,
@@ -166,6 +188,7 @@ checks = {
     "ssegate fans out over topics": fant_s["delivered"] == fant_s["expected_deliveries"] > 0,
     "nchan fans out over topics": fant_n["delivered"] > 0,
     "every storm client caught up exactly": storm_s["received_exactly_behind"] == storm_s["clients"],
+    "ssegate fans out across nodes": cross["delivered"] == cross["expected_deliveries"] > 0,
 }
 failed = [k for k, ok in checks.items() if not ok]
 if failed:
