@@ -166,6 +166,8 @@ row(f"publish->receive p99 <= 5 ms, {cross['rate']:.0f} events/s to {cross['subs
     f"p99 {p99:.1f} ms ({cross['deliveries_per_sec']:.0f} deliveries/s)", p99 <= 5)
 PY
   echo
+  cat bench/FINDINGS.md
+  echo
   echo "## Raw results"
   echo
   echo '```'
