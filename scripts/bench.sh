@@ -108,9 +108,10 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   echo
   echo "Written by \`scripts/bench.sh\` on $(date -u +%Y-%m-%d). One machine: $(nproc) cores,"
   echo "$(free -g | awk '/Mem:/ {print $2}') GiB, $(sed -n 's/model name\t: //p' /proc/cpuinfo | head -n 1)."
-  echo "Everything on loopback: Redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), one ssegate"
-  echo "process, nginx $(nginx -v 2>&1 | sed 's/.*\///') with nchan and one worker, both on that Redis,"
+  echo "Everything on loopback: Redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), ssegate (one node; a second"
+  echo "one for the runs across nodes), nginx $(nginx -v 2>&1 | sed 's/.*\///') with nchan and one worker, all on that Redis,"
   echo "and the load generator (\`ssegate-bench\`) sharing the same cores."
+  echo "Command: \`scripts/bench.sh\` (ports from \`BENCH_PORT\`, default 7600)."
   echo
   echo "| scenario | ssegate | nchan | ssegate / nchan |"
   echo "|---|---|---|---|"
