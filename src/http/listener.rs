@@ -284,10 +284,10 @@ impl Chunk {
 
     /// The frames with the chunk's size line before and its line end after.
     fn framed(mut self) -> Self {
-        self.parts
-            .push_front(Bytes::from(format!("{:x}\r\n", self.len)));
+        let size = Bytes::from(format!("{:x}\r\n", self.len));
+        self.len += size.len() + 2;
+        self.parts.push_front(size);
         self.parts.push_back(Bytes::from_static(b"\r\n"));
-        self.len = self.parts.iter().map(Bytes::len).sum();
         self
     }
 }
