@@ -61,6 +61,57 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Redis connection timing.
     pub redis: RedisTiming,
+    /// Who may publish and subscribe. Without a key, everyone may.
+    pub auth: Auth,
+    /// Which browser origins may use the API from their pages.
+    pub cors: Cors,
+    /// Bounds on what one node accepts from clients.
+    pub limits: Limits,
+}
+
+/// JWT authorization. Any of the three key settings switches it on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// HMAC secret (HS256/384/512).
+    pub jwt_key: Option<String>,
+    /// Path of a PEM public key (RSA, EC or Ed25519): RS*, PS*, ES*, EdDSA.
+    pub jwt_public_key: Option<PathBuf>,
+    /// A JWKS document's URL; keys are cached and refetched when a token names an unknown `kid`.
+    pub jwks_url: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Cookie holding the token, for browsers (`EventSource` cannot set headers).
+    pub cookie_name: String,
+    /// Topic patterns anyone may subscribe to without a token.
+    pub anonymous_subscribe: Vec<String>,
+}
+
+/// Cross-origin access for browser pages.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cors {
+    /// Exact origins (`https://app.example.com`) that get CORS headers with credentials, or `*`
+    /// for every origin without credentials. Empty: no CORS headers at all.
+    pub allowed_origins: Vec<String>,
+}
+
+/// Per-node bounds on connections and request heads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Open connections the node accepts; over it, new ones get a `503`. `None`: derived from
+    /// the process's open-file limit at start.
+    pub max_connections: Option<usize>,
+    /// Time a request head has to arrive, on new and kept-alive connections alike; also how long
+    /// an idle kept-alive connection stays open.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 /// Per-topic history retention.
@@ -108,6 +159,40 @@ impl Default for Settings {
             write_timeout: Duration::from_secs(30),
             shutdown_retry_spread: Duration::from_secs(5),
             redis: RedisTiming::default(),
+            auth: Auth::default(),
+            cors: Cors::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            jwt_key: None,
+            jwt_public_key: None,
+            jwks_url: None,
+            audience: None,
+            issuer: None,
+            leeway: Duration::from_secs(5),
+            cookie_name: "ssegate_token".into(),
+            anonymous_subscribe: Vec::new(),
+        }
+    }
+}
+
+impl Auth {
+    /// Whether any key is configured, i.e. whether tokens are required.
+    pub fn enabled(&self) -> bool {
+        self.jwt_key.is_some() || self.jwt_public_key.is_some() || self.jwks_url.is_some()
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: None,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -162,7 +247,11 @@ impl Settings {
             config::Environment::with_prefix("SSEGATE")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                // Lists come comma-separated: SSEGATE_CORS__ALLOWED_ORIGINS=https://a,https://b
+                .list_separator(",")
+                .with_list_parse_key("cors.allowed_origins")
+                .with_list_parse_key("auth.anonymous_subscribe"),
         );
         if let Some(listen) = overrides.listen {
             builder = builder.set_override("listen", listen.to_string())?;
@@ -244,6 +333,58 @@ impl Settings {
         }
         if self.redis.ping_interval < Duration::from_millis(10) {
             return invalid("redis.ping_interval", "must be at least 10ms");
+        }
+        let keys = [
+            self.auth.jwt_key.is_some(),
+            self.auth.jwt_public_key.is_some(),
+            self.auth.jwks_url.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() > 1 {
+            return invalid(
+                "auth",
+                "takes one of jwt_key, jwt_public_key and jwks_url, not several",
+            );
+        }
+        if self.auth.jwt_key.as_ref().is_some_and(|k| k.len() < 32) {
+            return invalid(
+                "auth.jwt_key",
+                "must be at least 32 bytes (a short HMAC secret can be guessed offline)",
+            );
+        }
+        if let Some(url) = &self.auth.jwks_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return invalid("auth.jwks_url", "must be an http:// or https:// URL");
+            }
+        }
+        if self.auth.leeway > Duration::from_secs(300) {
+            return invalid("auth.leeway", "must be at most 5m");
+        }
+        let cookie_ok = !self.auth.cookie_name.is_empty()
+            && self
+                .auth
+                .cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !cookie_ok {
+            return invalid("auth.cookie_name", "must be a valid cookie name");
+        }
+        for origin in &self.cors.allowed_origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && axum::http::HeaderValue::from_str(origin).is_ok());
+            if !ok {
+                return invalid(
+                    "cors.allowed_origins",
+                    "takes `*` or origins like https://app.example.com (scheme, host, optional port, no path)",
+                );
+            }
+        }
+        if self.limits.max_connections == Some(0) {
+            return invalid("limits.max_connections", "must be more than 0");
+        }
+        if self.limits.header_timeout < Duration::from_millis(100) {
+            return invalid("limits.header_timeout", "must be at least 100ms");
         }
         Ok(())
     }

@@ -21,6 +21,7 @@
 //! - [`shutdown`]: the shutdown signal passed down to every long-lived task and stream.
 //! - [`telemetry`]: tracing set-up.
 
+pub mod auth;
 pub mod config;
 pub mod event;
 pub mod http;

@@ -1,8 +1,6 @@
 //! Builds the store, the hub and the router; serves until shutdown.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +8,9 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::auth::Authenticator;
 use crate::config::Settings;
-use crate::http::{self, AppState, GatewayListener};
+use crate::http::{self, AppState, Server, ServerStats};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
@@ -26,16 +25,17 @@ pub enum StartupError {
     },
     #[error("cannot use the store: {0}")]
     Store(#[from] StoreError),
+    #[error("configuration: `auth`: {0}")]
+    Auth(String),
 }
 
 /// A bound, ready-to-serve gateway.
 pub struct Application {
-    listener: GatewayListener,
-    /// The listener's per-connection tasks (direct streams among them), waited for on shutdown.
+    server: Server,
+    /// The server's per-connection tasks, waited for on shutdown.
     connections: TaskTracker,
     addr: SocketAddr,
     hub: Hub,
-    router: axum::Router,
     shutdown: Shutdown,
     shutdown_timeout: Duration,
 }
@@ -46,6 +46,13 @@ impl Application {
         settings: Settings,
         shutdown: Shutdown,
     ) -> Result<Application, StartupError> {
+        let auth = Authenticator::new(&settings.auth).map_err(StartupError::Auth)?;
+        if !auth.enabled() && !settings.listen.ip().is_loopback() {
+            warn!(
+                listen = %settings.listen,
+                "no auth key is configured: anyone who can reach this address may publish and subscribe to every topic"
+            );
+        }
         let store: Arc<dyn Store> = match &settings.redis_url {
             Some(_) => {
                 let store = RedisStore::connect(&settings, shutdown.clone())?;
@@ -74,24 +81,31 @@ impl Application {
                 source,
             })?;
         let shutdown_timeout = settings.shutdown_timeout;
-        let state = AppState {
+        let max_connections = settings
+            .limits
+            .max_connections
+            .unwrap_or_else(default_max_connections);
+        info!(max_connections, "connection limit");
+        let settings = Arc::new(settings);
+        let app = http::app(AppState {
             hub: hub.clone(),
-            settings: Arc::new(settings),
-        };
+            settings: settings.clone(),
+            auth: Arc::new(auth),
+        });
         let connections = TaskTracker::new();
-        let listener = GatewayListener::new(
+        let server = Server::new(
             listener,
-            state.clone(),
+            app,
+            &settings,
+            max_connections,
             connections.clone(),
             shutdown.clone(),
         );
-        let router = http::router(state);
         Ok(Application {
-            listener,
+            server,
             connections,
             addr,
             hub,
-            router,
             shutdown,
             shutdown_timeout,
         })
@@ -106,26 +120,23 @@ impl Application {
         self.hub.clone()
     }
 
-    /// Counts the event streams the listener served itself rather than through the router.
-    pub fn direct_streams(&self) -> Arc<AtomicU64> {
-        self.listener.direct_streams()
+    /// The server's counters (streams written on the socket, open and refused connections).
+    pub fn server_stats(&self) -> ServerStats {
+        self.server.stats()
     }
 
     /// Serves until shutdown. Open streams end at once when shutdown starts, so clients reconnect
     /// elsewhere; connections still open after `shutdown_timeout` are abandoned.
     pub async fn run(self) -> std::io::Result<()> {
         info!(addr = %self.addr, "ssegate listening");
-        let signal = self.shutdown.clone();
         let connections = self.connections;
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { signal.wait().await })
-            .into_future();
+        let server = self.server;
         let serve = async move {
-            let result = served.await;
-            // Direct streams end with the hub on shutdown, like the router's.
+            server.run().await;
+            // Streams end with the hub on shutdown; hyper connections drain.
             connections.close();
             connections.wait().await;
-            result
+            Ok(())
         };
         let deadline = async {
             self.shutdown.wait().await;
@@ -142,6 +153,24 @@ impl Application {
             }
         }
     }
+}
+
+/// Open files kept back from the connection limit for Redis connections, the listener, logs.
+const RESERVED_FILES: u64 = 1024;
+
+/// `limits.max_connections` when not set: what the open-file limit leaves after a reserve (a
+/// tenth of it, at most [`RESERVED_FILES`]). The soft limit is first raised to the hard limit,
+/// as servers commonly do.
+fn default_max_connections() -> usize {
+    let files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "cannot read the open-file limit; assuming 1024");
+            1024
+        }
+    };
+    let reserve = (files / 10).min(RESERVED_FILES);
+    usize::try_from(files.saturating_sub(reserve).max(1)).unwrap_or(usize::MAX)
 }
 
 /// Connections the kernel queues for `accept` (it caps this at `net.core.somaxconn`). The usual

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::auth::AuthError;
 use crate::event::StreamId;
 use crate::store::StoreError;
 
@@ -20,6 +21,10 @@ pub enum ApiError {
     /// An event, batch or body is larger than allowed.
     #[error("{message}")]
     TooLarge { code: &'static str, message: String },
+    /// No usable token (`401`), a token that does not cover the topic (`403`), or keys that
+    /// cannot be fetched (`503`).
+    #[error("{0}")]
+    Auth(#[from] AuthError),
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -75,7 +80,20 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let message = self.to_string();
+        let mut challenge = None;
         let (status, code, extra) = match self {
+            ApiError::Auth(AuthError::KeysUnavailable) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", None)
+            }
+            ApiError::Auth(e) if e.is_forbidden() => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::Auth(e) => {
+                // RFC 6750: a request without credentials gets the bare challenge.
+                challenge = Some(match e {
+                    AuthError::Missing => "Bearer realm=\"ssegate\"",
+                    _ => "Bearer realm=\"ssegate\", error=\"invalid_token\"",
+                });
+                (StatusCode::UNAUTHORIZED, "unauthorized", None)
+            }
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, None),
             ApiError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, None),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
@@ -97,6 +115,12 @@ impl IntoResponse for ApiError {
             body["persisted"] = json!(ids.iter().map(|id| id.to_string()).collect::<Vec<_>>());
         }
         let mut response = (status, Json(body)).into_response();
+        if let Some(challenge) = challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -3,17 +3,19 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 
+use std::time::SystemTime;
+
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, StreamOnSocket};
+use crate::auth::Access;
 use crate::config::Settings;
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
 use crate::hub::{Output, Session};
@@ -71,7 +73,7 @@ fn invalid_cursor() -> ApiError {
 }
 
 /// Headers of every event stream, besides the framing.
-pub(super) const STREAM_HEADERS: [(&str, &str); 3] = [
+const STREAM_HEADERS: [(&str, &str); 3] = [
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
     // nginx and others buffer responses unless told not to.
@@ -80,7 +82,7 @@ pub(super) const STREAM_HEADERS: [(&str, &str); 3] = [
 
 /// What a subscribe asks for, from its query string and `Last-Event-ID` header: the topic and
 /// the cursor to resume after.
-pub(super) fn subscription(
+fn subscription(
     raw_query: Option<&str>,
     last_event_id: Option<&[u8]>,
 ) -> Result<(Topic, Option<StreamId>), ApiError> {
@@ -91,10 +93,12 @@ pub(super) fn subscription(
 }
 
 /// A subscription's body: `retry:`, then the replay after the cursor, then live events, with
-/// heartbeat comments while idle.
-pub(super) fn event_stream(
+/// heartbeat comments while idle. It ends at `expires` (the token's `exp`): the client comes
+/// back with a fresh token and resumes from its `Last-Event-ID`.
+fn event_stream(
     session: Session,
     settings: &Settings,
+    expires: Option<SystemTime>,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let retry = sse::retry_frame(settings.retry.as_millis() as u64);
     let heartbeat = settings.heartbeat_interval;
@@ -106,21 +110,32 @@ pub(super) fn event_stream(
             Output::End => None,
         }
     });
-    first.chain(rest)
+    let expiry = async move {
+        match expires {
+            Some(at) => {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(left).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    first.chain(rest).take_until(expiry)
 }
 
-/// Opens an SSE stream (see [`event_stream`]). Most subscriptions never get here: the listener
-/// streams them itself (see [`super::listener`]); this serves the rest, such as a subscribe on a
-/// kept-alive connection, and answers every invalid one.
+/// Opens an SSE stream (see [`event_stream`]). The response is marked [`StreamOnSocket`]: on a
+/// new connection the server writes it on the socket itself.
 pub async fn subscribe(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    state.auth.may_try_subscribing(&access)?;
     let last_event_id = headers.get("last-event-id").map(|v| v.as_bytes());
     let (topic, cursor) = subscription(raw.as_deref(), last_event_id)?;
+    state.auth.may_subscribe(&access, &topic)?;
     let session = state.hub.subscribe(topic, cursor).await?;
-    let frames = event_stream(session, &state.settings).map(Ok::<_, Infallible>);
+    let frames = event_stream(session, &state.settings, access.expires()).map(Ok::<_, Infallible>);
     let body = Body::from_stream(frames);
 
     let mut response = (StatusCode::OK, body).into_response();
@@ -128,6 +143,7 @@ pub async fn subscribe(
     for (name, value) in STREAM_HEADERS {
         h.insert(name, HeaderValue::from_static(value));
     }
+    response.extensions_mut().insert(StreamOnSocket);
     Ok(response)
 }
 
@@ -150,20 +166,24 @@ struct PublishItem {
 /// were not acknowledged and should be sent again (with idempotency keys, that is always safe).
 pub async fn publish(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| match e {
-        BytesRejection::FailedToBufferBody(_) => ApiError::too_large(
-            "body_too_large",
-            format!(
-                "the request body is larger than max_event_bytes x max_batch_events ({} x {})",
-                state.settings.max_event_bytes, state.settings.max_batch_events
-            ),
-        ),
-        other => ApiError::bad_request("invalid_body", other.body_text()),
-    })?;
+    // Without a usable token, the body is not even read.
+    state.auth.may_try_publishing(&access)?;
+    let body = axum::body::to_bytes(body, super::body_limit(&state.settings))
+        .await
+        .map_err(|_| {
+            ApiError::too_large(
+                "body_too_large",
+                format!(
+                    "the request body is larger than max_event_bytes x max_batch_events ({} x {})",
+                    state.settings.max_event_bytes, state.settings.max_batch_events
+                ),
+            )
+        })?;
     let query = query_params(raw.as_deref())?;
     let limits = Limits {
         max_event_bytes: state.settings.max_event_bytes,
@@ -192,6 +212,10 @@ pub async fn publish(
     } else {
         parse_json_body(&body, &limits)?
     };
+
+    state
+        .auth
+        .may_publish(&access, events.iter().map(|(topic, _)| topic))?;
 
     let mut ids: Vec<StreamId> = Vec::with_capacity(events.len());
     for (topic, run) in runs_by_topic(events) {

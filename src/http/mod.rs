@@ -1,19 +1,29 @@
-//! The HTTP layer: routes, handlers and the error → response mapping.
+//! The HTTP layer: the router and the layers every request passes, the handlers, the error →
+//! response mapping, and the server that feeds connections to the router.
+//!
+//! Every request, whichever way the server reads it, goes through [`app`]: the routes behind the
+//! same layers (CORS, authentication, body limit).
 
 mod error;
 mod events;
 mod health;
-mod listener;
+mod server;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 pub use self::error::ApiError;
-pub use self::listener::GatewayListener;
-use crate::config::Settings;
+pub use self::server::{Server, ServerStats, StreamOnSocket};
+use crate::auth::Authenticator;
+use crate::config::{Cors, Settings};
 use crate::hub::Hub;
 
 /// What every handler gets.
@@ -23,22 +33,94 @@ pub struct AppState {
     pub hub: Hub,
     /// Limits and stream settings.
     pub settings: Arc<Settings>,
+    /// Token verification and the publish/subscribe rules.
+    pub auth: Arc<Authenticator>,
 }
 
-/// All routes of the public API.
-pub fn router(state: AppState) -> Router {
-    // A full batch of maximum-size events, plus room for the JSON around them.
-    let body_limit = state
-        .settings
-        .max_event_bytes
-        .saturating_mul(state.settings.max_batch_events)
-        .saturating_add(1024 * 1024);
-    Router::new()
+/// The routes of the public API behind every layer: the one door all requests pass.
+pub fn app(state: AppState) -> Router {
+    let cors = cors(&state.settings.cors);
+    let mut router = Router::new()
         .route("/v1/events", get(events::subscribe).post(events::publish))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            authenticate,
+        ));
+    if let Some(cors) = cors {
+        router = router
+            .layer(cors)
+            .layer(middleware::from_fn(preflight_no_content));
+    }
+    router.with_state(state)
+}
+
+/// The largest request body read: a full batch of maximum-size events, plus room for the JSON
+/// around them.
+fn body_limit(settings: &Settings) -> usize {
+    settings
+        .max_event_bytes
+        .saturating_mul(settings.max_batch_events)
+        .saturating_add(1024 * 1024)
+}
+
+/// Puts the request's [`Access`](crate::auth::Access) in its extensions for the handlers, which
+/// decide per topic. The token itself goes no further than this.
+async fn authenticate(
+    State(auth): State<Arc<Authenticator>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let access = auth
+        .authenticate(request.headers(), request.uri().query())
+        .await;
+    request.extensions_mut().insert(access);
+    next.run(request).await
+}
+
+/// CORS for the configured origins. Listed origins get themselves back with credentials, so
+/// `new EventSource(url, {withCredentials: true})` sends the cookie; `*` allows every origin
+/// without credentials (browsers refuse the two together).
+fn cors(settings: &Cors) -> Option<CorsLayer> {
+    if settings.allowed_origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(3600));
+    if settings.allowed_origins.iter().any(|o| o == "*") {
+        return Some(layer.allow_origin(Any));
+    }
+    let origins = settings
+        .allowed_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok());
+    Some(
+        layer
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_credentials(true),
+    )
+}
+
+/// A preflight has no content: `204`, where tower-http answers `200`.
+async fn preflight_no_content(request: Request, next: Next) -> Response {
+    let preflight = request.method() == Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = next.run(request).await;
+    if preflight && response.status() == StatusCode::OK {
+        *response.status_mut() = StatusCode::NO_CONTENT;
+    }
+    response
 }

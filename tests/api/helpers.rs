@@ -4,14 +4,13 @@
 use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::Duration;
 
 use eventsource_stream::{Event, Eventsource};
 use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 use ssegate::config::Settings;
+use ssegate::http::ServerStats;
 use ssegate::hub::Hub;
 use ssegate::shutdown::Shutdown;
 use ssegate::startup::Application;
@@ -265,8 +264,8 @@ pub struct TestApp {
     pub shutdown: Shutdown,
     pub task: Option<JoinHandle<std::io::Result<()>>>,
     pub http: reqwest::Client,
-    /// Streams the listener served itself rather than through the router.
-    pub direct_streams: Arc<AtomicU64>,
+    /// The server's counters: streams written on the socket, open and refused connections.
+    pub server: ServerStats,
 }
 
 pub async fn spawn_app(settings: Settings) -> TestApp {
@@ -277,7 +276,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         .expect("gateway starts");
     let addr = app.local_addr();
     let hub = app.hub();
-    let direct_streams = app.direct_streams();
+    let server = app.server_stats();
     let task = tokio::spawn(app.run());
     TestApp {
         addr,
@@ -285,7 +284,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         shutdown,
         task: Some(task),
         http: reqwest::Client::new(),
-        direct_streams,
+        server,
     }
 }
 

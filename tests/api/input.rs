@@ -1,7 +1,5 @@
 //! What clients send and what they get back: framing, headers, cursors and bad input.
 
-use std::sync::atomic::Ordering;
-
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -35,7 +33,7 @@ async fn streams_are_the_same_served_directly_or_by_the_router() {
 
     let mut streams = Vec::new();
     for (client, direct) in [(&fresh, 1), (&kept, 0)] {
-        let before = app.direct_streams.load(Ordering::Relaxed);
+        let before = app.server.direct_streams();
         let response = client
             .get(app.url("/v1/events?topic=paths"))
             .header("Last-Event-ID", "0")
@@ -50,7 +48,7 @@ async fn streams_are_the_same_served_directly_or_by_the_router() {
         ] {
             assert_eq!(response.headers()[name], value, "{name}");
         }
-        assert_eq!(app.direct_streams.load(Ordering::Relaxed) - before, direct);
+        assert_eq!(app.server.direct_streams() - before, direct);
         streams.push(Sse::from_response(response));
     }
     let live = app.publish("paths", "three").await;
@@ -337,7 +335,7 @@ async fn bad_input_gets_json_errors_and_the_server_keeps_serving() {
             assert_eq!(reply["error"], code, "{query} {header:?}");
         }
     }
-    assert_eq!(app.direct_streams.load(Ordering::Relaxed), 0);
+    assert_eq!(app.server.direct_streams(), 0);
     let r = app.http.delete(app.url("/v1/events")).send().await.unwrap();
     assert_eq!(r.status(), 405);
     let r = app.http.get(app.url("/nowhere")).send().await.unwrap();

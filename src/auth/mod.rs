@@ -1,0 +1,376 @@
+//! Who may publish and subscribe: JWTs whose `ssegate` claim lists topic patterns.
+//!
+//! ```json
+//! {"ssegate": {"publish": ["news.*"], "subscribe": ["user.42", "news.*"]}, "exp": 1767225600}
+//! ```
+//!
+//! [`Authenticator::authenticate`] turns a request's token into an [`Access`] (the HTTP layer does
+//! this for every request, in one place); handlers then ask it about the topics they touch. With no
+//! key configured, every request gets [`Access::Open`] and everything is allowed.
+
+mod keys;
+pub mod pattern;
+pub mod token;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::HeaderMap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use self::keys::{Jwks, Keys};
+use crate::config::Auth as AuthSettings;
+use crate::event::Topic;
+
+/// Why a request is not allowed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "a token is required: send `Authorization: Bearer <token>`, the cookie, or ?access_token="
+    )]
+    Missing,
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("the token's signature does not verify")]
+    Signature,
+    #[error("the token's algorithm is not accepted for the configured key")]
+    Algorithm,
+    #[error("the token has expired (exp)")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token is for another audience (aud)")]
+    Audience,
+    #[error("the token is from another issuer (iss)")]
+    Issuer,
+    #[error("the token names a key (kid) the key set does not hold")]
+    UnknownKey,
+    #[error("the signing keys cannot be fetched right now; retry later")]
+    KeysUnavailable,
+    #[error("the token does not allow {action} to topic `{topic}`")]
+    Forbidden { action: &'static str, topic: String },
+}
+
+impl AuthError {
+    /// `403` rather than `401`: the token is good, it just does not cover the topic.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, AuthError::Forbidden { .. })
+    }
+}
+
+/// What a request may do, decided once per request from its token.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// No key is configured: everything is allowed.
+    Open,
+    /// No token was sent: only `auth.anonymous_subscribe` topics.
+    Anonymous,
+    /// A valid token.
+    Token(Verified),
+    /// A token was sent and is not valid: every topic that needs a token is refused with this.
+    Invalid(AuthError),
+}
+
+impl Access {
+    /// When a stream opened with this access must end: the token's `exp` plus the leeway.
+    pub fn expires(&self) -> Option<SystemTime> {
+        match self {
+            Access::Token(v) => v.expires,
+            _ => None,
+        }
+    }
+}
+
+/// What a valid token allows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Grants {
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+/// The claims ssegate reads; others are ignored.
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    #[serde(default)]
+    ssegate: Grants,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+}
+
+/// A verified token's grants and when it stops being valid.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub grants: Grants,
+    /// `exp` plus the leeway; `None` if the token has no `exp`.
+    pub expires: Option<SystemTime>,
+}
+
+/// Verifies tokens and applies the rules.
+pub struct Authenticator {
+    /// `None`: authorization is off.
+    keys: Option<Keys>,
+    /// `aud`, `iss`, leeway; the algorithm is set per token.
+    validation: Validation,
+    leeway: Duration,
+    cookie_name: String,
+    anonymous_subscribe: Vec<String>,
+}
+
+impl Authenticator {
+    /// From the settings; an unreadable key file is an error naming it.
+    pub fn new(settings: &AuthSettings) -> Result<Authenticator, String> {
+        let keys = if let Some(secret) = &settings.jwt_key {
+            Some(Keys::hmac(secret))
+        } else if let Some(path) = &settings.jwt_public_key {
+            Some(Keys::pem(path)?)
+        } else {
+            settings
+                .jwks_url
+                .clone()
+                .map(|url| Keys::Jwks(Jwks::new(url)))
+        };
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Tokens without `exp` are accepted (a publisher's long-lived key, say); when present it
+        // is enforced, as is `nbf`.
+        validation.required_spec_claims = HashSet::new();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = settings.leeway.as_secs();
+        match &settings.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            // Without a configured audience, a token's `aud` is not checked (jsonwebtoken would
+            // otherwise refuse every token that has one).
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &settings.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Authenticator {
+            keys,
+            validation,
+            leeway: settings.leeway,
+            cookie_name: settings.cookie_name.clone(),
+            anonymous_subscribe: settings.anonymous_subscribe.clone(),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// The access a request's credentials give.
+    pub async fn authenticate(&self, headers: &HeaderMap, raw_query: Option<&str>) -> Access {
+        if self.keys.is_none() {
+            return Access::Open;
+        }
+        match token::extract(headers, raw_query, &self.cookie_name) {
+            Ok(None) => Access::Anonymous,
+            Ok(Some(token)) => match self.verify(&token).await {
+                Ok(v) => Access::Token(v),
+                Err(e) => Access::Invalid(e),
+            },
+            Err(e) => Access::Invalid(e),
+        }
+    }
+
+    /// Checks a token's signature and claims.
+    pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        let keys = self.keys.as_ref().ok_or(AuthError::Missing)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            AuthError::Malformed(
+                "the token is malformed, or its header names an algorithm ssegate does not accept",
+            )
+        })?;
+        let key = keys.find(header.kid.as_deref(), header.alg).await?;
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![header.alg];
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::InvalidSignature => AuthError::Signature,
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        AuthError::Algorithm
+                    }
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    ErrorKind::InvalidAudience => AuthError::Audience,
+                    ErrorKind::InvalidIssuer => AuthError::Issuer,
+                    _ => AuthError::Malformed(
+                        "the token is malformed, or its claims are not of the expected types",
+                    ),
+                }
+            })?;
+        let expires = data
+            .claims
+            .exp
+            .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + self.leeway);
+        Ok(Verified {
+            grants: data.claims.ssegate,
+            expires,
+        })
+    }
+
+    /// Refuses at once a request that can subscribe to nothing: a bad token, or none while no
+    /// topic is open to anonymous clients. Checked before the request is even parsed.
+    pub fn may_try_subscribing(&self, access: &Access) -> Result<(), AuthError> {
+        match access {
+            Access::Invalid(e) => Err(e.clone()),
+            Access::Anonymous if self.anonymous_subscribe.is_empty() => Err(AuthError::Missing),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses at once a request that can publish nothing: no token, or a bad one.
+    pub fn may_try_publishing(&self, access: &Access) -> Result<(), AuthError> {
+        match access {
+            Access::Invalid(e) => Err(e.clone()),
+            Access::Anonymous => Err(AuthError::Missing),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `access` may read `topic`.
+    pub fn may_subscribe(&self, access: &Access, topic: &Topic) -> Result<(), AuthError> {
+        if pattern::any_matches(&self.anonymous_subscribe, topic.as_str())
+            && !matches!(access, Access::Invalid(_))
+        {
+            return Ok(());
+        }
+        check(access, topic, "subscribing", |g| &g.subscribe)
+    }
+
+    /// Whether `access` may publish to every one of `topics`.
+    pub fn may_publish<'t>(
+        &self,
+        access: &Access,
+        topics: impl IntoIterator<Item = &'t Topic>,
+    ) -> Result<(), AuthError> {
+        for topic in topics {
+            check(access, topic, "publishing", |g| &g.publish)?;
+        }
+        Ok(())
+    }
+}
+
+fn check(
+    access: &Access,
+    topic: &Topic,
+    action: &'static str,
+    patterns: impl Fn(&Grants) -> &Vec<String>,
+) -> Result<(), AuthError> {
+    match access {
+        Access::Open => Ok(()),
+        Access::Anonymous => Err(AuthError::Missing),
+        Access::Invalid(e) => Err(e.clone()),
+        Access::Token(v) if pattern::any_matches(patterns(&v.grants), topic.as_str()) => Ok(()),
+        Access::Token(_) => Err(AuthError::Forbidden {
+            action,
+            topic: topic.to_string(),
+        }),
+    }
+}
+
+/// Signs a token with an HMAC secret (HS256), for `ssegate token`.
+pub fn issue(
+    secret: &str,
+    publish: Vec<String>,
+    subscribe: Vec<String>,
+    ttl: Duration,
+) -> Result<String, String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    let claims = Claims {
+        ssegate: Grants { publish, subscribe },
+        exp: Some(now + ttl.as_secs()),
+        iat: Some(now),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn authenticator(f: impl FnOnce(&mut AuthSettings)) -> Authenticator {
+        let mut s = AuthSettings {
+            jwt_key: Some(SECRET.into()),
+            ..AuthSettings::default()
+        };
+        f(&mut s);
+        Authenticator::new(&s).unwrap()
+    }
+
+    fn topic(s: &str) -> Topic {
+        Topic::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn issued_tokens_verify_and_grant_their_patterns() {
+        let auth = authenticator(|_| {});
+        let token = issue(
+            SECRET,
+            vec!["news.*".into()],
+            vec!["user.42".into()],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let v = auth.verify(&token).await.unwrap();
+        assert!(v.expires.is_some());
+        let access = Access::Token(v);
+        assert!(auth.may_publish(&access, [&topic("news.eu")]).is_ok());
+        assert!(auth
+            .may_publish(&access, [&topic("news.eu"), &topic("sport")])
+            .unwrap_err()
+            .is_forbidden());
+        assert!(auth.may_subscribe(&access, &topic("user.42")).is_ok());
+        assert!(auth
+            .may_subscribe(&access, &topic("user.43"))
+            .unwrap_err()
+            .is_forbidden());
+    }
+
+    #[tokio::test]
+    async fn anonymous_topics_need_no_token_but_a_bad_token_still_fails() {
+        let auth = authenticator(|s| s.anonymous_subscribe = vec!["public.*".into()]);
+        assert!(auth
+            .may_subscribe(&Access::Anonymous, &topic("public.news"))
+            .is_ok());
+        assert!(matches!(
+            auth.may_subscribe(&Access::Anonymous, &topic("private")),
+            Err(AuthError::Missing)
+        ));
+        let bad = Access::Invalid(AuthError::Expired);
+        assert!(matches!(
+            auth.may_subscribe(&bad, &topic("public.news")),
+            Err(AuthError::Expired)
+        ));
+        assert!(matches!(
+            auth.may_publish(&Access::Anonymous, [&topic("public.news")]),
+            Err(AuthError::Missing)
+        ));
+    }
+
+    #[tokio::test]
+    async fn open_access_without_keys() {
+        let auth = Authenticator::new(&AuthSettings::default()).unwrap();
+        assert!(!auth.enabled());
+        let access = auth.authenticate(&HeaderMap::new(), None).await;
+        assert!(matches!(access, Access::Open));
+        assert!(auth.may_publish(&access, [&topic("x")]).is_ok());
+    }
+}

@@ -1,0 +1,94 @@
+//! Where a request's token comes from: `Authorization: Bearer` > the cookie named
+//! `auth.cookie_name` > the `access_token` query parameter. Browsers' `EventSource` cannot set
+//! headers, so they use the cookie or the query.
+
+use axum::http::{header, HeaderMap};
+
+use super::AuthError;
+
+/// Query parameter carrying a token.
+pub const QUERY_PARAM: &str = "access_token";
+
+/// The request's token, if it carries one. A token found is returned whatever its content; an
+/// `Authorization` header that is not a bearer token is an error (it was meant as credentials).
+pub fn extract(
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    cookie_name: &str,
+) -> Result<Option<String>, AuthError> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| AuthError::Malformed("the Authorization header is not ASCII"))?;
+        let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed(
+                "the Authorization header must be `Bearer <token>`",
+            ));
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Malformed("the bearer token is empty"));
+        }
+        return Ok(Some(token.to_owned()));
+    }
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(value) = value.to_str() else { continue };
+        let found = cookie::Cookie::split_parse(value)
+            .filter_map(Result::ok)
+            .find(|c| c.name() == cookie_name && !c.value().is_empty());
+        if let Some(c) = found {
+            return Ok(Some(c.value().to_owned()));
+        }
+    }
+    if let Some(query) = raw_query {
+        let found = form_urlencoded::parse(query.as_bytes())
+            .find(|(name, value)| name == QUERY_PARAM && !value.is_empty());
+        if let Some((_, value)) = found {
+            return Ok(Some(value.into_owned()));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_wins_then_cookie_then_query() {
+        let all = headers(&[
+            ("authorization", "Bearer from-header"),
+            ("cookie", "a=1; ssegate_token=from-cookie"),
+        ]);
+        let query = Some("topic=x&access_token=from-query");
+        let got = |h: &HeaderMap, q| extract(h, q, "ssegate_token").unwrap();
+        assert_eq!(got(&all, query).as_deref(), Some("from-header"));
+        let cookie = headers(&[("cookie", "a=1; ssegate_token=from-cookie")]);
+        assert_eq!(got(&cookie, query).as_deref(), Some("from-cookie"));
+        assert_eq!(got(&HeaderMap::new(), query).as_deref(), Some("from-query"));
+        assert_eq!(got(&HeaderMap::new(), Some("topic=x")), None);
+        let other_cookie = headers(&[("cookie", "other=1")]);
+        assert_eq!(got(&other_cookie, None), None);
+    }
+
+    #[test]
+    fn a_non_bearer_authorization_is_an_error() {
+        for value in ["Basic dXNlcjpwYXNz", "Bearer", "Bearer   ", "token"] {
+            let h = headers(&[("authorization", value)]);
+            assert!(extract(&h, None, "t").is_err(), "{value:?}");
+        }
+        let h = headers(&[("authorization", "bearer  abc ")]);
+        assert_eq!(extract(&h, None, "t").unwrap().as_deref(), Some("abc"));
+    }
+}

@@ -1,0 +1,247 @@
+//! Writing a router's response straight onto the socket, for a connection's first request.
+//!
+//! An event stream lives for hours and, once its request is read, only ever writes. Hyper keeps
+//! a read buffer (16 KiB after the first request) and a write buffer (8 KiB) for the life of
+//! every connection, which for an idle stream would be most of what it costs. A response marked
+//! [`StreamOnSocket`] is therefore written here: its head, then its body's frames in chunked
+//! framing straight from the topic's shared buffers. Other responses to a first request are
+//! written here whole, and the connection then goes on with hyper.
+//!
+//! Either way the response (status, every header, the body) is the router's, so the layers in
+//! front of it apply exactly as they do to requests hyper serves.
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Response, StatusCode};
+use bytes::{Buf, Bytes};
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Connection;
+
+/// Marks a response whose body is a long-lived stream the listener may write on the socket
+/// itself rather than through hyper.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamOnSocket;
+
+/// Largest body written whole; the router's bodies for plain `GET`s are small JSON documents.
+const MAX_WHOLE_BODY: usize = 16 * 1024 * 1024;
+
+/// Writes the response's status line and headers, then `framing` and `date` as hyper adds them.
+fn head(status: StatusCode, headers: &HeaderMap, framing: &str, close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(framing.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Writes a whole response with its length. An error means the connection is unusable.
+pub async fn write_whole(
+    io: &mut Connection,
+    response: Response<Body>,
+    close: bool,
+) -> io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, MAX_WHOLE_BODY)
+        .await
+        .map_err(io::Error::other)?;
+    let framing = format!("content-length: {}", body.len());
+    let mut out = head(parts.status, &parts.headers, &framing, close);
+    out.extend_from_slice(&body);
+    io.write_all(&out).await
+}
+
+/// Writes a streamed response in chunked framing until it ends or the client goes away: its
+/// side of the connection ends or fails, or a write misses its deadline.
+pub async fn write_stream(mut io: Connection, response: Response<Body>) {
+    let (parts, body) = response.into_parts();
+    let head = head(
+        parts.status,
+        &parts.headers,
+        "transfer-encoding: chunked",
+        false,
+    );
+    drop(parts);
+    if io.write_all(&head).await.is_err() {
+        return;
+    }
+    drop(head);
+    let mut frames = body.into_data_stream();
+    // The client sends nothing more that matters; reading only tells when it is gone.
+    let mut discard = [0u8; 64];
+    loop {
+        tokio::select! {
+            frame = frames.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                // Frames already waiting (a busy topic) go out in the same write.
+                let mut chunk = Chunk::default();
+                chunk.push(frame);
+                let mut ended = false;
+                while chunk.parts.len() < MAX_FRAMES_PER_WRITE {
+                    match frames.next().now_or_never() {
+                        Some(Some(Ok(frame))) => chunk.push(frame),
+                        Some(_) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                if chunk.len > 0 && io.write_all_buf(&mut chunk.framed()).await.is_err() {
+                    return;
+                }
+                if ended {
+                    break;
+                }
+            }
+            read = io.read(&mut discard) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+    let _ = io.write_all(b"0\r\n\r\n").await;
+    let _ = io.shutdown().await;
+}
+
+/// Most frames gathered into one write; with the chunk's size line and end, they fit the 64
+/// slices a vectored write takes at once.
+const MAX_FRAMES_PER_WRITE: usize = 60;
+
+/// Frames gathered for one HTTP chunk.
+#[derive(Default)]
+struct Chunk {
+    parts: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Chunk {
+    fn push(&mut self, frame: Bytes) {
+        // An empty part would be harmless, but an empty chunk ends the response.
+        if !frame.is_empty() {
+            self.len += frame.len();
+            self.parts.push_back(frame);
+        }
+    }
+
+    /// The frames with the chunk's size line before and its line end after.
+    fn framed(mut self) -> Self {
+        let size = Bytes::from(format!("{:x}\r\n", self.len));
+        self.len += size.len() + 2;
+        self.parts.push_front(size);
+        self.parts.push_back(Bytes::from_static(b"\r\n"));
+        self
+    }
+}
+
+/// Written with one vectored write where the socket takes it all.
+impl Buf for Chunk {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |p| &p[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(&self.parts) {
+            *slot = io::IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        self.len -= cnt;
+        while cnt > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.parts.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn gathered_frames_make_one_chunk_however_the_socket_takes_them() {
+        let mut chunk = Chunk::default();
+        for frame in ["data: a\n\n", "", "data: bc\n\n"] {
+            chunk.push(Bytes::from(frame));
+        }
+        let mut framed = chunk.framed();
+        let mut written = Vec::new();
+        // A socket taking 4 bytes at a time splits parts anywhere.
+        while framed.has_remaining() {
+            let mut slices = [io::IoSlice::new(&[]); 64];
+            let n = framed.chunks_vectored(&mut slices);
+            let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            let take = flat.len().min(4);
+            written.extend_from_slice(&flat[..take]);
+            framed.advance(take);
+        }
+        assert_eq!(written, b"13\r\ndata: a\n\ndata: bc\n\n\r\n");
+    }
+
+    #[test]
+    fn heads_carry_every_header_and_replace_the_framing() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("content-length", HeaderValue::from_static("999"));
+        h.append("vary", HeaderValue::from_static("origin"));
+        h.append(
+            "vary",
+            HeaderValue::from_static("access-control-request-method"),
+        );
+        let out =
+            String::from_utf8(head(StatusCode::NOT_FOUND, &h, "content-length: 2", true)).unwrap();
+        assert!(out.starts_with("HTTP/1.1 404 Not Found\r\n"), "{out}");
+        assert!(out.contains("content-type: application/json\r\n"));
+        assert!(out.contains("vary: origin\r\nvary: access-control-request-method\r\n"));
+        assert!(out.contains("content-length: 2\r\n"));
+        assert!(!out.contains("999"));
+        assert!(out.contains("\r\ndate: "));
+        assert!(out.ends_with("connection: close\r\n\r\n"));
+    }
+}

@@ -1,0 +1,339 @@
+//! The HTTP server: accepts connections and serves every request through one door, the router
+//! with its layers, whether the listener or hyper reads the request.
+//!
+//! **Connections.** A node takes at most `limits.max_connections`; past it, a new connection is
+//! answered `503 too_many_connections` at once, before its request is read, and closed. That
+//! costs a few hundred bytes and leaves open streams alone.
+//!
+//! **First request.** The listener reads a new connection's request head itself, within
+//! `limits.header_timeout`. A plain `GET` (see [`head::plain_get`]) is handed to the router as a
+//! tower service right here. If the response is marked [`StreamOnSocket`] (an event stream), it
+//! is written on the socket by [`direct`], without hyper's per-connection buffers: an idle
+//! stream then costs a few KiB. Any other response is written whole and the connection goes on
+//! with hyper. Anything that is not a plain `GET` goes to hyper with the bytes already read put
+//! back in front, so hyper parses it exactly as it would have.
+//!
+//! **Hyper** serves everything else (bodies, kept-alive connections), with the same router, the
+//! same head limits ([`head::MAX_HEAD`], [`head::MAX_HEADERS`]: `431` past them), and
+//! `header_timeout` both for each request head and for the idle time between requests.
+//!
+//! **Write deadline.** An SSE response never ends, so a client that stops reading would hold its
+//! connection (and its topic subscription) forever once the socket buffers fill. A write that
+//! cannot make progress for `write_timeout` fails instead; the connection closes, and the client,
+//! when it comes back, resumes from its `Last-Event-ID`. Idle streams have no pending write.
+
+mod direct;
+mod head;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use bytes::{Buf, Bytes};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_io_timeout::TimeoutStream;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+pub use self::direct::StreamOnSocket;
+use crate::config::Settings;
+use crate::shutdown::Shutdown;
+
+/// A connection with a write deadline.
+pub type Connection = Pin<Box<TimeoutStream<TcpStream>>>;
+
+/// How long a refused connection is kept to let the client read its `503` before the close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// The answer to a connection over `limits.max_connections`, made once.
+fn too_many_connections() -> Bytes {
+    let body = serde_json::json!({
+        "error": "too_many_connections",
+        "message": "this node is at limits.max_connections; retry later",
+    })
+    .to_string();
+    Bytes::from(format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// Accepts connections and serves them until shutdown.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// What every connection's task needs.
+struct Shared {
+    /// The one door: routes and every layer.
+    app: Router,
+    write_timeout: Duration,
+    header_timeout: Duration,
+    max_connections: usize,
+    /// The answer to connections over `max_connections`.
+    refusal: Bytes,
+    /// Connections being served (refused ones not included).
+    open: AtomicUsize,
+    /// Connections refused for being over `max_connections`.
+    refused: AtomicU64,
+    /// Streams written on the socket rather than through hyper.
+    direct_streams: Arc<AtomicU64>,
+    /// Every connection's task, so shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Stops accepting, ends waits for request heads and drains hyper connections.
+    shutdown: Shutdown,
+}
+
+/// Counters the server keeps, for tests and metrics.
+#[derive(Clone)]
+pub struct ServerStats {
+    shared: Arc<Shared>,
+}
+
+impl ServerStats {
+    /// Streams written on the socket rather than through hyper.
+    pub fn direct_streams(&self) -> u64 {
+        self.shared.direct_streams.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
+    }
+
+    /// Connections refused for being over the limit.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Server {
+    pub fn new(
+        listener: TcpListener,
+        app: Router,
+        settings: &Settings,
+        max_connections: usize,
+        tasks: TaskTracker,
+        shutdown: Shutdown,
+    ) -> Server {
+        Server {
+            listener,
+            shared: Arc::new(Shared {
+                app,
+                write_timeout: settings.write_timeout,
+                header_timeout: settings.limits.header_timeout,
+                max_connections,
+                refusal: too_many_connections(),
+                open: AtomicUsize::new(0),
+                refused: AtomicU64::new(0),
+                direct_streams: Arc::new(AtomicU64::new(0)),
+                tasks,
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Accepts until shutdown; the connections' tasks go on in the task tracker.
+    pub async fn run(self) {
+        let shared = self.shared;
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = shared.shutdown.wait() => return,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if shared.open.load(Ordering::Acquire) >= shared.max_connections {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                shared.tasks.spawn(refuse(stream, shared.refusal.clone()));
+                continue;
+            }
+            shared.open.fetch_add(1, Ordering::AcqRel);
+            // Small frames go out at once rather than waiting for more.
+            let _ = stream.set_nodelay(true);
+            let mut stream = TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(shared.write_timeout));
+            let open = Open(shared.clone());
+            shared.tasks.spawn(serve(Box::pin(stream), open));
+        }
+    }
+}
+
+/// A connection being counted against the limit, for as long as its task holds it.
+struct Open(Arc<Shared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers a connection over the limit, then closes it once the client has read the answer (or
+/// after [`REFUSAL_LINGER`]): closing with its request unread would reset the connection and
+/// could destroy the answer.
+async fn refuse(mut stream: TcpStream, refusal: Bytes) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(&refusal).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Serves one connection: its first request here, the rest with hyper.
+async fn serve(mut io: Connection, open: Open) {
+    let shared = &open.0;
+    let read = tokio::time::timeout(shared.header_timeout, head::read_head(&mut io));
+    let head = tokio::select! {
+        head = read => match head {
+            Ok(Some(head)) => head.freeze(),
+            _ => return, // gone, or too slow to say anything
+        },
+        _ = shared.shutdown.wait() => return,
+    };
+    let Some(plain) = head::plain_get(&head) else {
+        return with_hyper(shared, Rewind { prefix: head, io }).await;
+    };
+    drop(head);
+    let response = match shared.app.clone().oneshot(plain.request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    if response.extensions().get::<StreamOnSocket>().is_some() {
+        shared.direct_streams.fetch_add(1, Ordering::Relaxed);
+        return direct::write_stream(io, response).await;
+    }
+    let close = plain.close || shared.shutdown.is_triggered();
+    if direct::write_whole(&mut io, response, close).await.is_err() || close {
+        let _ = io.shutdown().await;
+        return;
+    }
+    with_hyper(
+        shared,
+        Rewind {
+            prefix: Bytes::new(),
+            io,
+        },
+    )
+    .await
+}
+
+/// Serves the rest of a connection with hyper; on shutdown, lets the response in progress end
+/// (streams end by themselves on shutdown) and closes.
+async fn with_hyper(shared: &Shared, io: Rewind) {
+    let service = TowerToHyperService::new(shared.app.clone());
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.header_timeout)
+        .max_buf_size(head::MAX_HEAD)
+        .max_headers(head::MAX_HEADERS);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shared.shutdown.wait() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// A connection for hyper: the bytes already read come first.
+struct Rewind {
+    prefix: Bytes,
+    io: Connection,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Let the head's buffer go.
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        self.io.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.io.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.io.as_mut().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.as_mut().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_states_its_length_right() {
+        let refusal = too_many_connections();
+        let text = std::str::from_utf8(&refusal).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "too_many_connections");
+    }
+}
