@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ssegate::config::{Overrides, Settings};
 use ssegate::shutdown::{self, Shutdown};
 use ssegate::startup::Application;
@@ -16,6 +17,8 @@ use ssegate::startup::Application;
 #[derive(Parser)]
 #[command(name = "ssegate", version)]
 struct Flags {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -23,24 +26,50 @@ struct Flags {
     #[arg(long)]
     redis_url: Option<String>,
     /// TOML config file.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prints a token signed with the configured HMAC key (auth.jwt_key), for development and
+    /// first steps: `ssegate token --publish 'news.*' --subscribe '*' --ttl 1h`.
+    Token {
+        /// Topic pattern the token may publish to (repeatable; `*` matches any run).
+        #[arg(long)]
+        publish: Vec<String>,
+        /// Topic pattern the token may subscribe to (repeatable; `*` matches any run).
+        #[arg(long)]
+        subscribe: Vec<String>,
+        /// How long the token is valid, e.g. 90s, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
     ssegate::telemetry::init();
-    let settings = match Settings::load(Overrides {
+    let settings = Settings::load(Overrides {
         config_file: flags.config,
         listen: flags.listen,
         redis_url: flags.redis_url,
-    }) {
+    });
+    let settings = match settings {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ssegate: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Token {
+        publish,
+        subscribe,
+        ttl,
+    }) = flags.command
+    {
+        return print_token(&settings, publish, subscribe, ttl);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,4 +102,32 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+fn print_token(
+    settings: &Settings,
+    publish: Vec<String>,
+    subscribe: Vec<String>,
+    ttl: Duration,
+) -> ExitCode {
+    let Some(secret) = &settings.auth.jwt_key else {
+        eprintln!(
+            "ssegate: `ssegate token` signs with auth.jwt_key: set it (SSEGATE_AUTH__JWT_KEY or the config file)"
+        );
+        return ExitCode::from(2);
+    };
+    if publish.is_empty() && subscribe.is_empty() {
+        eprintln!("ssegate: give at least one --publish or --subscribe pattern");
+        return ExitCode::from(2);
+    }
+    match ssegate::auth::issue(secret, publish, subscribe, ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ssegate: cannot sign the token: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -210,6 +210,11 @@ impl Authenticator {
             .claims
             .exp
             .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + self.leeway);
+        // RFC 7519: not accepted *on or after* `exp`; jsonwebtoken still accepts during that
+        // second, when a stream opened with the token would end at once.
+        if expires.is_some_and(|at| at <= SystemTime::now()) {
+            return Err(AuthError::Expired);
+        }
         Ok(Verified {
             grants: data.claims.ssegate,
             expires,

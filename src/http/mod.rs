@@ -51,9 +51,7 @@ pub fn app(state: AppState) -> Router {
             authenticate,
         ));
     if let Some(cors) = cors {
-        router = router
-            .layer(cors)
-            .layer(middleware::from_fn(preflight_no_content));
+        router = router.layer(cors).layer(middleware::from_fn(cors_fixups));
     }
     router.with_state(state)
 }
@@ -112,8 +110,10 @@ fn cors(settings: &Cors) -> Option<CorsLayer> {
     )
 }
 
-/// A preflight has no content: `204`, where tower-http answers `200`.
-async fn preflight_no_content(request: Request, next: Next) -> Response {
+/// Two corrections to tower-http's answers: a preflight has no content, so `204` rather than
+/// `200`; and an origin that is not allowed gets no CORS headers at all, where tower-http still
+/// sends `Access-Control-Allow-Credentials`.
+async fn cors_fixups(request: Request, next: Next) -> Response {
     let preflight = request.method() == Method::OPTIONS
         && request
             .headers()
@@ -121,6 +121,10 @@ async fn preflight_no_content(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     if preflight && response.status() == StatusCode::OK {
         *response.status_mut() = StatusCode::NO_CONTENT;
+    }
+    let headers = response.headers_mut();
+    if !headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        headers.remove(header::ACCESS_CONTROL_ALLOW_CREDENTIALS);
     }
     response
 }

@@ -8,4 +8,6 @@ mod failure;
 mod helpers;
 mod input;
 mod process;
+mod raw;
+mod security;
 mod store;
