@@ -100,6 +100,9 @@ fn comparable(mut r: RawResponse, until: Option<&str>) -> RawResponse {
     r
 }
 
+/// A subscribe case: its name, request target, headers and expected status.
+type Case = (&'static str, String, Vec<(&'static str, String)>, u16);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subscribe_case_is_answered_the_same_on_new_and_kept_alive_connections() {
     let redis = RedisServer::start().await;
@@ -122,7 +125,7 @@ async fn every_subscribe_case_is_answered_the_same_on_new_and_kept_alive_connect
         t.push('A');
         t
     };
-    let cases: Vec<(&str, String, Vec<(&str, String)>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "bearer",
             "/v1/events?topic=room".into(),
@@ -242,12 +245,14 @@ async fn every_subscribe_case_is_answered_the_same_on_new_and_kept_alive_connect
     for (label, target, headers, status) in &cases {
         let request = get(target, headers);
         let public = target.contains("public.");
-        let until = (*status == 200).then(|| {
-            if public {
-                "data: p\n\n"
-            } else {
-                "data: two\n\n"
-            }
+        let until = (*status == 200).then_some(if public {
+            "data: p
+
+"
+        } else {
+            "data: two
+
+"
         });
         let before = app.server.direct_streams();
         let fresh = Raw::connect(app.addr).await.request(&request, until).await;
