@@ -4,13 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
-# (integration tests start their own), haproxy and curl (the test bed behind the chaos run);
-# scripts/bench.sh installs nginx with nchan for its smoke run.
+# (integration tests start their own), haproxy and curl (the test bed behind the chaos run),
+# chromium (CORS and cookies in a real browser); scripts/bench.sh installs nginx with nchan for
+# its smoke run.
 missing=()
 redis_major=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
 [ "${redis_major:-0}" -ge 7 ] || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   sudo=""

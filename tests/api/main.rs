@@ -2,6 +2,7 @@
 //!
 //! Tests that involve Redis start their own `redis-server` (see `helpers::RedisServer`).
 
+mod browser;
 mod chaos;
 mod delivery;
 mod failure;
