@@ -201,4 +201,20 @@ mod tests {
             Err(BadEventType::Reserved)
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_ids_and_topics_never_panic"))]
+        #[test]
+        fn hostile_ids_and_topics_never_panic(s in "\\PC{0,40}", t in "[\\x00-\\x7f]{0,300}") {
+            let _ = s.parse::<StreamId>();
+            let _ = Topic::parse(&s);
+            let _ = Topic::parse(&t);
+        }
+
+        #[test]
+        fn ids_round_trip(ms in proptest::num::u64::ANY, seq in proptest::num::u64::ANY) {
+            let id = StreamId::new(ms, seq);
+            proptest::prop_assert_eq!(id.to_string().parse::<StreamId>().unwrap(), id);
+        }
+    }
 }

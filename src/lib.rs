@@ -10,9 +10,13 @@
 //!
 //! - [`config`]: settings, layered defaults < file < environment < flags, and their validation.
 //! - [`startup`]: builds the store, the hub and the router; serves until shutdown.
-//! - [`http`]: the HTTP handlers (`/v1/events`, health), the error → response mapping, and the
-//!   listener, which gives connections a write deadline and streams plain subscriptions itself
-//!   (an idle stream then costs a few KiB instead of hyper's per-connection buffers).
+//! - [`http`]: the router and the layers every request passes (authentication, CORS), the handlers
+//!   (`/v1/events`, health), the error → response mapping, and the server: connection limit,
+//!   header timeout, write deadline, and event streams written on the socket (an idle stream
+//!   then costs a few KiB instead of hyper's per-connection buffers), always as the router
+//!   answered them.
+//! - [`auth`]: JWT verification (HMAC, PEM, JWKS), topic patterns, where tokens come from, and
+//!   the publish/subscribe rules.
 //! - [`hub`]: the per-node topic hub: one store subscription per active topic, in-memory fan-out,
 //!   and the per-client replay → live state machine that keeps the seam exact.
 //! - [`store`]: the small [`store::Store`] trait and its two implementations, memory and Redis.
@@ -31,3 +35,29 @@ pub mod sse;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+
+/// What the unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use proptest::test_runner::{Config, RngSeed};
+
+    /// Property-test settings: `PROPTEST_CASES` cases (1000 by default; `scripts/fuzz.sh` runs a
+    /// million), from `PROPTEST_SEED` or a random seed, printed so a failure can be replayed.
+    pub fn proptest_config(target: &str) -> Config {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(1000);
+        let seed = std::env::var("PROPTEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        println!("{target}: {cases} cases, PROPTEST_SEED={seed}");
+        Config {
+            cases,
+            rng_seed: RngSeed::Fixed(seed),
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+}

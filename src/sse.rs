@@ -89,4 +89,48 @@ mod tests {
         let f = frame(None, Some("bad\ntype"), "x");
         assert_eq!(&f[..], b"data: x\n\n");
     }
+
+    /// Reads frames back with an independent SSE parser.
+    fn parse(frames: &[u8]) -> Vec<eventsource_stream::Event> {
+        use eventsource_stream::Eventsource;
+        use futures_util::StreamExt;
+        let chunks = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            Bytes::copy_from_slice(frames),
+        )]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(chunks.eventsource().map(|e| e.unwrap()).collect())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_payloads_round_trip"))]
+        /// Any payload and any type a publisher (or a direct XADD) can store: the parser reads
+        /// back the payload with its line breaks as `\n`, and the type, or `message` for a type
+        /// that cannot be framed.
+        #[test]
+        fn hostile_payloads_round_trip(
+            data in "\\PC{0,80}|[\\r\\n\\x00ab: ]{0,40}",
+            event in proptest::option::of("\\PC{0,20}|[\\r\\nab: ]{0,8}"),
+            ms in proptest::num::u64::ANY,
+            seq in proptest::num::u64::ANY,
+        ) {
+            let id = StreamId::new(ms, seq);
+            let frames = [
+                frame(Some(id), event.as_deref(), &data),
+                frame(None, Some("second"), "x"),
+            ]
+            .concat();
+            let got = parse(&frames);
+            proptest::prop_assert_eq!(got.len(), 2);
+            let expected_data = data.replace("\r\n", "\n").replace('\r', "\n");
+            let expected_type = event
+                .filter(|t| is_frameable_event_type(t) && *t != "message")
+                .unwrap_or_else(|| "message".to_owned());
+            proptest::prop_assert_eq!(&got[0].data, &expected_data);
+            proptest::prop_assert_eq!(&got[0].event, &expected_type);
+            proptest::prop_assert_eq!(&got[0].id, &id.to_string());
+            proptest::prop_assert_eq!(&got[1].data, "x");
+        }
+    }
 }

@@ -378,4 +378,25 @@ mod tests {
         assert!(matches!(access, Access::Open));
         assert!(auth.may_publish(&access, [&topic("x")]).is_ok());
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_tokens_never_panic"))]
+        /// Arbitrary strings, and three base64url segments of arbitrary JSON-ish text.
+        #[test]
+        fn hostile_tokens_never_panic(
+            raw in "\\PC{0,200}",
+            header in "[{}\\[\\]\":,a-zA-Z0-9 ]{0,80}",
+            claims in "[{}\\[\\]\":,a-zA-Z0-9 ]{0,120}",
+            signature in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let forged = format!("{}.{}.{}", b64.encode(&header), b64.encode(&claims), b64.encode(&signature));
+            let auth = authenticator(|_| {});
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            for token in [raw.as_str(), forged.as_str()] {
+                proptest::prop_assert!(runtime.block_on(auth.verify(token)).is_err());
+            }
+        }
+    }
 }

@@ -72,4 +72,34 @@ mod tests {
         assert!(!any_matches(&["a", "b.*"], "c"));
         assert!(!any_matches::<&str>(&[], "a"));
     }
+
+    /// The plain recursive definition, as a reference for the iterative matcher.
+    fn reference(p: &[u8], t: &[u8]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some((b'*', rest)) => (0..=t.len()).any(|i| reference(rest, &t[i..])),
+            Some((c, rest)) => t.first() == Some(c) && reference(rest, &t[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("patterns_match_like_the_reference"))]
+        /// A small alphabet, so that stars and matches are frequent.
+        #[test]
+        fn patterns_match_like_the_reference(p in "[ab.*]{0,12}", t in "[ab.]{0,16}") {
+            proptest::prop_assert_eq!(matches(&p, &t), reference(p.as_bytes(), t.as_bytes()));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_patterns_never_panic"))]
+        #[test]
+        fn hostile_patterns_never_panic(p in "\\PC{0,300}", t in "[!-~]{0,256}") {
+            let _ = matches(&p, &t);
+            proptest::prop_assert!(matches("*", &t));
+            if !t.contains('*') {
+                proptest::prop_assert!(matches(&t, &t));
+            }
+        }
+    }
 }

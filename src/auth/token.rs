@@ -91,4 +91,22 @@ mod tests {
         let h = headers(&[("authorization", "bearer  abc ")]);
         assert_eq!(extract(&h, None, "t").unwrap().as_deref(), Some("abc"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_credentials_never_panic"))]
+        #[test]
+        fn hostile_credentials_never_panic(
+            authorization in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..80)),
+            cookie in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..80)),
+            query in proptest::option::of("[\\x00-\\x7f%=&]{0,120}"),
+        ) {
+            let mut h = HeaderMap::new();
+            for (name, value) in [("authorization", authorization), ("cookie", cookie)] {
+                if let Some(Ok(v)) = value.map(|v| HeaderValue::from_bytes(&v)) {
+                    h.insert(name, v);
+                }
+            }
+            let _ = extract(&h, query.as_deref(), "ssegate_token");
+        }
+    }
 }

@@ -366,3 +366,34 @@ impl Limits {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_subscriptions_never_panic"))]
+        /// Query strings and `Last-Event-ID` values of any bytes: a subscription or a 400.
+        #[test]
+        fn hostile_subscriptions_never_panic(
+            query in proptest::option::of("[\\x00-\\x7f%=&]{0,200}"),
+            cursor in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..40)),
+        ) {
+            let _ = subscription(query.as_deref(), cursor.as_deref());
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_publish_bodies_never_panic"))]
+        /// JSON bodies of any shape: events or a 4xx.
+        #[test]
+        fn hostile_publish_bodies_never_panic(
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            json in "[\\[\\]{}\\\":,a-z0-9 ]{0,200}",
+        ) {
+            let limits = Limits { max_event_bytes: 64, max_batch_events: 4 };
+            let _ = parse_json_body(&raw, &limits);
+            let _ = parse_json_body(json.as_bytes(), &limits);
+        }
+    }
+}

@@ -181,4 +181,31 @@ mod tests {
             assert!(plain(other).is_none(), "{other:?}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_heads_never_panic"))]
+        #[test]
+        fn hostile_heads_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let _ = plain_get(&Bytes::from(bytes));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("hostile_request_lines_never_panic"))]
+        /// Well-formed enough to reach the URI and header checks, with anything in them.
+        #[test]
+        fn hostile_request_lines_never_panic(
+            target in "[ -~]{0,300}",
+            headers in proptest::collection::vec(("[ -~]{0,24}", "[ -~\\x80-\\xff\\t]{0,64}"), 0..80),
+        ) {
+            let mut head = format!("GET {target} HTTP/1.1\r\n");
+            for (name, value) in &headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str("\r\n");
+            if let Some(plain) = plain_get(&Bytes::from(head)) {
+                let _ = plain.request.uri().to_string();
+            }
+        }
+    }
 }
