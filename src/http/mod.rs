@@ -75,6 +75,10 @@ async fn authenticate(
     let access = auth
         .authenticate(request.headers(), request.uri().query())
         .await;
+    if let crate::auth::Access::Invalid(reason) = &access {
+        // The reason only: never the token, the query or the headers that carry it.
+        tracing::debug!(%reason, path = request.uri().path(), "credentials refused");
+    }
     request.extensions_mut().insert(access);
     next.run(request).await
 }

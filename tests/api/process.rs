@@ -37,41 +37,92 @@ fn bad_configuration_fails_at_start_naming_the_setting() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("redis_url"));
 }
 
+/// The real binary serving on a free loopback port, its stderr collected line by line.
+struct Binary {
+    child: std::process::Child,
+    base: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    /// Starts it with `env` and waits for its "listening" line.
+    fn start(redis: &RedisServer, env: &[(&str, &str)]) -> Binary {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = ssegate()
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--redis-url",
+                &redis.url(),
+            ])
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let binary = Binary {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            lines,
+        };
+        loop {
+            let line = binary.lines.recv_timeout(PATIENCE).expect("gateway starts");
+            if line.contains("ssegate listening") {
+                return binary;
+            }
+        }
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for a clean exit within `patience`.
+    async fn exits_cleanly_within(&mut self, patience: Duration) {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "clean exit: {status}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "exits within its deadline"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_and_exits_in_bounded_time() {
     let redis = RedisServer::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = ssegate()
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--redis-url",
-            &redis.url(),
-        ])
-        .env("SSEGATE_SHUTDOWN_TIMEOUT", "3s")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for the "listening" line rather than guessing a delay.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = rx.recv_timeout(PATIENCE).expect("gateway starts");
-        if line.contains("ssegate listening") {
-            break;
-        }
-    }
-    let base = format!("http://127.0.0.1:{port}");
+    let mut gateway = Binary::start(
+        &redis,
+        &[("SSEGATE_SHUTDOWN_TIMEOUT", "3s"), ("RUST_LOG", "info")],
+    );
+    let base = gateway.base.clone();
     let http = reqwest::Client::new();
     let response = http
         .get(format!("{base}/v1/events?topic=drain"))
@@ -88,22 +139,115 @@ async fn sigterm_ends_streams_and_exits_in_bounded_time() {
     assert_eq!(r.status(), 201);
     assert_eq!(sse.expect().await.data, "x");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    gateway.terminate();
     assert!(sse.next().await.is_none(), "the open stream ends");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "clean exit: {status}");
-            break;
+    gateway.exits_cleanly_within(Duration::from_secs(10)).await;
+}
+
+const KEY: &str = "process-test-secret-0123456789abcdef";
+
+#[test]
+fn the_token_command_signs_with_the_configured_key() {
+    let out = ssegate()
+        .args([
+            "token",
+            "--publish",
+            "news.*",
+            "--subscribe",
+            "*",
+            "--ttl",
+            "1h",
+        ])
+        .env("SSEGATE_AUTH__JWT_KEY", KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.validate_aud = false;
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(KEY.as_bytes()),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["ssegate"]["publish"], serde_json::json!(["news.*"]));
+    assert_eq!(claims["ssegate"]["subscribe"], serde_json::json!(["*"]));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!((now + 3590..=now + 3600).contains(&exp), "{exp} vs {now}");
+
+    let out = ssegate()
+        .args(["token", "--subscribe", "*"])
+        .env_remove("SSEGATE_AUTH__JWT_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.jwt_key"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_never_reach_the_logs() {
+    let redis = RedisServer::start().await;
+    let mut gateway = Binary::start(
+        &redis,
+        &[("SSEGATE_AUTH__JWT_KEY", KEY), ("RUST_LOG", "trace")],
+    );
+    let base = gateway.base.clone();
+    let out = ssegate()
+        .args(["token", "--publish", "*", "--subscribe", "*"])
+        .env("SSEGATE_AUTH__JWT_KEY", KEY)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    // A bad token, distinctive enough to find.
+    let bad = "eyJhbGciOiJIUzI1NiJ9.bm90LWEtcmVhbC1jbGFpbQ.c2lnbmF0dXJlLXRoYXQtZmFpbHM";
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/events?topic=logs"))
+        .bearer_auth(&token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for (query, cookie, status) in [
+        (format!("&access_token={token}"), None, 200),
+        (String::new(), Some(format!("ssegate_token={token}")), 200),
+        (format!("&access_token={bad}"), None, 401),
+        (String::new(), Some(format!("ssegate_token={bad}")), 401),
+    ] {
+        let mut req = http.get(format!("{base}/v1/events?topic=logs&lastEventId=0{query}"));
+        if let Some(c) = cookie {
+            req = req.header("Cookie", c);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "exits within its deadline"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), status);
+        if status == 200 {
+            let mut sse = Sse::from_response(r);
+            assert_eq!(sse.expect().await.data, "x");
+        }
+    }
+    gateway.terminate();
+    gateway.exits_cleanly_within(Duration::from_secs(10)).await;
+    let log: Vec<String> = gateway.lines.try_iter().collect();
+    assert!(
+        log.iter().any(|l| l.contains("credentials refused")),
+        "the refusals are logged (without their tokens): {log:#?}"
+    );
+    for line in &log {
+        for secret in [&token[..], bad, KEY] {
+            // Any long piece of a token would do; the signature part is the most secret one.
+            let signature = secret.rsplit('.').next().unwrap();
+            assert!(!line.contains(signature), "a token in the log: {line}");
+        }
     }
 }
