@@ -1,0 +1,249 @@
+//! A topic's live feed: a broadcast queue that costs nothing while empty.
+//!
+//! `tokio::sync::broadcast` allocates its whole ring (`fanout_buffer` slots, ~48 KiB at 1024)
+//! when a channel is made, so every active topic paid for it, which with one topic per user
+//! was most of what a connection cost. This queue holds only items some receiver has yet to
+//! read: each item counts the receivers that were there when it was sent, and leaves the queue
+//! once they all read it (or left). An idle topic whose clients are up to date holds nothing,
+//! and the queue's buffer shrinks back after a burst.
+//!
+//! At most `capacity` items are kept; a receiver further behind gets [`RecvError::Lagged`] and
+//! goes on from the oldest item kept (the session then reads the store instead).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+/// Why [`Receiver::recv`] returned no item.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecvError {
+    /// This many items were dropped before the receiver read them.
+    Lagged(u64),
+    /// The feed was closed and everything in it was read.
+    Closed,
+}
+
+pub struct Feed<T> {
+    state: Mutex<State<T>>,
+    /// Woken on every send and on close.
+    changed: Notify,
+}
+
+struct State<T> {
+    /// Items not yet read by every receiver that was there when they were sent, with the count
+    /// of those still to read each.
+    items: VecDeque<(T, usize)>,
+    /// Sequence number of `items[0]`.
+    first: u64,
+    receivers: usize,
+    /// Most items kept.
+    capacity: usize,
+    closed: bool,
+}
+
+impl<T> State<T> {
+    fn end(&self) -> u64 {
+        self.first + self.items.len() as u64
+    }
+
+    /// Drops items every receiver has read, and gives back memory after a burst.
+    fn drop_read(&mut self) {
+        while self.items.front().is_some_and(|(_, unread)| *unread == 0) {
+            self.items.pop_front();
+            self.first += 1;
+        }
+        if self.items.capacity() > 16 && self.items.len() < self.items.capacity() / 4 {
+            self.items.shrink_to(self.items.len() * 2);
+        }
+    }
+}
+
+impl<T: Clone> Feed<T> {
+    pub fn new(capacity: usize) -> Arc<Feed<T>> {
+        Arc::new(Feed {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                first: 0,
+                receivers: 0,
+                capacity: capacity.max(1),
+                closed: false,
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A receiver of everything sent from now on.
+    pub fn subscribe(self: &Arc<Self>) -> Receiver<T> {
+        let mut state = self.lock();
+        state.receivers += 1;
+        Receiver {
+            next: state.end(),
+            feed: self.clone(),
+        }
+    }
+
+    /// Sends `item` to every current receiver. With none, it is dropped at once.
+    pub fn send(&self, item: T) {
+        let mut state = self.lock();
+        if state.receivers == 0 {
+            return;
+        }
+        let receivers = state.receivers;
+        state.items.push_back((item, receivers));
+        while state.items.len() > state.capacity {
+            state.items.pop_front();
+            state.first += 1;
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Ends the feed: receivers get what is left, then [`RecvError::Closed`].
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Items held now.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.lock().items.len()
+    }
+}
+
+pub struct Receiver<T: Clone> {
+    feed: Arc<Feed<T>>,
+    /// Sequence number of the next item to read.
+    next: u64,
+}
+
+impl<T: Clone> Receiver<T> {
+    /// The next item, waiting for it.
+    pub async fn recv(&mut self) -> Result<T, RecvError> {
+        loop {
+            // Registered before looking, so a send between the look and the wait still wakes us.
+            let changed = self.feed.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(result) = try_recv(&self.feed, &mut self.next) {
+                return result;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// The item numbered `next` if it is there (moving `next` on); `None` when there is nothing yet.
+fn try_recv<T: Clone>(feed: &Feed<T>, next: &mut u64) -> Option<Result<T, RecvError>> {
+    let mut state = feed.lock();
+    if *next < state.first {
+        let missed = state.first - *next;
+        *next = state.first;
+        return Some(Err(RecvError::Lagged(missed)));
+    }
+    let index = (*next - state.first) as usize;
+    if let Some((item, unread)) = state.items.get_mut(index) {
+        *unread -= 1;
+        let item = item.clone();
+        *next += 1;
+        state.drop_read();
+        return Some(Ok(item));
+    }
+    state.closed.then_some(Err(RecvError::Closed))
+}
+
+impl<T: Clone> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        let mut state = self.feed.lock();
+        state.receivers -= 1;
+        let from = self.next.saturating_sub(state.first) as usize;
+        for (_, unread) in state.items.iter_mut().skip(from) {
+            *unread -= 1;
+        }
+        state.drop_read();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn items_reach_every_receiver_and_leave_once_all_read_them() {
+        let feed = Feed::new(8);
+        feed.send(0); // nobody listens: dropped
+        assert_eq!(feed.held(), 0);
+        let mut a = feed.subscribe();
+        let mut b = feed.subscribe();
+        feed.send(1);
+        feed.send(2);
+        assert_eq!(feed.held(), 2);
+        assert_eq!(a.recv().await, Ok(1));
+        assert_eq!(a.recv().await, Ok(2));
+        assert_eq!(feed.held(), 2, "b has not read them");
+        let mut late = feed.subscribe();
+        feed.send(3);
+        assert_eq!(b.recv().await, Ok(1));
+        assert_eq!(feed.held(), 2);
+        drop(b);
+        assert_eq!(feed.held(), 1, "b's unread items no longer wait for it");
+        assert_eq!(
+            late.recv().await,
+            Ok(3),
+            "a late receiver starts at the end"
+        );
+        assert_eq!(a.recv().await, Ok(3));
+        assert_eq!(feed.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_receiver_too_far_behind_is_told_how_much_it_missed() {
+        let feed = Feed::new(3);
+        let mut slow = feed.subscribe();
+        let mut fast = feed.subscribe();
+        for i in 0..5 {
+            feed.send(i);
+            assert_eq!(fast.recv().await, Ok(i));
+        }
+        assert_eq!(slow.recv().await, Err(RecvError::Lagged(2)));
+        assert_eq!(slow.recv().await, Ok(2));
+        assert_eq!(slow.recv().await, Ok(3));
+        assert_eq!(slow.recv().await, Ok(4));
+        assert_eq!(feed.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_on_send_and_on_close() {
+        let feed = Feed::new(4);
+        let mut r = feed.subscribe();
+        let waiting = tokio::spawn(async move {
+            let first = r.recv().await;
+            let second = r.recv().await;
+            (first, second)
+        });
+        tokio::task::yield_now().await;
+        feed.send("x");
+        feed.close();
+        let (first, second) = waiting.await.unwrap();
+        assert_eq!(first, Ok("x"));
+        assert_eq!(second, Err(RecvError::Closed));
+    }
+
+    #[tokio::test]
+    async fn memory_goes_back_after_a_burst() {
+        let feed = Feed::new(10_000);
+        let mut r = feed.subscribe();
+        for i in 0..5000 {
+            feed.send(i);
+        }
+        for i in 0..5000 {
+            assert_eq!(r.recv().await, Ok(i));
+        }
+        assert!(feed.lock().items.capacity() <= 16, "shrunk back");
+    }
+}

@@ -1,0 +1,321 @@
+//! The per-node topic hub.
+//!
+//! A topic is *active* on a node while at least one of the node's clients reads it. An active
+//! topic has exactly one store subscription ([`Store::watch`]) and one *pump* task, whatever the
+//! number of clients. The pump turns store announcements into a gap-free, ordered feed: it
+//! delivers an announced event only if the event's predecessor is the last one it delivered,
+//! and otherwise reads the stream from there. The feed goes to the node's clients through a
+//! bounded in-memory broadcast.
+//!
+//! Each client runs a [`Session`]: it joins the topic's broadcast *first*, noting the topic's
+//! *horizon* (the last id the pump had fed when the session joined), then replays history from
+//! its cursor in pages, then reads the broadcast, skipping what it already sent. Everything after
+//! the horizon reaches the session through the broadcast, so the replay only has to reach the
+//! horizon; ids tell which broadcast events were already sent: the seam has no gap and no
+//! duplicate. A client that falls behind the broadcast replays from the store again.
+//!
+//! Replay pages are shared: sessions of one node resuming a topic from the same cursor within
+//! `replay_sharing` get one store read, encoded once (a reconnect storm costs a handful of
+//! reads, not one per client). A shared page may be older than a session's horizon; the session
+//! then reads again, from where the page ended, with a read started after it joined. A client
+//! whose cursor already is the horizon, or that gives no cursor, reads nothing at all.
+//!
+//! # Layout
+//!
+//! - this module: the registry of active topics ([`Hub`]) and the dispatcher routing the
+//!   store's announcements to them;
+//! - `feed`: a topic's in-memory broadcast, which costs nothing while empty;
+//! - `pump`: keeps a topic's feed in step with its stream;
+//! - `replay`: replay pages, shared by sessions resuming from the same cursor;
+//! - `session`: one client's replay → live state machine.
+
+mod feed;
+mod pump;
+mod replay;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use self::feed::Feed;
+use self::pump::{Inbox, Pump, PumpMessage};
+use self::replay::Replays;
+use self::session::{Membership, Place};
+pub use self::session::{Output, Session};
+use crate::config::Settings;
+use crate::event::{StreamId, Topic};
+use crate::shutdown::Shutdown;
+use crate::store::{Signal, Store, StoreError};
+
+/// Messages queued per pump before the dispatcher stops queueing and flags a read instead.
+const PUMP_QUEUE: usize = 1024;
+
+/// One node's active topics.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Where events live; also the source of announcements.
+    store: Arc<dyn Store>,
+    /// Active topics, by name. Joining and leaving happen under this lock, and so do the
+    /// store's watch/unwatch calls, which keeps them in order.
+    topics: Mutex<HashMap<String, Slot>>,
+    /// Most events a topic's feed holds; a client further behind replays from the store.
+    fanout_buffer: usize,
+    /// Events per store read.
+    page_size: usize,
+    /// How long a replay read serves other sessions resuming from the same cursor. A shared
+    /// page holds at most `page_size` events, so little memory lingers.
+    replay_sharing: Duration,
+    /// The `retry:` sent to clients, and the random extra added on shutdown.
+    retry: Duration,
+    retry_spread: Duration,
+    /// Running pump tasks, to prove that released topics leave nothing behind.
+    pumps: AtomicUsize,
+    /// Times a client fell behind the in-memory feed and caught up from the store.
+    catch_ups: AtomicU64,
+    /// Ends pumps and sessions.
+    shutdown: Shutdown,
+}
+
+struct Slot {
+    topic: Arc<TopicHandle>,
+    /// Clients of this node reading the topic; the slot goes when it drops to zero.
+    members: usize,
+}
+
+/// What sessions and the dispatcher hold of an active topic.
+struct TopicHandle {
+    name: Topic,
+    /// The live feed; sessions subscribe to it.
+    feed: Arc<Feed<Item>>,
+    /// The pump's inbox. Dropping the last handle closes it and ends the pump.
+    inbox: Arc<Inbox>,
+    /// The id of the last event the pump put on the feed (first: where the feed starts);
+    /// `None` until the pump knows. A session's replay must reach the value it saw on joining.
+    fed: watch::Receiver<Option<StreamId>>,
+    /// Replay pages being read or read lately, by cursor, shared by the topic's sessions.
+    replays: Mutex<Replays>,
+}
+
+/// An item of a topic's live feed.
+#[derive(Clone, Debug)]
+pub enum Item {
+    /// The next event, already encoded.
+    Event(Arc<Delivery>),
+    /// The feed could not follow the stream (history trimmed under it, or the stream reset):
+    /// every session re-reads from its own cursor.
+    Resync,
+}
+
+/// An event as fanned out: its id and its encoded frame, shared by every client.
+#[derive(Debug)]
+pub struct Delivery {
+    pub id: StreamId,
+    pub frame: Bytes,
+}
+
+impl Hub {
+    /// Starts the dispatcher, which routes store signals to pumps and periodically makes every
+    /// pump check its stream.
+    pub fn start(store: Arc<dyn Store>, settings: &Settings, shutdown: Shutdown) -> Hub {
+        let inner = Arc::new(Inner {
+            store,
+            topics: Mutex::new(HashMap::new()),
+            fanout_buffer: settings.fanout_buffer,
+            page_size: settings.replay_page_size,
+            replay_sharing: settings.replay_sharing,
+            retry: settings.retry,
+            retry_spread: settings.shutdown_retry_spread,
+            pumps: AtomicUsize::new(0),
+            catch_ups: AtomicU64::new(0),
+            shutdown,
+        });
+        if let Some(signals) = inner.store.take_signals() {
+            tokio::spawn(dispatch(
+                Arc::downgrade(&inner),
+                signals,
+                settings.catchup_interval,
+            ));
+        }
+        Hub { inner }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Topics with at least one client on this node.
+    pub fn active_topics(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// Pump tasks still running.
+    pub fn running_pumps(&self) -> usize {
+        self.inner.pumps.load(Ordering::Acquire)
+    }
+
+    /// Times a client fell behind the in-memory feed and caught up from the store.
+    pub fn catch_ups(&self) -> u64 {
+        self.inner.catch_ups.load(Ordering::Relaxed)
+    }
+
+    /// Opens a session on `topic`, resuming after `cursor` (`None`: only new events).
+    pub async fn subscribe(
+        &self,
+        topic: Topic,
+        cursor: Option<StreamId>,
+    ) -> Result<Session, StoreError> {
+        let membership = self.join(&topic);
+        let feed = membership.topic.feed.subscribe();
+        let place = membership.topic.place();
+        let cursor = match (cursor, place.horizon) {
+            (Some(c), _) => c,
+            // Only new events: everything after the horizon comes through the feed.
+            (None, Some(horizon)) => horizon,
+            (None, None) => self.inner.store.tail(&topic).await?,
+        };
+        // Up to date with the feed already: nothing to read.
+        let replaying = place.horizon != Some(cursor);
+        Ok(Session::new(cursor, replaying, feed, place, membership))
+    }
+
+    fn join(&self, topic: &Topic) -> Membership {
+        let mut topics = self.inner.lock();
+        let slot = topics
+            .entry(topic.as_str().to_owned())
+            .or_insert_with(|| Slot {
+                topic: self.inner.activate(topic),
+                members: 0,
+            });
+        slot.members += 1;
+        Membership {
+            topic: slot.topic.clone(),
+            hub: self.inner.clone(),
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches the topic and starts its pump. Called under the topics lock.
+    fn activate(self: &Arc<Self>, topic: &Topic) -> Arc<TopicHandle> {
+        let feed = Feed::new(self.fanout_buffer);
+        let inbox = Inbox::new(PUMP_QUEUE);
+        let (fed_tx, fed) = watch::channel(None);
+        let watching = self.store.watch(topic);
+        self.pumps.fetch_add(1, Ordering::AcqRel);
+        let pump = Pump::new(
+            self.clone(),
+            topic.clone(),
+            feed.clone(),
+            inbox.clone(),
+            fed_tx,
+        );
+        tokio::spawn(pump.run(watching));
+        Arc::new(TopicHandle {
+            name: topic.clone(),
+            feed,
+            inbox,
+            fed,
+            replays: Mutex::new(Replays::default()),
+        })
+    }
+
+    fn leave(&self, topic: &TopicHandle) {
+        let mut topics = self.lock();
+        let Some(slot) = topics.get_mut(topic.name.as_str()) else {
+            return;
+        };
+        slot.members -= 1;
+        if slot.members == 0 {
+            topics.remove(topic.name.as_str());
+            self.store.unwatch(&topic.name);
+        }
+    }
+
+    fn handles(&self) -> Vec<Arc<TopicHandle>> {
+        self.lock().values().map(|s| s.topic.clone()).collect()
+    }
+
+    fn handle(&self, topic: &str) -> Option<Arc<TopicHandle>> {
+        self.lock().get(topic).map(|s| s.topic.clone())
+    }
+}
+
+impl TopicHandle {
+    fn send(&self, message: PumpMessage) {
+        self.inbox.send(message);
+    }
+
+    fn replays(&self) -> std::sync::MutexGuard<'_, Replays> {
+        self.replays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where a session stands, taken right after it joined (or rejoined) the feed: the horizon
+    /// (`None` while the pump does not know where the feed starts) and the number of the last
+    /// replay read started so far. Every event the session will not get from the feed is at most
+    /// the horizon, and was in the store before any read numbered higher started.
+    fn place(&self) -> Place {
+        Place {
+            read_number: self.replays().last_number,
+            horizon: *self.fed.borrow(),
+        }
+    }
+}
+
+impl Drop for TopicHandle {
+    /// The topic was released: its pump ends.
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
+}
+
+/// Routes store signals to pumps, and pokes every pump each `catchup_interval`.
+async fn dispatch(
+    hub: std::sync::Weak<Inner>,
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    catchup_interval: Duration,
+) {
+    let shutdown = match hub.upgrade() {
+        Some(h) => h.shutdown.clone(),
+        None => return,
+    };
+    let mut catchup = tokio::time::interval(catchup_interval);
+    catchup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let signal = tokio::select! {
+            s = signals.recv() => match s { Some(s) => s, None => return },
+            _ = catchup.tick() => Signal::CatchUpAll,
+            _ = shutdown.wait() => return,
+        };
+        let Some(hub) = hub.upgrade() else { return };
+        match signal {
+            Signal::Appended { topic, prev, event } => {
+                if let Some(h) = hub.handle(&topic) {
+                    h.send(PumpMessage::Announced { prev, event });
+                }
+            }
+            Signal::Poke { topic } => {
+                if let Some(h) = hub.handle(&topic) {
+                    h.send(PumpMessage::Read);
+                }
+            }
+            Signal::CatchUpAll => {
+                for h in hub.handles() {
+                    h.send(PumpMessage::Read);
+                }
+            }
+        }
+    }
+}

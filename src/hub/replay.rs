@@ -1,0 +1,128 @@
+//! Replay pages: history after a cursor, read once and shared by the sessions of a node that
+//! resume a topic from the same cursor within `replay_sharing`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+use super::{Inner, TopicHandle};
+use crate::event::{StreamId, Topic};
+use crate::sse;
+use crate::store::{GapReason, Store, StoreError};
+
+/// Recent replay reads of one topic.
+#[derive(Default)]
+pub(super) struct Replays {
+    by_cursor: HashMap<StreamId, SharedReplay>,
+    /// Cursors in the order their reads started, to drop expired reads cheaply.
+    started: VecDeque<(u64, StreamId)>,
+    /// Numbers reads in the order they started; a session compares it with the number it saw
+    /// when it joined to tell whether a read began after that.
+    pub(super) last_number: u64,
+}
+
+/// A replay read any number of sessions can await.
+#[derive(Clone)]
+pub(super) struct SharedReplay {
+    /// Orders the read against sessions joining (see [`Replays::last_number`]).
+    pub(super) number: u64,
+    started: Instant,
+    pub(super) page: Shared<BoxFuture<'static, Result<Arc<ReplayPage>, StoreError>>>,
+}
+
+/// One page of history after a cursor, as sent to every session that resumes from it.
+#[derive(Debug)]
+pub(super) struct ReplayPage {
+    /// The gap notice, if any, then the events, encoded.
+    pub(super) frames: Bytes,
+    /// The cursor after this page.
+    pub(super) next: StreamId,
+    /// The page holds as many events as asked for: more may follow at once.
+    pub(super) full: bool,
+}
+
+impl TopicHandle {
+    /// The page after `cursor`: a read shared with other sessions, or a new one. With
+    /// `started_after`, only a read started after that read number will do.
+    pub(super) fn replay(
+        &self,
+        hub: &Inner,
+        cursor: StreamId,
+        started_after: Option<u64>,
+    ) -> SharedReplay {
+        let sharing = hub.replay_sharing;
+        let now = Instant::now();
+        let mut replays = self.replays();
+        while let Some(&(number, oldest)) = replays.started.front() {
+            match replays.by_cursor.get(&oldest) {
+                Some(r) if r.number == number && now - r.started < sharing => break,
+                Some(r) if r.number == number => {
+                    replays.by_cursor.remove(&oldest);
+                }
+                _ => {}
+            }
+            replays.started.pop_front();
+        }
+        if let Some(r) = replays.by_cursor.get(&cursor) {
+            let usable = started_after.is_none_or(|n| r.number > n)
+                && !matches!(r.page.peek(), Some(Err(_)));
+            if usable {
+                return r.clone();
+            }
+        }
+        replays.last_number += 1;
+        let number = replays.last_number;
+        let read = read_replay(hub.store.clone(), self.name.clone(), cursor, hub.page_size);
+        let shared = SharedReplay {
+            number,
+            started: now,
+            page: read.boxed().shared(),
+        };
+        replays.by_cursor.insert(cursor, shared.clone());
+        replays.started.push_back((number, cursor));
+        shared
+    }
+}
+
+/// Reads and encodes one replay page.
+async fn read_replay(
+    store: Arc<dyn Store>,
+    topic: Topic,
+    cursor: StreamId,
+    page_size: usize,
+) -> Result<Arc<ReplayPage>, StoreError> {
+    let page = store.read(&topic, cursor, page_size).await?;
+    let mut frames = BytesMut::new();
+    let mut next = cursor;
+    if let Some(reason) = page.gap {
+        let resume_from = page.events.first().map(|e| e.id);
+        frames.extend_from_slice(&gap_frame(cursor, reason, resume_from));
+        if let (None, Some(end)) = (resume_from, page.resume_after) {
+            // Nothing retained: carry on after wherever the stream ended.
+            next = end;
+        }
+    }
+    for event in &page.events {
+        frames.extend_from_slice(&sse::event_frame(event));
+        next = event.id;
+    }
+    Ok(Arc::new(ReplayPage {
+        frames: frames.freeze(),
+        next,
+        full: page.events.len() >= page_size,
+    }))
+}
+
+/// The `ssegate.gap` notice: which cursor could not be honoured, why, and the id delivery
+/// resumes from (`null`: nothing retained, delivery resumes with the next new event).
+fn gap_frame(cursor: StreamId, reason: GapReason, resume_from: Option<StreamId>) -> Bytes {
+    let data = serde_json::json!({
+        "cursor": cursor.to_string(),
+        "reason": reason.as_str(),
+        "resume_from": resume_from.map(|id| id.to_string()),
+    });
+    sse::frame(None, Some(sse::GAP_EVENT), &data.to_string())
+}

@@ -1,0 +1,193 @@
+//! One client's session: replay from its cursor, then the live feed, with no gap and no
+//! duplicate at the seam.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::warn;
+
+use super::feed::{Receiver, RecvError};
+use super::{Inner, Item, TopicHandle};
+use crate::event::StreamId;
+use crate::sse;
+use crate::store::StoreError;
+
+/// A session's place in its topic's feed (see [`TopicHandle::place`]).
+#[derive(Clone, Copy)]
+pub(super) struct Place {
+    pub(super) horizon: Option<StreamId>,
+    pub(super) read_number: u64,
+}
+
+/// A client's hold on a topic; releases it when dropped (the client went away).
+pub(super) struct Membership {
+    pub(super) topic: Arc<TopicHandle>,
+    pub(super) hub: Arc<Inner>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.hub.leave(&self.topic);
+    }
+}
+
+/// One client's stream: replay from the cursor, then the live feed.
+pub struct Session {
+    /// Whether the jittered `retry:` was sent on shutdown.
+    said_goodbye: bool,
+    /// Id of the last event sent to the client (or its starting cursor).
+    cursor: StreamId,
+    /// Reading from the store rather than the feed.
+    replaying: bool,
+    feed: Receiver<Item>,
+    /// Where the session joined the feed, or last fell behind it.
+    place: Place,
+    /// Set when a replay page ended before the horizon: the next read must have started after
+    /// this read number.
+    reread: Option<u64>,
+    /// Held for the session's life: dropping it releases the topic.
+    membership: Membership,
+}
+
+/// What a session produces next.
+pub enum Output {
+    /// Frames to send.
+    Frames(Bytes),
+    /// Nothing happened within the wait: send a heartbeat if due.
+    Idle,
+    /// The session is over (shutdown, or the store failed; the client reconnects).
+    End,
+}
+
+impl Session {
+    pub(super) fn new(
+        cursor: StreamId,
+        replaying: bool,
+        feed: Receiver<Item>,
+        place: Place,
+        membership: Membership,
+    ) -> Session {
+        Session {
+            said_goodbye: false,
+            cursor,
+            replaying,
+            feed,
+            place,
+            reread: None,
+            membership,
+        }
+    }
+
+    /// Produces the next frames, waiting at most until `idle` completes when live.
+    pub async fn next(&mut self, idle: impl std::future::Future<Output = ()>) -> Output {
+        tokio::pin!(idle);
+        loop {
+            if self.membership.hub.shutdown.is_triggered() {
+                return self.farewell();
+            }
+            if self.replaying {
+                match self.replay_page().await {
+                    Ok(Some(frames)) => return Output::Frames(frames),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!(topic = %self.membership.topic.name, error = %e, "replay failed; ending the stream");
+                        return Output::End;
+                    }
+                }
+            }
+            let item = tokio::select! {
+                item = self.feed.recv() => item,
+                _ = &mut idle => return Output::Idle,
+                _ = self.membership.hub.shutdown.wait() => return self.farewell(),
+            };
+            match item {
+                Ok(Item::Event(d)) if d.id > self.cursor => {
+                    self.cursor = d.id;
+                    return Output::Frames(d.frame.clone());
+                }
+                Ok(Item::Event(_)) => {} // sent during the replay
+                Ok(Item::Resync) => self.replay_again(),
+                Err(RecvError::Lagged(_)) => {
+                    self.membership
+                        .hub
+                        .catch_ups
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.replay_again();
+                }
+                // The pump stopped (shutdown, mostly): end as on shutdown, with a spread retry.
+                Err(RecvError::Closed) => return self.farewell(),
+            }
+        }
+    }
+
+    /// On shutdown: first a `retry:` with a random extra delay, so clients of this node come back
+    /// spread out over the others; then the end.
+    fn farewell(&mut self) -> Output {
+        if self.said_goodbye {
+            return Output::End;
+        }
+        self.said_goodbye = true;
+        let hub = &self.membership.hub;
+        let spread = hub.retry_spread.as_millis() as u64;
+        let extra = if spread == 0 {
+            0
+        } else {
+            rand::random_range(0..=spread)
+        };
+        Output::Frames(sse::retry_frame(hub.retry.as_millis() as u64 + extra))
+    }
+
+    /// Back to the store, from a new place in the feed.
+    fn replay_again(&mut self) {
+        self.place = self.membership.topic.place();
+        self.reread = None;
+        self.replaying = true;
+    }
+
+    /// Sends one page after the cursor. `None` when there was nothing to send.
+    async fn replay_page(&mut self) -> Result<Option<Bytes>, StoreError> {
+        let topic = &self.membership.topic;
+        let read = topic.replay(&self.membership.hub, self.cursor, self.reread);
+        let page = read.page.await?;
+        self.cursor = page.next;
+        if !page.full {
+            // The store has nothing more; the feed carries what comes after the horizon.
+            let horizon = match self.place.horizon {
+                Some(h) => h,
+                None => match self.await_pump().await? {
+                    Some(h) => h,
+                    None => return Ok(None), // shutting down
+                },
+            };
+            if self.cursor >= horizon || read.number > self.place.read_number {
+                // The page reached the horizon, or was read after the session joined (then the
+                // store had every event the feed will not carry).
+                self.replaying = false;
+                self.reread = None;
+            } else {
+                // A shared page from before the session joined: read on from where it ended.
+                self.reread = Some(self.place.read_number);
+            }
+        }
+        Ok((!page.frames.is_empty()).then(|| page.frames.clone()))
+    }
+
+    /// Waits until the pump knows where the feed starts, and takes the session's place anew.
+    /// `None` on shutdown.
+    async fn await_pump(&mut self) -> Result<Option<StreamId>, StoreError> {
+        let mut fed = self.membership.topic.fed.clone();
+        tokio::select! {
+            started = fed.wait_for(Option::is_some) => {
+                if started.is_err() {
+                    // The pump ended without starting (the store went away).
+                    return Err(StoreError::Unavailable("the topic's live feed stopped".into()));
+                }
+            }
+            _ = self.membership.hub.shutdown.wait() => return Ok(None),
+        }
+        // Events before the pump started are not on the feed: a read must start after this.
+        self.place = self.membership.topic.place();
+        Ok(self.place.horizon)
+    }
+}
