@@ -9,11 +9,17 @@
 //!
 //! At most `capacity` items are kept; a receiver further behind gets [`RecvError::Lagged`] and
 //! goes on from the oldest item kept (the session then reads the store instead).
+//!
+//! The feed also holds its *horizon*: the id of the last event the pump put on it, or where it
+//! started; `None` until the pump knows. It moves under the same lock as the items, so a
+//! receiver subscribing sees exactly the horizon of what it will not receive.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
+
+use crate::event::StreamId;
 
 /// Why [`Receiver::recv`] returned no item.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,6 +45,8 @@ struct State<T> {
     receivers: usize,
     /// Most items kept.
     capacity: usize,
+    /// Id of the last item sent, or where the feed starts; `None` until known.
+    horizon: Option<StreamId>,
     closed: bool,
 }
 
@@ -67,6 +75,7 @@ impl<T: Clone> Feed<T> {
                 first: 0,
                 receivers: 0,
                 capacity: capacity.max(1),
+                horizon: None,
                 closed: false,
             }),
             changed: Notify::new(),
@@ -77,19 +86,50 @@ impl<T: Clone> Feed<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A receiver of everything sent from now on.
-    pub fn subscribe(self: &Arc<Self>) -> Receiver<T> {
+    /// A receiver of everything sent from now on, and the horizon it starts after.
+    pub fn subscribe(self: &Arc<Self>) -> (Receiver<T>, Option<StreamId>) {
         let mut state = self.lock();
         state.receivers += 1;
-        Receiver {
+        let receiver = Receiver {
             next: state.end(),
             feed: self.clone(),
+        };
+        (receiver, state.horizon)
+    }
+
+    pub fn horizon(&self) -> Option<StreamId> {
+        self.lock().horizon
+    }
+
+    /// Moves the horizon without sending anything (where the feed starts, or starts again).
+    pub fn set_horizon(&self, id: StreamId) {
+        self.lock().horizon = Some(id);
+        self.changed.notify_waiters();
+    }
+
+    /// The horizon once the pump knows it; `None` if the feed closed first.
+    pub async fn started(&self) -> Option<StreamId> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.horizon.is_some() || state.closed {
+                    return state.horizon;
+                }
+            }
+            changed.await;
         }
     }
 
-    /// Sends `item` to every current receiver. With none, it is dropped at once.
-    pub fn send(&self, item: T) {
+    /// Sends `item` (the event `id`) to every current receiver and moves the horizon to `id`.
+    /// With no receiver, the item is dropped at once.
+    pub fn send(&self, item: T, id: Option<StreamId>) {
         let mut state = self.lock();
+        if let Some(id) = id {
+            state.horizon = Some(id);
+        }
         if state.receivers == 0 {
             return;
         }
@@ -176,18 +216,18 @@ mod tests {
     #[tokio::test]
     async fn items_reach_every_receiver_and_leave_once_all_read_them() {
         let feed = Feed::new(8);
-        feed.send(0); // nobody listens: dropped
+        feed.send(0, None); // nobody listens: dropped
         assert_eq!(feed.held(), 0);
-        let mut a = feed.subscribe();
-        let mut b = feed.subscribe();
-        feed.send(1);
-        feed.send(2);
+        let mut a = feed.subscribe().0;
+        let mut b = feed.subscribe().0;
+        feed.send(1, None);
+        feed.send(2, None);
         assert_eq!(feed.held(), 2);
         assert_eq!(a.recv().await, Ok(1));
         assert_eq!(a.recv().await, Ok(2));
         assert_eq!(feed.held(), 2, "b has not read them");
-        let mut late = feed.subscribe();
-        feed.send(3);
+        let mut late = feed.subscribe().0;
+        feed.send(3, None);
         assert_eq!(b.recv().await, Ok(1));
         assert_eq!(feed.held(), 2);
         drop(b);
@@ -204,10 +244,10 @@ mod tests {
     #[tokio::test]
     async fn a_receiver_too_far_behind_is_told_how_much_it_missed() {
         let feed = Feed::new(3);
-        let mut slow = feed.subscribe();
-        let mut fast = feed.subscribe();
+        let mut slow = feed.subscribe().0;
+        let mut fast = feed.subscribe().0;
         for i in 0..5 {
-            feed.send(i);
+            feed.send(i, None);
             assert_eq!(fast.recv().await, Ok(i));
         }
         assert_eq!(slow.recv().await, Err(RecvError::Lagged(2)));
@@ -220,14 +260,14 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_receiver_wakes_on_send_and_on_close() {
         let feed = Feed::new(4);
-        let mut r = feed.subscribe();
+        let mut r = feed.subscribe().0;
         let waiting = tokio::spawn(async move {
             let first = r.recv().await;
             let second = r.recv().await;
             (first, second)
         });
         tokio::task::yield_now().await;
-        feed.send("x");
+        feed.send("x", None);
         feed.close();
         let (first, second) = waiting.await.unwrap();
         assert_eq!(first, Ok("x"));
@@ -237,13 +277,46 @@ mod tests {
     #[tokio::test]
     async fn memory_goes_back_after_a_burst() {
         let feed = Feed::new(10_000);
-        let mut r = feed.subscribe();
+        let mut r = feed.subscribe().0;
         for i in 0..5000 {
-            feed.send(i);
+            feed.send(i, None);
         }
         for i in 0..5000 {
             assert_eq!(r.recv().await, Ok(i));
         }
         assert!(feed.lock().items.capacity() <= 16, "shrunk back");
+    }
+}
+
+#[cfg(test)]
+mod horizon_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_horizon_moves_with_the_items_and_subscribers_see_it() {
+        let feed = Feed::new(4);
+        let (_r, h) = feed.subscribe();
+        assert_eq!(h, None);
+        feed.set_horizon(StreamId::new(5, 0));
+        assert_eq!(feed.started().await, Some(StreamId::new(5, 0)));
+        feed.send("e", Some(StreamId::new(6, 0)));
+        let (_late, h) = feed.subscribe();
+        assert_eq!(
+            h,
+            Some(StreamId::new(6, 0)),
+            "a late subscriber's horizon covers e"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_start_ends_when_the_feed_closes() {
+        let feed: Arc<Feed<u8>> = Feed::new(4);
+        let waiting = {
+            let feed = feed.clone();
+            tokio::spawn(async move { feed.started().await })
+        };
+        tokio::task::yield_now().await;
+        feed.close();
+        assert_eq!(waiting.await.unwrap(), None);
     }
 }

@@ -40,7 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tracing::debug;
 
 use self::feed::Feed;
 use self::pump::{Inbox, Pump, PumpMessage};
@@ -98,9 +99,6 @@ struct TopicHandle {
     feed: Arc<Feed<Item>>,
     /// The pump's inbox. Dropping the last handle closes it and ends the pump.
     inbox: Arc<Inbox>,
-    /// The id of the last event the pump put on the feed (first: where the feed starts);
-    /// `None` until the pump knows. A session's replay must reach the value it saw on joining.
-    fed: watch::Receiver<Option<StreamId>>,
     /// Replay pages being read or read lately, by cursor, shared by the topic's sessions.
     replays: Mutex<Replays>,
 }
@@ -139,12 +137,12 @@ impl Hub {
             shutdown,
         });
         if let Some(signals) = inner.store.take_signals() {
-            tokio::spawn(dispatch(
-                Arc::downgrade(&inner),
-                signals,
-                settings.catchup_interval,
-            ));
+            tokio::spawn(dispatch(Arc::downgrade(&inner), signals));
         }
+        tokio::spawn(safety_net(
+            Arc::downgrade(&inner),
+            settings.catchup_interval,
+        ));
         Hub { inner }
     }
 
@@ -174,8 +172,8 @@ impl Hub {
         cursor: Option<StreamId>,
     ) -> Result<Session, StoreError> {
         let membership = self.join(&topic);
-        let feed = membership.topic.feed.subscribe();
-        let place = membership.topic.place();
+        let (feed, horizon) = membership.topic.feed.subscribe();
+        let place = membership.topic.place(horizon);
         let cursor = match (cursor, place.horizon) {
             (Some(c), _) => c,
             // Only new events: everything after the horizon comes through the feed.
@@ -212,22 +210,14 @@ impl Inner {
     fn activate(self: &Arc<Self>, topic: &Topic) -> Arc<TopicHandle> {
         let feed = Feed::new(self.fanout_buffer);
         let inbox = Inbox::new(PUMP_QUEUE);
-        let (fed_tx, fed) = watch::channel(None);
         let watching = self.store.watch(topic);
         self.pumps.fetch_add(1, Ordering::AcqRel);
-        let pump = Pump::new(
-            self.clone(),
-            topic.clone(),
-            feed.clone(),
-            inbox.clone(),
-            fed_tx,
-        );
+        let pump = Pump::new(self.clone(), topic.clone(), feed.clone(), inbox.clone());
         tokio::spawn(pump.run(watching));
         Arc::new(TopicHandle {
             name: topic.clone(),
             feed,
             inbox,
-            fed,
             replays: Mutex::new(Replays::default()),
         })
     }
@@ -266,10 +256,10 @@ impl TopicHandle {
     /// (`None` while the pump does not know where the feed starts) and the number of the last
     /// replay read started so far. Every event the session will not get from the feed is at most
     /// the horizon, and was in the store before any read numbered higher started.
-    fn place(&self) -> Place {
+    fn place(&self, horizon: Option<StreamId>) -> Place {
         Place {
             read_number: self.replays().last_number,
-            horizon: *self.fed.borrow(),
+            horizon,
         }
     }
 }
@@ -281,22 +271,15 @@ impl Drop for TopicHandle {
     }
 }
 
-/// Routes store signals to pumps, and pokes every pump each `catchup_interval`.
-async fn dispatch(
-    hub: std::sync::Weak<Inner>,
-    mut signals: mpsc::UnboundedReceiver<Signal>,
-    catchup_interval: Duration,
-) {
+/// Routes store signals to pumps.
+async fn dispatch(hub: std::sync::Weak<Inner>, mut signals: mpsc::UnboundedReceiver<Signal>) {
     let shutdown = match hub.upgrade() {
         Some(h) => h.shutdown.clone(),
         None => return,
     };
-    let mut catchup = tokio::time::interval(catchup_interval);
-    catchup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let signal = tokio::select! {
             s = signals.recv() => match s { Some(s) => s, None => return },
-            _ = catchup.tick() => Signal::CatchUpAll,
             _ = shutdown.wait() => return,
         };
         let Some(hub) = hub.upgrade() else { return };
@@ -316,6 +299,50 @@ async fn dispatch(
                     h.send(PumpMessage::Read);
                 }
             }
+        }
+    }
+}
+
+/// Every `catchup_interval`: asks the store, in one command per [`ADVANCED_BATCH`](crate::store::ADVANCED_BATCH) topics,
+/// which active topics have events after what their pump delivered, and has only those read.
+///
+/// Announcements on a healthy pub/sub connection arrive in order and are not lost, and after a
+/// reconnect every topic is read anyway ([`Signal::CatchUpAll`]); this net catches what is left:
+/// direct `XADD`s where keyspace notifications are off, and anything unforeseen. Its cost grows
+/// with active topics only by one command per thousand. It also lets expired shared replay pages
+/// go.
+async fn safety_net(hub: std::sync::Weak<Inner>, interval: Duration) {
+    let shutdown = match hub.upgrade() {
+        Some(h) => h.shutdown.clone(),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; pumps read when they start anyway
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        let now = std::time::Instant::now();
+        let handles = hub.handles();
+        let mut positions = Vec::with_capacity(handles.len());
+        for h in &handles {
+            h.replays().forget_expired(now, hub.replay_sharing);
+            if let Some(horizon) = h.feed.horizon() {
+                positions.push((h.name.clone(), horizon));
+            }
+        }
+        match hub.store.advanced(&positions).await {
+            Ok(moved) => {
+                for topic in moved {
+                    if let Some(h) = hub.handle(topic.as_str()) {
+                        h.send(PumpMessage::Read);
+                    }
+                }
+            }
+            Err(e) => debug!(error = %e, "safety net check failed; next interval"),
         }
     }
 }

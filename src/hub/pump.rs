@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, Notify};
 use tracing::{debug, warn};
 
 use super::feed::Feed;
@@ -76,8 +76,8 @@ impl Inbox {
             {
                 let mut queue = self.queue();
                 if let Some(message) = queue.pop_front() {
-                    if queue.is_empty() && queue.capacity() > 32 {
-                        // Give back what a burst took.
+                    if queue.is_empty() {
+                        // A quiet topic's inbox holds no memory.
                         *queue = VecDeque::new();
                     }
                     return Some(message);
@@ -105,8 +105,6 @@ pub(super) struct Pump {
     inbox: Arc<Inbox>,
     /// Id of the last event put on the feed (or where the feed started).
     last: StreamId,
-    /// `last`, published to sessions once the pump knows where the feed starts.
-    fed: watch::Sender<Option<StreamId>>,
 }
 
 impl Pump {
@@ -115,7 +113,6 @@ impl Pump {
         topic: Topic,
         feed: Arc<Feed<Item>>,
         inbox: Arc<Inbox>,
-        fed: watch::Sender<Option<StreamId>>,
     ) -> Pump {
         Pump {
             hub,
@@ -123,7 +120,6 @@ impl Pump {
             feed,
             inbox,
             last: StreamId::ZERO,
-            fed,
         }
     }
 
@@ -204,19 +200,18 @@ impl Pump {
 
     fn set_last(&mut self, id: StreamId) {
         self.last = id;
-        self.fed.send_replace(Some(id));
+        self.feed.set_horizon(id);
     }
 
-    /// Puts an event on the feed. `fed` moves first, so a session that joins the feed after the
-    /// event went out sees a horizon that includes it.
+    /// Puts an event on the feed, moving the horizon with it.
     fn put(&mut self, event: &Event) {
-        self.set_last(event.id);
+        self.last = event.id;
         let delivery = Delivery {
             id: event.id,
             frame: sse::event_frame(event),
         };
-        // No receivers is fine: the topic is being released.
-        self.feed.send(Item::Event(Arc::new(delivery)));
+        self.feed
+            .send(Item::Event(Arc::new(delivery)), Some(event.id));
     }
 
     /// Reads the stream after the last delivered event and feeds what it finds.
@@ -232,8 +227,8 @@ impl Pump {
                 // The feed cannot continue where it was; sessions re-read from their cursors.
                 warn!(topic = %self.topic, reason = reason.as_str(), after = %self.last, "live feed lost its place");
                 let tail = self.hub.store.tail(&self.topic).await?;
-                self.set_last(tail);
-                self.feed.send(Item::Resync);
+                self.last = tail;
+                self.feed.send(Item::Resync, Some(tail));
                 return Ok(());
             }
             let full = page.events.len() >= page_size;

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
@@ -44,6 +44,27 @@ pub(super) struct ReplayPage {
     pub(super) full: bool,
 }
 
+impl Replays {
+    /// Drops the reads older than `sharing`, and the memory they held.
+    pub(super) fn forget_expired(&mut self, now: Instant, sharing: Duration) {
+        while let Some(&(number, oldest)) = self.started.front() {
+            match self.by_cursor.get(&oldest) {
+                Some(r) if r.number == number && now - r.started < sharing => break,
+                Some(r) if r.number == number => {
+                    self.by_cursor.remove(&oldest);
+                }
+                _ => {}
+            }
+            self.started.pop_front();
+        }
+        if self.started.is_empty() {
+            // Give the tables' memory back: an idle topic keeps nothing here.
+            self.by_cursor = HashMap::new();
+            self.started = VecDeque::new();
+        }
+    }
+}
+
 impl TopicHandle {
     /// The page after `cursor`: a read shared with other sessions, or a new one. With
     /// `started_after`, only a read started after that read number will do.
@@ -53,19 +74,9 @@ impl TopicHandle {
         cursor: StreamId,
         started_after: Option<u64>,
     ) -> SharedReplay {
-        let sharing = hub.replay_sharing;
         let now = Instant::now();
         let mut replays = self.replays();
-        while let Some(&(number, oldest)) = replays.started.front() {
-            match replays.by_cursor.get(&oldest) {
-                Some(r) if r.number == number && now - r.started < sharing => break,
-                Some(r) if r.number == number => {
-                    replays.by_cursor.remove(&oldest);
-                }
-                _ => {}
-            }
-            replays.started.pop_front();
-        }
+        replays.forget_expired(now, hub.replay_sharing);
         if let Some(r) = replays.by_cursor.get(&cursor) {
             let usable = started_after.is_none_or(|n| r.number > n)
                 && !matches!(r.page.peek(), Some(Err(_)));

@@ -140,7 +140,8 @@ impl Session {
 
     /// Back to the store, from a new place in the feed.
     fn replay_again(&mut self) {
-        self.place = self.membership.topic.place();
+        let topic = &self.membership.topic;
+        self.place = topic.place(topic.feed.horizon());
         self.reread = None;
         self.replaying = true;
     }
@@ -176,18 +177,17 @@ impl Session {
     /// Waits until the pump knows where the feed starts, and takes the session's place anew.
     /// `None` on shutdown.
     async fn await_pump(&mut self) -> Result<Option<StreamId>, StoreError> {
-        let mut fed = self.membership.topic.fed.clone();
-        tokio::select! {
-            started = fed.wait_for(Option::is_some) => {
-                if started.is_err() {
-                    // The pump ended without starting (the store went away).
-                    return Err(StoreError::Unavailable("the topic's live feed stopped".into()));
-                }
-            }
+        let topic = &self.membership.topic;
+        let horizon = tokio::select! {
+            started = topic.feed.started() => match started {
+                Some(horizon) => horizon,
+                // The pump ended without starting (the store went away).
+                None => return Err(StoreError::Unavailable("the topic's live feed stopped".into())),
+            },
             _ = self.membership.hub.shutdown.wait() => return Ok(None),
-        }
+        };
         // Events before the pump started are not on the feed: a read must start after this.
-        self.place = self.membership.topic.place();
+        self.place = topic.place(Some(horizon));
         Ok(self.place.horizon)
     }
 }

@@ -204,6 +204,20 @@ impl Store for MemoryStore {
         }))
     }
 
+    async fn advanced(&self, positions: &[(Topic, StreamId)]) -> Result<Vec<Topic>, StoreError> {
+        let topics = self.lock();
+        Ok(positions
+            .iter()
+            .filter(|(topic, after)| {
+                topics
+                    .get(topic.as_str())
+                    .and_then(|log| log.entries.back())
+                    .is_some_and(|newest| newest.id > *after)
+            })
+            .map(|(topic, _)| topic.clone())
+            .collect())
+    }
+
     fn watch(&self, _topic: &Topic) -> oneshot::Receiver<()> {
         // Every append is announced already; nothing to set up.
         let (tx, rx) = oneshot::channel();

@@ -116,6 +116,9 @@ pub fn classify(
     Some(GapReason::UnknownCursor)
 }
 
+/// Topics checked per store command by [`Store::advanced`].
+pub const ADVANCED_BATCH: usize = 1000;
+
 /// A store's announcement to the hub.
 #[derive(Debug, Clone)]
 pub enum Signal {
@@ -149,6 +152,11 @@ pub trait Store: Send + Sync + 'static {
     /// The position a new reader starts from: the newest entry id, or where the stream ends if it
     /// has no entries (`0-0` if it never existed). Reading after it returns only newer events.
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError>;
+
+    /// Which of these topics have an entry after the given id (the last one a node delivered):
+    /// the node-wide check behind missed announcements and direct appends nobody announced. It
+    /// costs one store command per [`ADVANCED_BATCH`] topics, however many are idle.
+    async fn advanced(&self, positions: &[(Topic, StreamId)]) -> Result<Vec<Topic>, StoreError>;
 
     /// Starts announcing appends to `topic`. Calls are counted: a topic stays watched until every
     /// `watch` has been matched by an `unwatch`. The returned channel completes once

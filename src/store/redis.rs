@@ -31,7 +31,9 @@ use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisError,
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use super::{classify, Page, Signal, Store, StoreError, StreamFacts};
+use redis::streams::StreamReadReply;
+
+use super::{classify, Page, Signal, Store, StoreError, StreamFacts, ADVANCED_BATCH};
 use crate::config::{RedisTiming, Settings};
 use crate::event::{Event, NewEvent, StreamId, Topic};
 use crate::shutdown::Shutdown;
@@ -332,6 +334,41 @@ impl Store for RedisStore {
         invocation.key(self.keys.stream(topic.as_str()));
         let reply = self.run(invocation).await?;
         parse_id(&reply)
+    }
+
+    /// One non-blocking `XREAD COUNT 1 STREAMS k1 … kN id1 … idN` per [`ADVANCED_BATCH`]
+    /// topics: it answers only for the streams that have an entry after their id.
+    async fn advanced(&self, positions: &[(Topic, StreamId)]) -> Result<Vec<Topic>, StoreError> {
+        let mut moved = Vec::new();
+        for batch in positions.chunks(ADVANCED_BATCH) {
+            let keys: Vec<String> = batch
+                .iter()
+                .map(|(topic, _)| self.keys.stream(topic.as_str()))
+                .collect();
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT").arg(1).arg("STREAMS").arg(&keys);
+            for (_, after) in batch {
+                cmd.arg(after.to_string());
+            }
+            let mut conn = self.link()?.conn;
+            let reply: Option<StreamReadReply> =
+                tokio::time::timeout(self.response_timeout, cmd.query_async(&mut conn))
+                    .await
+                    .map_err(|_| StoreError::Unavailable("redis did not answer in time".into()))?
+                    .map_err(classify_error)?;
+            let Some(reply) = reply else { continue };
+            let index: HashMap<&str, &Topic> = keys
+                .iter()
+                .map(String::as_str)
+                .zip(batch.iter().map(|(topic, _)| topic))
+                .collect();
+            for stream in reply.keys.iter().filter(|s| !s.ids.is_empty()) {
+                if let Some(topic) = index.get(stream.key.as_str()) {
+                    moved.push((*topic).clone());
+                }
+            }
+        }
+        Ok(moved)
     }
 
     fn watch(&self, topic: &Topic) -> oneshot::Receiver<()> {

@@ -186,6 +186,31 @@ impl RedisServer {
             .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
     }
 
+    /// Calls of every command Redis ran (scripts' calls included), from INFO commandstats.
+    pub async fn all_calls(&self) -> std::collections::HashMap<String, u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        info.lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_"))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(":calls=")?;
+                Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Zeroes INFO commandstats.
+    pub async fn reset_stats(&self) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+    }
+
     /// All ids of a topic's stream, in order.
     pub async fn stream_ids(&self, topic: &str) -> Vec<String> {
         stream_ids(&self.url(), topic).await

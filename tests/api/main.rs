@@ -12,3 +12,4 @@ mod process;
 mod raw;
 mod security;
 mod store;
+mod topics;

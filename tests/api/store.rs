@@ -79,6 +79,7 @@ conformance! {
     gap_rule_for_unknown_cursors(0);
     tail_is_where_new_readers_start(3);
     appends_are_announced_with_their_predecessor(0);
+    advanced_names_only_topics_with_newer_entries(0);
 }
 
 fn topic(name: &str) -> Topic {
@@ -307,4 +308,39 @@ async fn appends_are_announced_with_their_predecessor(s: Subject) {
             }
         }
     }
+}
+
+async fn advanced_names_only_topics_with_newer_entries(s: Subject) {
+    let store = &*s.store;
+    let (a, b, quiet, absent) = (topic("a"), topic("b"), topic("quiet"), topic("absent"));
+    let a_ids = append_n(store, &a, 2).await;
+    let b_ids = append_n(store, &b, 1).await;
+    append_n(store, &quiet, 1).await;
+    let quiet_tail = store.tail(&quiet).await.unwrap();
+    let positions = vec![
+        (a.clone(), a_ids[0]),
+        (b.clone(), b_ids[0]),
+        (quiet.clone(), quiet_tail),
+        (absent.clone(), StreamId::ZERO),
+    ];
+    assert_eq!(store.advanced(&positions).await.unwrap(), vec![a.clone()]);
+    append_n(store, &b, 1).await;
+    let mut moved = store.advanced(&positions).await.unwrap();
+    moved.sort();
+    assert_eq!(moved, vec![a, b]);
+
+    // More topics than one command checks: the ones that moved are found in every batch.
+    let many: Vec<Topic> = (0..2500).map(|i| topic(&format!("many.{i}"))).collect();
+    let mut positions = Vec::new();
+    for (i, t) in many.iter().enumerate() {
+        let at = if i % 1000 == 999 {
+            append_n(store, t, 2).await[0]
+        } else {
+            StreamId::ZERO
+        };
+        positions.push((t.clone(), at));
+    }
+    let moved = store.advanced(&positions).await.unwrap();
+    let expected: Vec<Topic> = [999, 1999].iter().map(|&i| many[i].clone()).collect();
+    assert_eq!(moved, expected);
 }
