@@ -210,7 +210,10 @@ mod tests {
             let _ = Topic::parse(&s);
             let _ = Topic::parse(&t);
         }
+    }
 
+    proptest::proptest! {
+        #![proptest_config(crate::testing::proptest_config("ids_round_trip"))]
         #[test]
         fn ids_round_trip(ms in proptest::num::u64::ANY, seq in proptest::num::u64::ANY) {
             let id = StreamId::new(ms, seq);
