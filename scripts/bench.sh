@@ -63,11 +63,13 @@ S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
 B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
 N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
 if [ $smoke -eq 1 ]; then
-  secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50
+  secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50 users=200 urate=100 hold=2
 else
   # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
   # events, each to a tenth of the subscribers (500k/s offered).
   secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000
+  # One topic per user: 10,000 users, 1,000 events/s spread over them.
+  users=10000 urate=1000 hold=10
 fi
 
 echo "== publish" >&2
@@ -90,6 +92,16 @@ cross_t=$(bench $B fanout --subscribers $subs --topics 10 --rate $rate --seconds
 echo "== idle connections" >&2
 idle_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID")
 idle_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID")
+echo "== one topic per user" >&2
+# Each connection on a topic of its own; the Redis commands while all sit idle are counted (both
+# hubs share the Redis, so each figure includes the other's background, e.g. ssegate's health
+# PINGs, one a second per node).
+maxstep=${steps##*,}
+R="redis://127.0.0.1:$REDIS_PORT/0"
+idleu_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
+idleu_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
+fanu_s=$(bench $S fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
+fanu_n=$(bench $N fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
 echo "== reconnect storm" >&2
 storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
 
@@ -121,6 +133,10 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   row "fan-out, $subs subscribers over 10 topics, $trate events/s (deliveries/s)" "$fant_s" "$fant_n" deliveries_per_sec
   row "fan-out, 10 topics: p99 latency (ms)" "$fant_s" "$fant_n" latency_p99_ms
   row "idle connection (RSS bytes each, slope)" "$idle_s" "$idle_n" bytes_per_connection
+  row "idle connection, one topic each (RSS bytes each, slope)" "$idleu_s" "$idleu_n" bytes_per_connection
+  row "one topic each, idle: Redis commands/s" "$idleu_s" "$idleu_n" idle_redis_commands_per_second
+  row "fan-out, $users subscribers on a topic each, $urate events/s (deliveries/s)" "$fanu_s" "$fanu_n" deliveries_per_sec
+  row "fan-out, a topic each: p99 latency (ms)" "$fanu_s" "$fanu_n" latency_p99_ms
   echo
   a=$(field "$batch_s" '["events_per_sec"]')
   echo "Batched publish (JSON arrays of 100, c=8): $a events/s; pipelined \`redis-benchmark\` XADD"
@@ -139,11 +155,11 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   echo
   echo "## Targets"
   echo
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" "$idleu_s" <<'PY'
 import json, sys
 pub_s, pub_n, batch_s = (json.loads(a) for a in sys.argv[1:4])
 ceiling = float(sys.argv[4] or 0)
-fan_s, fan_n, fant_s, fant_n, idle_s, storm_s, cross = (json.loads(a) for a in sys.argv[5:12])
+fan_s, fan_n, fant_s, fant_n, idle_s, storm_s, cross, idleu_s = (json.loads(a) for a in sys.argv[5:13])
 def row(name, figure, ok):
     print(f"| {name} | {figure} | {'met' if ok else 'not met'} |")
 print("| target | measured | outcome |")
@@ -158,7 +174,12 @@ for label, s, n in (("1 topic", fan_s, fan_n), ("10 topics", fant_s, fant_n)):
     row(f"fan-out ({label}) >= 1.5x nchan at p99 <= nchan's",
         f"{r:.2f}x, p99 {s['latency_p99_ms']:.1f} ms vs {n['latency_p99_ms']:.1f} ms", ok)
 b = idle_s["bytes_per_connection"]
-row("idle connection <= 10 KiB RSS", f"{b / 1024:.1f} KiB", b <= 10 * 1024)
+row("idle connection, shared topic <= 4 KiB RSS", f"{b / 1024:.1f} KiB", b <= 4 * 1024)
+b = idleu_s["bytes_per_connection"]
+row("idle connection, one topic each <= 6 KiB RSS", f"{b / 1024:.1f} KiB", b <= 6 * 1024)
+c = idleu_s["idle_redis_commands_per_second"]
+n = idleu_s["points"][-1]["connections"]
+row(f"{n} idle topics cost <= 10 Redis commands/s", f"{c:.1f}/s", c is not None and c <= 10)
 t = storm_s["seconds_until_all_caught_up"]
 ok = t <= 3 and storm_s["caught_up"] == storm_s["clients"]
 row(f"reconnect storm ({storm_s['clients']} clients) caught up <= 3 s", f"{t:.2f} s, {storm_s['redis_commands']['total'] if storm_s['redis_commands'] else '?'} Redis commands", ok)
@@ -172,16 +193,16 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$storm_s"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$storm_s"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
   cat "$out"
   rm -f "$out"
   # Every scenario must have done real work, on both hubs.
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" <<'PY'
 import json, sys
-pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross = map(json.loads, sys.argv[1:])
+pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n = map(json.loads, sys.argv[1:])
 checks = {
     "ssegate publishes": pub_s["events"] > 0 and pub_s["errors"] == 0,
     "nchan publishes": pub_n["events"] > 0 and pub_n["errors"] == 0,
@@ -192,6 +213,10 @@ checks = {
     "nchan fans out over topics": fant_n["delivered"] > 0,
     "every storm client caught up exactly": storm_s["received_exactly_behind"] == storm_s["clients"],
     "ssegate fans out across nodes": cross["delivered"] == cross["expected_deliveries"] > 0,
+    "ssegate holds a topic per connection": idleu_s["points"][-1]["connections"] > 0,
+    "idle Redis commands are counted": idleu_s["idle_redis_commands_per_second"] is not None,
+    "ssegate fans out to a topic each": fanu_s["delivered"] == fanu_s["expected_deliveries"] > 0,
+    "nchan fans out to a topic each": fanu_n["delivered"] > 0,
 }
 failed = [k for k, ok in checks.items() if not ok]
 if failed:

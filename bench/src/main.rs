@@ -85,8 +85,15 @@ enum Scenario {
         /// The hub's process id.
         #[arg(long)]
         pid: u32,
+        /// Topics the connections spread over; as many as connections = one topic per user.
         #[arg(long, default_value_t = 1)]
         topics: usize,
+        /// The Redis behind the hub: with it, the commands it runs while everything sits idle
+        /// for `hold` seconds after the last step are counted (INFO commandstats).
+        #[arg(long)]
+        redis_url: Option<String>,
+        #[arg(long, default_value_t = 10.0)]
+        hold: f64,
     },
     /// Clients resuming the same range at the same moment.
     Storm {
@@ -168,7 +175,13 @@ async fn main() {
             seconds,
             publish_url,
         } => fanout(hub, subscribers, topics, rate, seconds, publish_url).await,
-        Scenario::Idle { steps, pid, topics } => idle(hub, steps, pid, topics).await,
+        Scenario::Idle {
+            steps,
+            pid,
+            topics,
+            redis_url,
+            hold,
+        } => idle(hub, steps, pid, topics, redis_url, hold).await,
         Scenario::Storm {
             clients,
             behind,
@@ -383,7 +396,14 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-async fn idle(hub: Arc<Hub>, steps: Vec<usize>, pid: u32, topics: usize) -> Value {
+async fn idle(
+    hub: Arc<Hub>,
+    steps: Vec<usize>,
+    pid: u32,
+    topics: usize,
+    redis_url: Option<String>,
+    hold: f64,
+) -> Value {
     let http = client(16);
     let mut open = Vec::new();
     let base_rss = rss_bytes(pid);
@@ -411,9 +431,25 @@ async fn idle(hub: Arc<Hub>, steps: Vec<usize>, pid: u32, topics: usize) -> Valu
         (a + dx * (*y as f64 - my), b + dx * dx)
     });
     let slope = if den > 0.0 { num / den } else { 0.0 };
+    // Redis commands while everything is idle, the measuring INFO itself left out.
+    let idle_commands = match &redis_url {
+        Some(url) => {
+            let before = commandstats(url).await;
+            tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+            let after = commandstats(url).await;
+            match (before, after) {
+                (Some((b, _)), Some((a, _))) => {
+                    json!((a.saturating_sub(b).saturating_sub(1)) as f64 / hold)
+                }
+                _ => Value::Null,
+            }
+        }
+        None => Value::Null,
+    };
     json!({
-        "scenario": "idle", "points": points.iter().map(|(k, r)| json!({"connections": k, "rss_bytes": r})).collect::<Vec<_>>(),
+        "scenario": "idle", "topics": topics, "points": points.iter().map(|(k, r)| json!({"connections": k, "rss_bytes": r})).collect::<Vec<_>>(),
         "bytes_per_connection": slope, "projected_100k_mib": slope * 100_000.0 / 1_048_576.0 + base_rss as f64 / 1_048_576.0,
+        "idle_redis_commands_per_second": idle_commands,
     })
 }
 
