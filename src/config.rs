@@ -29,6 +29,8 @@ pub struct Settings {
     pub retry: Duration,
     /// Largest accepted event payload (`data`), in bytes.
     pub max_event_bytes: usize,
+    /// Most topics one stream (`?topic=a&topic=b…`) carries.
+    pub max_topics_per_connection: usize,
     /// Most events accepted in one batch publish.
     pub max_batch_events: usize,
     /// Events read from the store per page when replaying history; bounds memory per client.
@@ -150,6 +152,7 @@ impl Default for Settings {
             retry: Duration::from_secs(2),
             max_event_bytes: 64 * 1024,
             max_batch_events: 1000,
+            max_topics_per_connection: 64,
             replay_page_size: 500,
             replay_sharing: Duration::from_secs(1),
             idempotency_window: Duration::from_secs(300),
@@ -306,6 +309,9 @@ impl Settings {
         }
         if !(1..=10_000).contains(&self.max_batch_events) {
             return invalid("max_batch_events", "must be between 1 and 10000");
+        }
+        if !(1..=1024).contains(&self.max_topics_per_connection) {
+            return invalid("max_topics_per_connection", "must be between 1 and 1024");
         }
         if !(1..=10_000).contains(&self.replay_page_size) {
             return invalid("replay_page_size", "must be between 1 and 10000");

@@ -27,6 +27,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod cursor;
 pub mod event;
 pub mod http;
 pub mod hub;

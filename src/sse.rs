@@ -7,22 +7,27 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::event::{is_frameable_event_type, Event, StreamId};
+use crate::event::{is_frameable_event_type, Event};
 
 /// Event type of the gap notice.
 pub const GAP_EVENT: &str = "ssegate.gap";
 
 /// Encodes one event: `id:`, `event:` (omitted for the default `message`), `data:` lines.
 pub fn event_frame(event: &Event) -> Bytes {
-    frame(Some(event.id), event.event.as_deref(), &event.data)
+    frame(
+        Some(&event.id.to_string()),
+        event.event.as_deref(),
+        &event.data,
+    )
 }
 
-/// Encodes a frame; `id` is omitted when `None` (so a browser keeps its last event id).
-pub fn frame(id: Option<StreamId>, event: Option<&str>, data: &str) -> Bytes {
-    let mut out = BytesMut::with_capacity(data.len() + 64);
+/// Encodes a frame; `id` is omitted when `None` (so a browser keeps its last event id). The
+/// caller makes sure `id` has no line break (stream ids and composite cursors have none).
+pub fn frame(id: Option<&str>, event: Option<&str>, data: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + id.map_or(0, str::len) + 64);
     if let Some(id) = id {
         out.put_slice(b"id: ");
-        out.put_slice(id.to_string().as_bytes());
+        out.put_slice(id.as_bytes());
         out.put_u8(b'\n');
     }
     // A type that cannot be framed (possible only from a direct XADD) falls back to `message`
@@ -73,6 +78,7 @@ fn lines(data: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::StreamId;
 
     #[test]
     fn splits_every_kind_of_line_break_once() {
@@ -84,7 +90,7 @@ mod tests {
 
     #[test]
     fn omits_default_and_unframeable_types() {
-        let f = frame(Some(StreamId::new(1, 2)), Some("message"), "hi");
+        let f = frame(Some("1-2"), Some("message"), "hi");
         assert_eq!(&f[..], b"id: 1-2\ndata: hi\n\n");
         let f = frame(None, Some("bad\ntype"), "x");
         assert_eq!(&f[..], b"data: x\n\n");
@@ -117,7 +123,7 @@ mod tests {
         ) {
             let id = StreamId::new(ms, seq);
             let frames = [
-                frame(Some(id), event.as_deref(), &data),
+                frame(Some(&id.to_string()), event.as_deref(), &data),
                 frame(None, Some("second"), "x"),
             ]
             .concat();

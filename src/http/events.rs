@@ -10,13 +10,15 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use futures_util::future::try_join_all;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, AppState, StreamOnSocket};
+use super::{multi, ApiError, AppState, StreamOnSocket};
 use crate::auth::Access;
 use crate::config::Settings;
+use crate::cursor;
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
 use crate::hub::{Output, Session};
 use crate::sse;
@@ -33,18 +35,37 @@ fn query_params(raw: Option<&str>) -> Result<HashMap<String, String>, ApiError> 
     })
 }
 
-fn parse_topic(raw: Option<&str>) -> Result<Topic, ApiError> {
-    let raw =
-        raw.ok_or_else(|| ApiError::bad_request("missing_topic", "give the topic as ?topic=NAME"))?;
-    Topic::parse(raw).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))
+/// The subscription's topics (every `topic` parameter), validated, sorted and without repeats.
+fn parse_topics(raw_query: Option<&str>, max: usize) -> Result<Vec<Topic>, ApiError> {
+    let mut topics = form_urlencoded::parse(raw_query.unwrap_or("").as_bytes())
+        .filter(|(name, _)| name == "topic")
+        .map(|(_, value)| {
+            Topic::parse(&value).map_err(|e| ApiError::bad_request("invalid_topic", e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if topics.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_topic",
+            "give the topic as ?topic=NAME (repeat it for several topics)",
+        ));
+    }
+    topics.sort();
+    topics.dedup();
+    if topics.len() > max {
+        return Err(ApiError::bad_request(
+            "too_many_topics",
+            format!("a stream carries at most {max} topics (max_topics_per_connection)"),
+        ));
+    }
+    Ok(topics)
 }
 
-/// The resume cursor: the `Last-Event-ID` header wins over `?lastEventId=`, because a browser
-/// keeps the original URL on every reconnect and adds the header with the newest id.
-fn parse_cursor(
-    last_event_id: Option<&[u8]>,
-    query: &HashMap<String, String>,
-) -> Result<Option<StreamId>, ApiError> {
+/// The raw resume cursor: the `Last-Event-ID` header wins over `?lastEventId=`, because a
+/// browser keeps the original URL on every reconnect and adds the header with the newest id.
+fn raw_cursor<'a>(
+    last_event_id: Option<&'a [u8]>,
+    query: &'a HashMap<String, String>,
+) -> Result<Option<&'a str>, ApiError> {
     let header = match last_event_id {
         Some(v) => Some(
             std::str::from_utf8(v)
@@ -55,14 +76,33 @@ fn parse_cursor(
         ),
         None => None,
     };
-    let raw = header.filter(|h| !h.is_empty()).or_else(|| {
+    Ok(header.filter(|h| !h.is_empty()).or_else(|| {
         query
             .get("lastEventId")
             .map(String::as_str)
             .filter(|q| !q.is_empty())
-    });
-    raw.map(|r| r.parse().map_err(|_| invalid_cursor()))
-        .transpose()
+    }))
+}
+
+/// Where each topic resumes: a stream id for one topic; for several, the composite cursor of
+/// their stream, or `0` for everything retained in each.
+fn parse_cursors(topics: &[Topic], raw: Option<&str>) -> Result<Vec<Option<StreamId>>, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(vec![None; topics.len()]);
+    };
+    if topics.len() == 1 {
+        return Ok(vec![Some(raw.parse().map_err(|_| invalid_cursor())?)]);
+    }
+    if raw == "0" {
+        return Ok(vec![Some(StreamId::ZERO); topics.len()]);
+    }
+    let positions = cursor::decode(raw, topics).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_cursor",
+            format!("{e}: a stream of several topics resumes from the `id` of its last event, or `0` for everything retained"),
+        )
+    })?;
+    Ok(positions.into_iter().map(Some).collect())
 }
 
 fn invalid_cursor() -> ApiError {
@@ -85,11 +125,12 @@ const STREAM_HEADERS: [(&str, &str); 3] = [
 fn subscription(
     raw_query: Option<&str>,
     last_event_id: Option<&[u8]>,
-) -> Result<(Topic, Option<StreamId>), ApiError> {
+    max_topics: usize,
+) -> Result<(Vec<Topic>, Vec<Option<StreamId>>), ApiError> {
     let query = query_params(raw_query)?;
-    let topic = parse_topic(query.get("topic").map(String::as_str))?;
-    let cursor = parse_cursor(last_event_id, &query)?;
-    Ok((topic, cursor))
+    let topics = parse_topics(raw_query, max_topics)?;
+    let cursors = parse_cursors(&topics, raw_cursor(last_event_id, &query)?)?;
+    Ok((topics, cursors))
 }
 
 /// A subscription's body: `retry:`, then the replay after the cursor, then live events, with
@@ -105,21 +146,25 @@ fn event_stream(
     let first = futures_util::stream::once(async move { retry });
     let rest = futures_util::stream::unfold(session, move |mut session| async move {
         match session.next(tokio::time::sleep(heartbeat)).await {
-            Output::Frames(frames) => Some((frames, session)),
+            Output::Live(delivery) => Some((delivery.frame.clone(), session)),
+            Output::Replayed(page) => Some((page.frames.clone(), session)),
+            Output::Farewell(retry) => Some((retry, session)),
             Output::Idle => Some((sse::heartbeat_frame(), session)),
             Output::End => None,
         }
     });
-    let expiry = async move {
-        match expires {
-            Some(at) => {
-                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-                tokio::time::sleep(left).await
-            }
-            None => std::future::pending().await,
+    first.chain(rest).take_until(expiry(expires))
+}
+
+/// Completes at `expires` (the token's `exp`, plus the leeway); never without.
+async fn expiry(expires: Option<SystemTime>) {
+    match expires {
+        Some(at) => {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(left).await
         }
-    };
-    first.chain(rest).take_until(expiry)
+        None => std::future::pending().await,
+    }
 }
 
 /// Opens an SSE stream (see [`event_stream`]). The response is marked [`StreamOnSocket`]: on a
@@ -132,11 +177,32 @@ pub async fn subscribe(
 ) -> Result<Response, ApiError> {
     state.auth.may_try_subscribing(&access)?;
     let last_event_id = headers.get("last-event-id").map(|v| v.as_bytes());
-    let (topic, cursor) = subscription(raw.as_deref(), last_event_id)?;
-    state.auth.may_subscribe(&access, &topic)?;
-    let session = state.hub.subscribe(topic, cursor).await?;
-    let frames = event_stream(session, &state.settings, access.expires()).map(Ok::<_, Infallible>);
-    let body = Body::from_stream(frames);
+    let settings = &state.settings;
+    let (topics, cursors) = subscription(
+        raw.as_deref(),
+        last_event_id,
+        settings.max_topics_per_connection,
+    )?;
+    for topic in &topics {
+        state.auth.may_subscribe(&access, topic)?;
+    }
+    let sessions = try_join_all(
+        topics
+            .iter()
+            .zip(cursors)
+            .map(|(topic, cursor)| state.hub.subscribe(topic.clone(), cursor)),
+    )
+    .await?;
+    let expires = access.expires();
+    let body = if topics.len() == 1 {
+        let session = sessions.into_iter().next().ok_or(ApiError::NotFound)?;
+        let frames = event_stream(session, settings, expires);
+        Body::from_stream(frames.map(Ok::<_, Infallible>))
+    } else {
+        let retry = sse::retry_frame(settings.retry.as_millis() as u64);
+        let frames = multi::stream(topics, sessions, retry, settings.heartbeat_interval);
+        Body::from_stream(frames.take_until(expiry(expires)).map(Ok::<_, Infallible>))
+    };
 
     let mut response = (StatusCode::OK, body).into_response();
     let h = response.headers_mut();
@@ -379,7 +445,7 @@ mod tests {
             query in proptest::option::of("[\\x00-\\x7f%=&]{0,200}"),
             cursor in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..40)),
         ) {
-            let _ = subscription(query.as_deref(), cursor.as_deref());
+            let _ = subscription(query.as_deref(), cursor.as_deref(), 64);
         }
     }
 

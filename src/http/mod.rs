@@ -7,6 +7,7 @@
 mod error;
 mod events;
 mod health;
+mod multi;
 mod server;
 
 use std::sync::Arc;

@@ -46,10 +46,11 @@ use tracing::debug;
 use self::feed::Feed;
 use self::pump::{Inbox, Pump, PumpMessage};
 use self::replay::Replays;
+pub use self::replay::{GapNotice, ReplayPage};
 use self::session::{Membership, Place};
 pub use self::session::{Output, Session};
 use crate::config::Settings;
-use crate::event::{StreamId, Topic};
+use crate::event::{Event, StreamId, Topic};
 use crate::shutdown::Shutdown;
 use crate::store::{Signal, Store, StoreError};
 
@@ -117,7 +118,10 @@ pub enum Item {
 #[derive(Debug)]
 pub struct Delivery {
     pub id: StreamId,
+    /// The event's single-topic frame, encoded once.
     pub frame: Bytes,
+    /// The event itself, for streams that encode it otherwise (multi-topic).
+    pub event: Event,
 }
 
 impl Hub {

@@ -209,6 +209,7 @@ impl Pump {
         let delivery = Delivery {
             id: event.id,
             frame: sse::event_frame(event),
+            event: event.clone(),
         };
         self.feed
             .send(Item::Event(Arc::new(delivery)), Some(event.id));

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use super::{Inner, TopicHandle};
-use crate::event::{StreamId, Topic};
+use crate::event::{Event, StreamId, Topic};
 use crate::sse;
 use crate::store::{GapReason, Store, StoreError};
 
@@ -35,13 +35,44 @@ pub(super) struct SharedReplay {
 
 /// One page of history after a cursor, as sent to every session that resumes from it.
 #[derive(Debug)]
-pub(super) struct ReplayPage {
-    /// The gap notice, if any, then the events, encoded.
-    pub(super) frames: Bytes,
+pub struct ReplayPage {
+    /// The gap notice, if any, then the events, encoded for a single-topic stream.
+    pub frames: Bytes,
+    /// The gap notice, if the events right after the cursor are not all retained.
+    pub gap: Option<GapNotice>,
+    /// The events, for streams that encode them otherwise (multi-topic).
+    pub events: Vec<Event>,
     /// The cursor after this page.
-    pub(super) next: StreamId,
+    pub next: StreamId,
     /// The page holds as many events as asked for: more may follow at once.
     pub(super) full: bool,
+}
+
+/// What an `ssegate.gap` notice says.
+#[derive(Debug, Clone, Copy)]
+pub struct GapNotice {
+    /// The cursor that could not be honoured.
+    pub cursor: StreamId,
+    pub reason: GapReason,
+    /// The id delivery resumes from; `None`: nothing retained, delivery resumes with the next
+    /// new event.
+    pub resume_from: Option<StreamId>,
+}
+
+impl GapNotice {
+    /// The notice's JSON: `cursor`, `reason`, `resume_from`, and `topic` when given (in
+    /// multi-topic streams, where it says which topic the gap concerns).
+    pub fn json(&self, topic: Option<&Topic>) -> String {
+        let mut data = serde_json::json!({
+            "cursor": self.cursor.to_string(),
+            "reason": self.reason.as_str(),
+            "resume_from": self.resume_from.map(|id| id.to_string()),
+        });
+        if let Some(t) = topic {
+            data["topic"] = serde_json::json!(t.as_str());
+        }
+        data.to_string()
+    }
 }
 
 impl Replays {
@@ -108,10 +139,15 @@ async fn read_replay(
     let page = store.read(&topic, cursor, page_size).await?;
     let mut frames = BytesMut::new();
     let mut next = cursor;
-    if let Some(reason) = page.gap {
-        let resume_from = page.events.first().map(|e| e.id);
-        frames.extend_from_slice(&gap_frame(cursor, reason, resume_from));
-        if let (None, Some(end)) = (resume_from, page.resume_after) {
+    let gap = page.gap.map(|reason| GapNotice {
+        cursor,
+        reason,
+        resume_from: page.events.first().map(|e| e.id),
+    });
+    if let Some(gap) = &gap {
+        // No `id:`, so the browser's last id stays the real one.
+        frames.extend_from_slice(&sse::frame(None, Some(sse::GAP_EVENT), &gap.json(None)));
+        if let (None, Some(end)) = (gap.resume_from, page.resume_after) {
             // Nothing retained: carry on after wherever the stream ended.
             next = end;
         }
@@ -122,18 +158,9 @@ async fn read_replay(
     }
     Ok(Arc::new(ReplayPage {
         frames: frames.freeze(),
-        next,
+        gap,
         full: page.events.len() >= page_size,
+        events: page.events,
+        next,
     }))
-}
-
-/// The `ssegate.gap` notice: which cursor could not be honoured, why, and the id delivery
-/// resumes from (`null`: nothing retained, delivery resumes with the next new event).
-fn gap_frame(cursor: StreamId, reason: GapReason, resume_from: Option<StreamId>) -> Bytes {
-    let data = serde_json::json!({
-        "cursor": cursor.to_string(),
-        "reason": reason.as_str(),
-        "resume_from": resume_from.map(|id| id.to_string()),
-    });
-    sse::frame(None, Some(sse::GAP_EVENT), &data.to_string())
 }

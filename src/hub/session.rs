@@ -8,7 +8,8 @@ use bytes::Bytes;
 use tracing::warn;
 
 use super::feed::{Receiver, RecvError};
-use super::{Inner, Item, TopicHandle};
+use super::replay::ReplayPage;
+use super::{Delivery, Inner, Item, TopicHandle};
 use crate::event::StreamId;
 use crate::sse;
 use crate::store::StoreError;
@@ -50,10 +51,15 @@ pub struct Session {
     membership: Membership,
 }
 
-/// What a session produces next.
+/// What a session produces next. Events come as the topic's shared pieces: a single-topic
+/// stream writes their ready-made frames; a multi-topic stream re-encodes their events.
 pub enum Output {
-    /// Frames to send.
-    Frames(Bytes),
+    /// A live event, shared by every client of the topic on this node.
+    Live(Arc<Delivery>),
+    /// Replayed history (a gap notice first, if any), shared by sessions resuming alike.
+    Replayed(Arc<ReplayPage>),
+    /// On shutdown: the `retry:` frame to send before the end.
+    Farewell(Bytes),
     /// Nothing happened within the wait: send a heartbeat if due.
     Idle,
     /// The session is over (shutdown, or the store failed; the client reconnects).
@@ -88,7 +94,7 @@ impl Session {
             }
             if self.replaying {
                 match self.replay_page().await {
-                    Ok(Some(frames)) => return Output::Frames(frames),
+                    Ok(Some(page)) => return Output::Replayed(page),
                     Ok(None) => continue,
                     Err(e) => {
                         warn!(topic = %self.membership.topic.name, error = %e, "replay failed; ending the stream");
@@ -104,7 +110,7 @@ impl Session {
             match item {
                 Ok(Item::Event(d)) if d.id > self.cursor => {
                     self.cursor = d.id;
-                    return Output::Frames(d.frame.clone());
+                    return Output::Live(d);
                 }
                 Ok(Item::Event(_)) => {} // sent during the replay
                 Ok(Item::Resync) => self.replay_again(),
@@ -135,7 +141,7 @@ impl Session {
         } else {
             rand::random_range(0..=spread)
         };
-        Output::Frames(sse::retry_frame(hub.retry.as_millis() as u64 + extra))
+        Output::Farewell(sse::retry_frame(hub.retry.as_millis() as u64 + extra))
     }
 
     /// Back to the store, from a new place in the feed.
@@ -146,8 +152,13 @@ impl Session {
         self.replaying = true;
     }
 
-    /// Sends one page after the cursor. `None` when there was nothing to send.
-    async fn replay_page(&mut self) -> Result<Option<Bytes>, StoreError> {
+    /// The id of the last event the session sent, or where it started.
+    pub fn position(&self) -> StreamId {
+        self.cursor
+    }
+
+    /// Reads one page after the cursor. `None` when there was nothing to send.
+    async fn replay_page(&mut self) -> Result<Option<Arc<ReplayPage>>, StoreError> {
         let topic = &self.membership.topic;
         let read = topic.replay(&self.membership.hub, self.cursor, self.reread);
         let page = read.page.await?;
@@ -171,7 +182,7 @@ impl Session {
                 self.reread = Some(self.place.read_number);
             }
         }
-        Ok((!page.frames.is_empty()).then(|| page.frames.clone()))
+        Ok((!page.frames.is_empty()).then_some(page))
     }
 
     /// Waits until the pump knows where the feed starts, and takes the session's place anew.
