@@ -460,30 +460,50 @@ impl Sse {
 /// reconnects (to the next of its nodes) with `Last-Event-ID` set to the last id it received.
 pub struct ResumingClient {
     received: watch::Receiver<Vec<Event>>,
+    /// Connections that were answered `200`.
+    connected: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
 
 impl ResumingClient {
     pub fn start(nodes: Vec<String>, topic: &str, cursor: Option<String>) -> ResumingClient {
+        Self::start_query(nodes, &format!("topic={topic}"), cursor, None)
+    }
+
+    /// Subscribes with `query` (e.g. `topic=a&topic=b`). With `drop_every`, the client also drops
+    /// its connection after that many events and resumes on the next node.
+    pub fn start_query(
+        nodes: Vec<String>,
+        query: &str,
+        cursor: Option<String>,
+        drop_every: Option<usize>,
+    ) -> ResumingClient {
         let (tx, received) = watch::channel(Vec::new());
-        let topic = topic.to_owned();
+        let (connected_tx, connected) = watch::channel(0);
+        let query = query.to_owned();
         let task = tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut last_id = cursor;
             for attempt in 0usize.. {
-                let url = format!("{}/v1/events?topic={topic}", nodes[attempt % nodes.len()]);
+                let url = format!("{}/v1/events?{query}", nodes[attempt % nodes.len()]);
                 let mut req = http.get(&url);
                 if let Some(id) = &last_id {
                     req = req.header("Last-Event-ID", id);
                 }
                 if let Ok(response) = req.send().await {
                     if response.status() == 200 {
+                        connected_tx.send_modify(|n| *n += 1);
                         let mut events = response.bytes_stream().eventsource();
+                        let mut on_this_connection = 0;
                         while let Some(Ok(event)) = events.next().await {
                             if !event.id.is_empty() && event.event != "ssegate.gap" {
                                 last_id = Some(event.id.clone());
+                                on_this_connection += 1;
                             }
                             tx.send_modify(|all| all.push(event));
+                            if drop_every.is_some_and(|n| on_this_connection >= n) {
+                                break;
+                            }
                         }
                     }
                 }
@@ -491,7 +511,29 @@ impl ResumingClient {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        ResumingClient { received, task }
+        ResumingClient {
+            received,
+            connected,
+            task,
+        }
+    }
+
+    /// Waits until a connection was answered `200`.
+    pub async fn wait_connected(&mut self) {
+        tokio::time::timeout(PATIENCE, self.connected.wait_for(|n| *n > 0))
+            .await
+            .expect("the client connects")
+            .expect("the client runs");
+    }
+
+    /// Waits until `done` holds for what arrived; then every event, in order.
+    pub async fn events_when(&mut self, mut done: impl FnMut(&[Event]) -> bool) -> Vec<Event> {
+        let arrived = tokio::time::timeout(PATIENCE * 4, self.received.wait_for(|all| done(all)))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let all = self.received.borrow().clone();
+        assert!(arrived, "not everything arrived: {} events", all.len());
+        all
     }
 
     /// Waits until an event with id `last` arrived; returns every id received, in order (a gap
@@ -532,4 +574,13 @@ impl Drop for ResumingClient {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A multi-topic stream's event, unwrapped: its topic and stream id from the envelope.
+pub fn envelope(e: &Event) -> (String, String) {
+    let v: Value = serde_json::from_str(&e.data).expect("an envelope");
+    (
+        v["topic"].as_str().expect("topic").to_owned(),
+        v["id"].as_str().expect("id").to_owned(),
+    )
 }
