@@ -19,6 +19,11 @@ struct Page {
 }
 
 impl Page {
+    /// Serves a fixed page.
+    async fn serve_html(html: String) -> Page {
+        Self::serve_with(move || html.clone()).await
+    }
+
     /// Serves the page; `gateway` is filled in once the gateway runs, before the page is opened.
     async fn serve(gateway: Arc<OnceLock<SocketAddr>>, token: &str) -> Page {
         let token = token.to_owned();
@@ -43,12 +48,17 @@ source.onerror = () => {{
 </script></body></html>"#
             )
         };
+        Self::serve_with(move || html(*gateway.get().expect("the gateway runs"))).await
+    }
+
+    /// Serves `/page.html` as `page` makes it, and collects what the page reports.
+    async fn serve_with(page: impl Fn() -> String + Clone + Send + Sync + 'static) -> Page {
         let (tx, reports) = mpsc::unbounded_channel();
         let router = axum::Router::new()
             .route(
                 "/page.html",
                 axum::routing::get(move || {
-                    let page = html(*gateway.get().expect("the gateway runs"));
+                    let page = page();
                     async move { axum::response::Html(page) }
                 }),
             )
@@ -167,4 +177,159 @@ async fn a_listed_origin_streams_with_its_cookie_and_an_unlisted_one_does_not() 
     let report = unlisted.next_report().await;
     assert_eq!(report["kind"], "error", "{report}");
     assert_eq!(report["messages"], 0, "{report}");
+}
+
+/// A TCP proxy between the browser and the gateway that can cut every open connection, and hold
+/// new ones back until released; it keeps each request head it forwarded.
+struct Proxy {
+    addr: SocketAddr,
+    heads: tokio::sync::watch::Receiver<Vec<String>>,
+    open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// `true` while new connections may reach the gateway.
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (heads_tx, heads) = tokio::sync::watch::channel(Vec::new());
+        let heads_tx = Arc::new(heads_tx);
+        let (gate, gate_rx) = tokio::sync::watch::channel(true);
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tracked = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (heads_tx, mut gate_rx) = (heads_tx.clone(), gate_rx.clone());
+                let task = tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    heads_tx.send_modify(|h| h.push(String::from_utf8_lossy(&head).into_owned()));
+                    if gate_rx.wait_for(|open| *open).await.is_err() {
+                        return;
+                    }
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    if server.write_all(&head).await.is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                tracked.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            heads,
+            open,
+            gate,
+        }
+    }
+
+    /// Drops every connection open now.
+    fn cut(&self) {
+        for task in self.open.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn hold(&self) {
+        self.gate.send_replace(false);
+    }
+
+    fn release(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Waits until `n` request heads arrived; all of them.
+    async fn heads(&mut self, n: usize) -> Vec<String> {
+        tokio::time::timeout(PATIENCE * 2, self.heads.wait_for(|h| h.len() >= n))
+            .await
+            .expect("the browser reconnects")
+            .unwrap()
+            .clone()
+    }
+}
+
+/// A page subscribing to `topics` on `gateway` (the proxy), reporting every event it sees.
+async fn multi_topic_page(gateway: SocketAddr, query: &str) -> Page {
+    let html = format!(
+        r#"<!doctype html><html><body><script>
+const report = (what) => fetch('/report', {{method: 'POST', body: JSON.stringify(what)}});
+const source = new EventSource('http://{gateway}/v1/events?{query}');
+source.onopen = () => report({{kind: 'open'}});
+source.onmessage = (e) => report({{kind: 'message', id: e.lastEventId, data: JSON.parse(e.data)}});
+source.onerror = () => report({{kind: 'error'}});
+</script></body></html>"#
+    );
+    Page::serve_html(html).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_reconnect_resumes_every_topic_with_the_composite_id() {
+    let redis = RedisServer::start().await;
+    let mut s = crate::helpers::settings(Some(&redis));
+    s.cors.allowed_origins = vec!["*".into()];
+    s.retry = std::time::Duration::from_millis(100);
+    let app = spawn_app(s).await;
+    let mut proxy = Proxy::start(app.addr).await;
+    let mut page = multi_topic_page(proxy.addr, "topic=a&topic=b").await;
+    let _browser = Chromium::open(&format!("{}/page.html", page.origin()));
+    assert_eq!(page.next_report().await["kind"], "open");
+
+    // Live events of both topics, each in an envelope, each with a composite id.
+    let a1 = app.publish("a", "a1").await;
+    let b1 = app.publish("b", "b1").await;
+    let first = page.next_report().await;
+    let second = page.next_report().await;
+    assert_eq!(first["data"], json!({"topic": "a", "id": a1, "data": "a1"}));
+    assert_eq!(
+        second["data"],
+        json!({"topic": "b", "id": b1, "data": "b1"})
+    );
+    let last_seen = second["id"].as_str().unwrap().to_owned();
+    assert!(last_seen.starts_with('m'), "{last_seen}");
+
+    // The connection drops; the browser comes back by itself, held at the proxy while events
+    // are published to both topics.
+    proxy.hold();
+    proxy.cut();
+    assert_eq!(page.next_report().await["kind"], "error");
+    let heads = proxy.heads(2).await;
+    let a2 = app.publish("a", "a2").await;
+    let b2 = app.publish("b", "b2").await;
+    proxy.release();
+    // The browser sent the composite id it last saw, and gets exactly what it missed.
+    let resume = heads[1].to_ascii_lowercase();
+    assert!(
+        resume.contains(&format!(
+            "last-event-id: {}",
+            last_seen.to_ascii_lowercase()
+        )),
+        "{resume}"
+    );
+    assert_eq!(page.next_report().await["kind"], "open");
+    let mut missed = vec![page.next_report().await, page.next_report().await];
+    missed.sort_by_key(|r| r["data"]["topic"].as_str().unwrap_or("").to_owned());
+    assert_eq!(
+        missed[0]["data"],
+        json!({"topic": "a", "id": a2, "data": "a2"})
+    );
+    assert_eq!(
+        missed[1]["data"],
+        json!({"topic": "b", "id": b2, "data": "b2"})
+    );
+    // And on, live: nothing repeated in between.
+    let a3 = app.publish("a", "a3").await;
+    assert_eq!(
+        page.next_report().await["data"],
+        json!({"topic": "a", "id": a3, "data": "a3"})
+    );
 }
