@@ -316,7 +316,7 @@ async fn a_browser_reconnect_resumes_every_topic_with_the_composite_id() {
         "{resume}"
     );
     assert_eq!(page.next_report().await["kind"], "open");
-    let mut missed = vec![page.next_report().await, page.next_report().await];
+    let mut missed = [page.next_report().await, page.next_report().await];
     missed.sort_by_key(|r| r["data"]["topic"].as_str().unwrap_or("").to_owned());
     assert_eq!(
         missed[0]["data"],
