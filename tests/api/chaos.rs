@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::helpers::{stream_ids, ResumingClient};
+use crate::helpers::{envelope, stream_ids, ResumingClient};
 
 const TOPIC: &str = "chaos";
+/// A second topic, read together with the first by the multi-topic subscribers.
+const SIDE: &str = "chaos.side";
 
 /// The bed, stopped on drop.
 struct TestBed {
@@ -100,8 +102,9 @@ fn free_port_run(n: u16) -> u16 {
 async fn publish_until(
     lb: String,
     publisher: usize,
+    topic: &'static str,
     stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<String>>>,
+    acked: Arc<Mutex<Vec<(&'static str, String)>>>,
 ) -> usize {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -112,7 +115,7 @@ async fn publish_until(
         if stop.load(Ordering::Acquire) {
             break;
         }
-        let body = json!({"topic": TOPIC, "data": format!("p{publisher}-{i}"), "idempotency_key": format!("p{publisher}-{i}")});
+        let body = json!({"topic": topic, "data": format!("p{publisher}-{i}"), "idempotency_key": format!("p{publisher}-{i}")});
         loop {
             let reply = http
                 .post(format!("{lb}/v1/events"))
@@ -125,7 +128,7 @@ async fn publish_until(
                     acked
                         .lock()
                         .unwrap()
-                        .push(v["id"].as_str().unwrap().to_owned());
+                        .push((topic, v["id"].as_str().unwrap().to_owned()));
                     break;
                 }
             }
@@ -184,8 +187,24 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let publishers: Vec<_> = (0..2)
-        .map(|p| tokio::spawn(publish_until(lb.clone(), p, stop.clone(), acked.clone())))
+    // Two publishers on the main topic, one on a side topic.
+    let publishers: Vec<_> = [TOPIC, TOPIC, SIDE]
+        .into_iter()
+        .enumerate()
+        .map(|(p, topic)| {
+            tokio::spawn(publish_until(
+                lb.clone(),
+                p,
+                topic,
+                stop.clone(),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    // And two subscribers reading both topics on one connection, with one composite cursor.
+    let both = format!("topic={TOPIC}&topic={SIDE}");
+    let mut multi: Vec<ResumingClient> = (0..2)
+        .map(|_| ResumingClient::start_query(vec![lb.clone()], &both, Some("0".into()), None))
         .collect();
     let mut subscribers: Vec<(Option<String>, ResumingClient)> = (0..6)
         .map(|_| {
@@ -205,7 +224,13 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
         tokio::time::sleep(pause).await;
         if !late_joined && Instant::now() > started + Duration::from_secs(seconds / 2) {
             // Late joiners, resuming from an id acknowledged mid-run.
-            let cursor = acked.lock().unwrap().last().cloned();
+            let cursor = acked
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|(topic, _)| *topic == TOPIC)
+                .map(|(_, id)| id.clone());
             for _ in 0..2 {
                 subscribers.push((
                     cursor.clone(),
@@ -258,19 +283,32 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
         retries += p.await.unwrap();
     }
 
-    // Ground truth: the stream as Redis holds it.
+    // Ground truth: the streams as Redis holds them.
     let stream = stream_ids(&bed.redis_url(), TOPIC).await;
+    let side = stream_ids(&bed.redis_url(), SIDE).await;
     let acked = acked.lock().unwrap().clone();
     let position: HashMap<&str, usize> = stream
         .iter()
         .enumerate()
         .map(|(i, id)| (id.as_str(), i))
         .collect();
+    let side_position: HashMap<&str, usize> = side
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
     let acked_lost = acked
         .iter()
-        .filter(|id| !position.contains_key(id.as_str()))
+        .filter(|(topic, id)| {
+            let stored = if *topic == TOPIC {
+                &position
+            } else {
+                &side_position
+            };
+            !stored.contains_key(id.as_str())
+        })
         .count();
-    let acked_unique: HashSet<&String> = acked.iter().collect();
+    let acked_unique: HashSet<&(&str, String)> = acked.iter().collect();
     let last = stream.last().expect("events were published").clone();
 
     let mut total = Tally::default();
@@ -290,14 +328,49 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
         total.reordered += t.reordered;
         total.gaps += t.gaps;
     }
+    for (i, client) in multi.iter_mut().enumerate() {
+        let lasts = [
+            (TOPIC.to_owned(), last.clone()),
+            (SIDE.to_owned(), side.last().expect("side events").clone()),
+        ];
+        let events = client
+            .events_when(|all| {
+                lasts.iter().all(|l| {
+                    all.iter()
+                        .filter(|e| e.event != "ssegate.gap")
+                        .any(|e| envelope(e) == *l)
+                })
+            })
+            .await;
+        let gaps = events.iter().filter(|e| e.event == "ssegate.gap").count();
+        for (topic, truth, pos) in [(TOPIC, &stream, &position), (SIDE, &side, &side_position)] {
+            let got: Vec<String> = events
+                .iter()
+                .filter(|e| e.event != "ssegate.gap")
+                .map(envelope)
+                .filter(|(t, _)| t == topic)
+                .map(|(_, id)| id)
+                .collect();
+            let t = tally(&got, truth, pos);
+            println!(
+                "multi-topic subscriber {i}, {topic}: {} received, {t:?}",
+                got.len()
+            );
+            total.lost += t.lost;
+            total.duplicated += t.duplicated;
+            total.reordered += t.reordered;
+        }
+        total.gaps += gaps;
+    }
     let kills: usize = actions.values().sum();
     println!(
         "chaos: {}s, {kills} disruptions {actions:?}, {} events acknowledged ({} publish retries), \
-         {} subscribers: lost {} / duplicated {} / reordered {} (gap notices {}, acknowledged but missing from Redis {})",
+         {} subscribers (and {} on both topics): lost {} / duplicated {} / reordered {} (gap notices {}, acknowledged but missing from Redis {})",
         started.elapsed().as_secs(),
         acked.len(),
         retries,
         subscribers.len(),
+        multi.len(),
         total.lost,
         total.duplicated,
         total.reordered,
