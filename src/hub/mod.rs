@@ -52,7 +52,7 @@ pub use self::session::{Output, Session};
 use crate::config::Settings;
 use crate::event::{Event, StreamId, Topic};
 use crate::shutdown::Shutdown;
-use crate::store::{Signal, Store, StoreError};
+use crate::store::{Signal, Store, StoreError, ADVANCED_BATCH};
 
 /// Messages queued per pump before the dispatcher stops queueing and flags a read instead.
 const PUMP_QUEUE: usize = 1024;
@@ -307,7 +307,7 @@ async fn dispatch(hub: std::sync::Weak<Inner>, mut signals: mpsc::UnboundedRecei
     }
 }
 
-/// Every `catchup_interval`: asks the store, in one command per [`ADVANCED_BATCH`](crate::store::ADVANCED_BATCH) topics,
+/// Every `catchup_interval`: asks the store, in one command per [`ADVANCED_BATCH`] topics,
 /// which active topics have events after what their pump delivered, and has only those read.
 ///
 /// Announcements on a healthy pub/sub connection arrive in order and are not lost, and after a
@@ -329,24 +329,39 @@ async fn safety_net(hub: std::sync::Weak<Inner>, interval: Duration) {
             _ = shutdown.wait() => return,
         }
         let Some(hub) = hub.upgrade() else { return };
-        let now = std::time::Instant::now();
         let handles = hub.handles();
-        let mut positions = Vec::with_capacity(handles.len());
-        for h in &handles {
-            h.replays().forget_expired(now, hub.replay_sharing);
-            if let Some(horizon) = h.feed.horizon() {
-                positions.push((h.name.clone(), horizon));
-            }
-        }
-        match hub.store.advanced(&positions).await {
-            Ok(moved) => {
-                for topic in moved {
-                    if let Some(h) = hub.handle(topic.as_str()) {
-                        h.send(PumpMessage::Read);
-                    }
+        // The batches are spread over the interval: back to back, each holding Redis (and a
+        // worker of this node) for a moment, they would delay the announcements behind them.
+        let batches = handles.len().div_ceil(ADVANCED_BATCH);
+        let pause = interval / (batches as u32 + 1);
+        for (i, batch) in handles.chunks(ADVANCED_BATCH).enumerate() {
+            if i > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.wait() => return,
                 }
             }
-            Err(e) => debug!(error = %e, "safety net check failed; next interval"),
+            let now = std::time::Instant::now();
+            let mut positions = Vec::with_capacity(batch.len());
+            for h in batch {
+                h.replays().forget_expired(now, hub.replay_sharing);
+                if let Some(horizon) = h.feed.horizon() {
+                    positions.push((h.name.clone(), horizon));
+                }
+            }
+            match hub.store.advanced(&positions).await {
+                Ok(moved) => {
+                    for topic in moved {
+                        if let Some(h) = hub.handle(topic.as_str()) {
+                            h.send(PumpMessage::Read);
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "safety net check failed; next interval");
+                    break;
+                }
+            }
         }
     }
 }
