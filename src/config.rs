@@ -124,6 +124,13 @@ pub struct Retention {
     pub max_events: u64,
     /// Trim with `MAXLEN ~` (much cheaper; keeps at least `max_events`) instead of exactly.
     pub approximate: bool,
+    /// Events older than this are trimmed when the topic is next published to (`MINID`).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// A topic with no publish for this long is removed (its stream and idempotency keys); its
+    /// last id is kept for as long again, so a client resuming it is told of the gap.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Option<Duration>,
 }
 
 /// Timeouts for talking to Redis; the driver's defaults are too short for large replays.
@@ -205,6 +212,8 @@ impl Default for Retention {
         Retention {
             max_events: 10_000,
             approximate: true,
+            max_age: None,
+            idle_ttl: None,
         }
     }
 }
@@ -309,6 +318,21 @@ impl Settings {
         }
         if !(1..=10_000).contains(&self.max_batch_events) {
             return invalid("max_batch_events", "must be between 1 and 10000");
+        }
+        if self
+            .retention
+            .max_age
+            .is_some_and(|a| a < Duration::from_secs(1))
+        {
+            return invalid("retention.max_age", "must be at least 1s");
+        }
+        if let Some(ttl) = self.retention.idle_ttl {
+            if ttl < self.idempotency_window {
+                return invalid(
+                    "retention.idle_ttl",
+                    "must be at least idempotency_window (a removed topic takes its idempotency keys with it)",
+                );
+            }
         }
         if !(1..=1024).contains(&self.max_topics_per_connection) {
             return invalid("max_topics_per_connection", "must be between 1 and 1024");

@@ -16,11 +16,13 @@ use crate::event::{Event, NewEvent, StreamId, Topic};
 
 /// Events per topic, in memory.
 pub struct MemoryStore {
-    /// Every topic ever written, by name. A topic stays once created, like a Redis stream that
-    /// was trimmed to nothing, so the gap rule can still tell a trimmed cursor from a foreign one.
-    topics: Mutex<HashMap<String, TopicLog>>,
+    logs: Mutex<Logs>,
     /// Events kept per topic (0 = all).
     max_events: u64,
+    /// Events older than this are trimmed on the topic's next append.
+    max_age: Option<Duration>,
+    /// Topics with no append for this long are removed, leaving a tombstone as long again.
+    idle_ttl: Option<Duration>,
     /// How long an idempotency key maps to its first id.
     idempotency_window: Duration,
     /// Where appends are announced; the hub holds the receiving end.
@@ -29,8 +31,19 @@ pub struct MemoryStore {
     signal_rx: Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
 }
 
+/// The topics, and what is left of removed ones.
+struct Logs {
+    /// Every topic written, by name. A topic stays (like a Redis stream trimmed to nothing, so
+    /// the gap rule can still tell a trimmed cursor from a foreign one) unless `idle_ttl` removes
+    /// it.
+    topics: HashMap<String, TopicLog>,
+    /// Removed topics: their last id, and until when it is kept (Redis's `:last` key).
+    tombstones: HashMap<String, (StreamId, Instant)>,
+    /// When idle topics were last looked for.
+    swept: Instant,
+}
+
 /// One topic's stream.
-#[derive(Default)]
 struct TopicLog {
     /// Retained events, oldest first; ids strictly increasing.
     entries: VecDeque<Event>,
@@ -38,6 +51,11 @@ struct TopicLog {
     last_generated: StreamId,
     /// Whether retention ever removed an entry, for the gap rule.
     trimmed_any: bool,
+    /// The last id of the topic this one replaced after it was removed (Redis's
+    /// max-deleted-entry-id after `XSETID`), for the gap rule.
+    max_deleted: StreamId,
+    /// When the topic was last appended to, for `idle_ttl`.
+    appended: Instant,
     /// Idempotency key → id it produced and when.
     idempotency: HashMap<String, (StreamId, Instant)>,
     /// Keys in the order they were stored, so expired ones are dropped without a scan.
@@ -48,18 +66,73 @@ impl MemoryStore {
     pub fn new(settings: &Settings) -> Self {
         let (signal_tx, signal_rx) = mpsc::unbounded_channel();
         MemoryStore {
-            topics: Mutex::new(HashMap::new()),
+            logs: Mutex::new(Logs {
+                topics: HashMap::new(),
+                tombstones: HashMap::new(),
+                swept: Instant::now(),
+            }),
             max_events: settings.retention.max_events,
+            max_age: settings.retention.max_age,
+            idle_ttl: settings.retention.idle_ttl,
             idempotency_window: settings.idempotency_window,
             signal_tx,
             signal_rx: Mutex::new(Some(signal_rx)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TopicLog>> {
+    /// The logs, with topics idle for `idle_ttl` turned into tombstones first.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Logs> {
         // A panic while holding the lock cannot leave a log half-updated in a way that matters
         // more than stopping to serve, so keep going with the data as it is.
-        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ttl) = self.idle_ttl {
+            logs.expire(ttl, Instant::now());
+        }
+        logs
+    }
+}
+
+impl Logs {
+    /// Removes topics idle for `ttl` (keeping their last id for as long again) and tombstones
+    /// past their time. Looks at most every quarter of `ttl`.
+    fn expire(&mut self, ttl: Duration, now: Instant) {
+        if now.duration_since(self.swept) < ttl / 4 {
+            return;
+        }
+        self.swept = now;
+        let idle: Vec<String> = self
+            .topics
+            .iter()
+            .filter(|(_, log)| now.duration_since(log.appended) >= ttl)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in idle {
+            if let Some(log) = self.topics.remove(&name) {
+                self.tombstones
+                    .insert(name, (log.last_generated, log.appended + ttl * 2));
+            }
+        }
+        self.tombstones.retain(|_, (_, until)| *until > now);
+        self.topics.shrink_to_fit();
+        self.tombstones.shrink_to_fit();
+    }
+
+    /// The topic's log, created if needed; a removed topic comes back carrying its old last id
+    /// as deleted, as Redis does.
+    fn log_for(&mut self, topic: &str, now: Instant) -> &mut TopicLog {
+        let tombstone = self.tombstones.remove(topic).map(|(last, _)| last);
+        self.topics.entry(topic.to_owned()).or_insert_with(|| {
+            let last = tombstone.unwrap_or(StreamId::ZERO);
+            TopicLog {
+                entries: VecDeque::new(),
+                last_generated: last,
+                trimmed_any: false,
+                max_deleted: last,
+                appended: now,
+                idempotency: HashMap::new(),
+                idempotency_order: VecDeque::new(),
+            }
+        })
     }
 }
 
@@ -96,13 +169,20 @@ impl TopicLog {
         }
     }
 
-    fn trim(&mut self, max_events: u64) {
-        if max_events == 0 {
-            return;
+    fn trim(&mut self, max_events: u64, max_age: Option<Duration>) {
+        if max_events > 0 {
+            while self.entries.len() as u64 > max_events {
+                self.entries.pop_front();
+                self.trimmed_any = true;
+            }
         }
-        while self.entries.len() as u64 > max_events {
-            self.entries.pop_front();
-            self.trimmed_any = true;
+        if let (Some(age), Some(newest)) = (max_age, self.entries.back()) {
+            // As `XTRIM MINID`: by the newest id's time, not the clock.
+            let oldest_kept = newest.id.ms.saturating_sub(age.as_millis() as u64);
+            while self.entries.front().is_some_and(|e| e.id.ms < oldest_kept) {
+                self.entries.pop_front();
+                self.trimmed_any = true;
+            }
         }
     }
 
@@ -121,9 +201,10 @@ impl Store for MemoryStore {
         topic: &Topic,
         events: &[NewEvent],
     ) -> Result<Vec<StreamId>, StoreError> {
-        let mut topics = self.lock();
-        let log = topics.entry(topic.as_str().to_owned()).or_default();
         let now = Instant::now();
+        let mut logs = self.lock();
+        let log = logs.log_for(topic.as_str(), now);
+        log.appended = now;
         log.expire_keys(self.idempotency_window, now);
         let mut ids = Vec::with_capacity(events.len());
         for new in events {
@@ -146,7 +227,7 @@ impl Store for MemoryStore {
                 log.idempotency.insert(key.clone(), (id, now));
                 log.idempotency_order.push_back((now, key.clone()));
             }
-            log.trim(self.max_events);
+            log.trim(self.max_events, self.max_age);
             // The hub may be gone during shutdown; the event is stored either way.
             let _ = self.signal_tx.send(Signal::Appended {
                 topic: topic.as_str().to_owned(),
@@ -164,21 +245,30 @@ impl Store for MemoryStore {
         cursor: StreamId,
         count: usize,
     ) -> Result<Page, StoreError> {
-        let topics = self.lock();
-        let Some(log) = topics.get(topic.as_str()) else {
-            let gap = classify(cursor, false, None);
+        let logs = self.lock();
+        let Some(log) = logs.topics.get(topic.as_str()) else {
+            // Gone: what its tombstone says (an emptied stream), or nothing at all.
+            let last = logs.tombstones.get(topic.as_str()).map(|(last, _)| *last);
+            let facts = last.map(|last| StreamFacts {
+                first_retained: None,
+                last_generated: last,
+                max_deleted: last,
+                removed_any: true,
+            });
+            let gap = classify(cursor, false, facts);
             return Ok(Page {
                 gap,
                 events: Vec::new(),
-                resume_after: gap.map(|_| StreamId::ZERO),
+                resume_after: gap.map(|_| last.unwrap_or(StreamId::ZERO)),
             });
         };
         let (exists, after) = log.position_after(cursor);
         let facts = StreamFacts {
             first_retained: log.entries.front().map(|e| e.id),
             last_generated: log.last_generated,
-            // Events are never deleted one by one here, only trimmed.
-            max_deleted: StreamId::ZERO,
+            // Events are never deleted one by one here, only trimmed; a topic recreated after
+            // it was removed counts the old history as deleted.
+            max_deleted: log.max_deleted,
             removed_any: log.trimmed_any,
         };
         let gap = classify(cursor, exists, Some(facts));
@@ -198,18 +288,22 @@ impl Store for MemoryStore {
     }
 
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
-        let topics = self.lock();
-        Ok(topics.get(topic.as_str()).map_or(StreamId::ZERO, |log| {
-            log.entries.back().map_or(log.last_generated, |e| e.id)
-        }))
+        let logs = self.lock();
+        Ok(match logs.topics.get(topic.as_str()) {
+            Some(log) => log.entries.back().map_or(log.last_generated, |e| e.id),
+            None => logs
+                .tombstones
+                .get(topic.as_str())
+                .map_or(StreamId::ZERO, |(last, _)| *last),
+        })
     }
 
     async fn advanced(&self, positions: &[(Topic, StreamId)]) -> Result<Vec<Topic>, StoreError> {
-        let topics = self.lock();
+        let logs = self.lock();
         Ok(positions
             .iter()
             .filter(|(topic, after)| {
-                topics
+                logs.topics
                     .get(topic.as_str())
                     .and_then(|log| log.entries.back())
                     .is_some_and(|newest| newest.id > *after)
@@ -236,5 +330,45 @@ impl Store for MemoryStore {
 
     async fn ready(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn abandoned_topics_give_their_memory_back() {
+        let mut settings = Settings::default();
+        settings.retention.idle_ttl = Some(Duration::from_millis(40));
+        let store = MemoryStore::new(&settings);
+        let event = NewEvent {
+            event: None,
+            data: "x".into(),
+            idempotency_key: Some("k".into()),
+        };
+        for i in 0..100 {
+            let t = Topic::parse(&format!("random.{i}")).unwrap();
+            store
+                .append(&t, std::slice::from_ref(&event))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.lock().topics.len(), 100);
+        // Idle past the TTL: the topics go, their tombstones stay; later those go too.
+        let removed = Instant::now() + Duration::from_millis(45);
+        while Instant::now() < removed {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let logs = store.lock();
+        assert_eq!((logs.topics.len(), logs.tombstones.len()), (0, 100));
+        drop(logs);
+        let forgotten = Instant::now() + Duration::from_millis(45);
+        while Instant::now() < forgotten {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let logs = store.lock();
+        assert_eq!((logs.topics.len(), logs.tombstones.len()), (0, 0));
+        assert!(logs.topics.capacity() < 100, "the table shrank");
     }
 }

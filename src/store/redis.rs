@@ -62,6 +62,10 @@ pub struct RedisStore {
     trim_mode: &'static str,
     /// Idempotency window in milliseconds.
     idempotency_window_ms: u64,
+    /// `retention.max_age` in milliseconds (0 = none).
+    max_age_ms: u64,
+    /// `retention.idle_ttl` in milliseconds (0 = topics live forever).
+    idle_ttl_ms: u64,
     /// Per-command deadline; the driver's own covers a single reply only.
     response_timeout: Duration,
     /// Requests to the task that owns the subscriptions.
@@ -106,6 +110,11 @@ impl Keys {
 
     fn keyspace_channel(&self, topic: &str) -> String {
         format!("{}{}}}", self.keyspace_head, topic)
+    }
+
+    /// An expired stream's last id, kept as long again, for the gap rule.
+    fn tombstone(&self, topic: &str) -> String {
+        format!("{}:{{{}}}:last", self.prefix, topic)
     }
 
     fn idempotency(&self, topic: &str, key: &str) -> String {
@@ -204,6 +213,14 @@ impl RedisStore {
                 "="
             },
             idempotency_window_ms: settings.idempotency_window.as_millis() as u64,
+            max_age_ms: settings
+                .retention
+                .max_age
+                .map_or(0, |a| a.as_millis() as u64),
+            idle_ttl_ms: settings
+                .retention
+                .idle_ttl
+                .map_or(0, |t| t.as_millis() as u64),
             response_timeout: timing.response_timeout,
             watch_tx,
             pubsub_healthy,
@@ -256,7 +273,9 @@ impl Store for RedisStore {
     ) -> Result<Vec<StreamId>, StoreError> {
         let stream = self.keys.stream(topic.as_str());
         let mut invocation = self.scripts.append.prepare_invoke();
-        invocation.key(&stream);
+        invocation
+            .key(&stream)
+            .key(self.keys.tombstone(topic.as_str()));
         for new in events {
             match &new.idempotency_key {
                 Some(key) => invocation.key(self.keys.idempotency(topic.as_str(), key)),
@@ -267,7 +286,9 @@ impl Store for RedisStore {
             .arg(self.keys.live_channel(topic.as_str()))
             .arg(self.max_events)
             .arg(self.trim_mode)
-            .arg(self.idempotency_window_ms);
+            .arg(self.idempotency_window_ms)
+            .arg(self.max_age_ms)
+            .arg(self.idle_ttl_ms);
         for new in events {
             invocation
                 .arg(new.event.as_deref().unwrap_or(""))
@@ -300,6 +321,7 @@ impl Store for RedisStore {
         let mut invocation = self.scripts.read.prepare_invoke();
         invocation
             .key(self.keys.stream(topic.as_str()))
+            .key(self.keys.tombstone(topic.as_str()))
             .arg(cursor.to_string())
             .arg(count);
         let reply = self.run(invocation).await?;
@@ -331,7 +353,9 @@ impl Store for RedisStore {
 
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
         let mut invocation = self.scripts.tail.prepare_invoke();
-        invocation.key(self.keys.stream(topic.as_str()));
+        invocation
+            .key(self.keys.stream(topic.as_str()))
+            .key(self.keys.tombstone(topic.as_str()));
         let reply = self.run(invocation).await?;
         parse_id(&reply)
     }

@@ -344,3 +344,145 @@ async fn advanced_names_only_topics_with_newer_entries(s: Subject) {
     let expected: Vec<Topic> = [999, 1999].iter().map(|&i| many[i].clone()).collect();
     assert_eq!(moved, expected);
 }
+
+/// Settings for the retention cases: no count limit, exact trimming, short windows.
+fn retention_settings(max_age: Option<Duration>, idle_ttl: Option<Duration>) -> Settings {
+    let mut s = base_settings(0);
+    s.retention.max_age = max_age;
+    s.retention.idle_ttl = idle_ttl;
+    s.idempotency_window = Duration::from_millis(300);
+    s
+}
+
+async fn memory_with(settings: Settings) -> Subject {
+    Subject {
+        store: Arc::new(MemoryStore::new(&settings)),
+        _redis: None,
+        _shutdown: ShutdownOnDrop(Shutdown::new()),
+    }
+}
+
+async fn redis_with(mut settings: Settings) -> Subject {
+    let server = RedisServer::start().await;
+    settings.redis_url = Some(server.url());
+    let shutdown = Shutdown::new();
+    let store = RedisStore::connect(&settings, shutdown.clone()).unwrap();
+    store.connected().await;
+    Subject {
+        store: Arc::new(store),
+        _redis: Some(server),
+        _shutdown: ShutdownOnDrop(shutdown),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+const AGE: Duration = Duration::from_millis(20);
+
+#[tokio::test]
+async fn memory_store_trims_by_age() {
+    trims_by_age(memory_with(retention_settings(Some(AGE), None)).await).await
+}
+
+#[tokio::test]
+async fn redis_store_trims_by_age() {
+    trims_by_age(redis_with(retention_settings(Some(AGE), None)).await).await
+}
+
+async fn trims_by_age(s: Subject) {
+    let store = &*s.store;
+    let t = topic("aged");
+    let old = append_n(store, &t, 2).await;
+    // Time passing is the point here: the next append is more than AGE younger.
+    while now_ms() <= old[1].ms + AGE.as_millis() as u64 + 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let young = append_n(store, &t, 1).await[0];
+    let page = store.read(&t, StreamId::ZERO, 10).await.unwrap();
+    assert_eq!(page.gap, Some(GapReason::Trimmed));
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [young]
+    );
+    let page = store.read(&t, old[0], 10).await.unwrap();
+    assert_eq!(
+        page.gap,
+        Some(GapReason::Trimmed),
+        "a cursor in the aged-out part"
+    );
+    let page = store.read(&t, young, 10).await.unwrap();
+    assert_eq!((page.gap, page.events.len()), (None, 0));
+}
+
+const IDLE: Duration = Duration::from_millis(300);
+
+#[tokio::test]
+async fn memory_store_removes_idle_topics() {
+    removes_idle_topics(memory_with(retention_settings(None, Some(IDLE))).await).await
+}
+
+#[tokio::test]
+async fn redis_store_removes_idle_topics() {
+    removes_idle_topics(redis_with(retention_settings(None, Some(IDLE))).await).await
+}
+
+async fn removes_idle_topics(s: Subject) {
+    let store = &*s.store;
+    let t = topic("abandoned");
+    let keyed = NewEvent {
+        idempotency_key: Some("k".into()),
+        ..event("first")
+    };
+    let first = store.append(&t, &[keyed.clone()]).await.unwrap()[0];
+    let last = append_n(store, &t, 1).await[0];
+    // Removed once idle: a cursor inside the old history is told of the gap.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = store.read(&t, first, 10).await.unwrap();
+        if page.events.is_empty() {
+            assert_eq!(page.gap, Some(GapReason::Trimmed));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle topic was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The last id is remembered: a client that had everything resumes without a notice, and
+    // new readers start after it.
+    let page = store.read(&t, last, 10).await.unwrap();
+    assert_eq!((page.gap, page.events.len()), (None, 0));
+    assert_eq!(
+        store.read(&t, StreamId::ZERO, 10).await.unwrap().gap,
+        Some(GapReason::Trimmed)
+    );
+    assert_eq!(store.tail(&t).await.unwrap(), last);
+    let future = StreamId::new(last.ms + 60_000, 0);
+    assert_eq!(
+        store.read(&t, future, 10).await.unwrap().gap,
+        Some(GapReason::UnknownCursor)
+    );
+
+    // Published to again: a new stream whose ids follow the old ones, the idempotency key gone
+    // with the topic, and the same answers for old cursors.
+    let again = store.append(&t, &[keyed]).await.unwrap()[0];
+    assert!(again > last, "{again} after {last}");
+    let page = store.read(&t, last, 10).await.unwrap();
+    assert_eq!(page.gap, None);
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [again]
+    );
+    let page = store.read(&t, first, 10).await.unwrap();
+    assert_eq!(page.gap, Some(GapReason::Trimmed));
+    assert_eq!(
+        page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [again]
+    );
+}
