@@ -64,12 +64,15 @@ B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
 N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
 if [ $smoke -eq 1 ]; then
   secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50 users=200 urate=100 hold=2
+  mconns=50 mper=4 mtopics=50 mrate=100
 else
   # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
   # events, each to a tenth of the subscribers (500k/s offered).
   secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000
   # One topic per user: 10,000 users, 1,000 events/s spread over them.
   users=10000 urate=1000 hold=10
+  # Several topics per connection: 1,000 connections x 10 topics over 1,000 topics.
+  mconns=1000 mper=10 mtopics=1000 mrate=1000
 fi
 
 echo "== publish" >&2
@@ -102,6 +105,9 @@ idleu_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID" --topics "$maxstep" 
 idleu_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
 fanu_s=$(bench $S fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
 fanu_n=$(bench $N fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
+echo "== several topics per connection" >&2
+fanm_s=$(bench $S fanout --subscribers $mconns --topics $mtopics --per-connection $mper --rate $mrate --seconds $secs)
+fanm_n=$(bench $N fanout --subscribers $mconns --topics $mtopics --per-connection $mper --rate $mrate --seconds $secs)
 echo "== reconnect storm" >&2
 storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
 
@@ -137,6 +143,8 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   row "one topic each, idle: Redis commands/s" "$idleu_s" "$idleu_n" idle_redis_commands_per_second
   row "fan-out, $users subscribers on a topic each, $urate events/s (deliveries/s)" "$fanu_s" "$fanu_n" deliveries_per_sec
   row "fan-out, a topic each: p99 latency (ms)" "$fanu_s" "$fanu_n" latency_p99_ms
+  row "$mconns connections x $mper topics each, $mrate events/s over $mtopics topics (deliveries/s)" "$fanm_s" "$fanm_n" deliveries_per_sec
+  row "several topics per connection: p99 latency (ms)" "$fanm_s" "$fanm_n" latency_p99_ms
   echo
   a=$(field "$batch_s" '["events_per_sec"]')
   echo "Batched publish (JSON arrays of 100, c=8): $a events/s; pipelined \`redis-benchmark\` XADD"
@@ -193,16 +201,16 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$storm_s"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$storm_s"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
   cat "$out"
   rm -f "$out"
   # Every scenario must have done real work, on both hubs.
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" <<'PY'
 import json, sys
-pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n = map(json.loads, sys.argv[1:])
+pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n, fanm_s, fanm_n = map(json.loads, sys.argv[1:])
 checks = {
     "ssegate publishes": pub_s["events"] > 0 and pub_s["errors"] == 0,
     "nchan publishes": pub_n["events"] > 0 and pub_n["errors"] == 0,
@@ -217,6 +225,8 @@ checks = {
     "idle Redis commands are counted": idleu_s["idle_redis_commands_per_second"] is not None,
     "ssegate fans out to a topic each": fanu_s["delivered"] == fanu_s["expected_deliveries"] > 0,
     "nchan fans out to a topic each": fanu_n["delivered"] > 0,
+    "ssegate delivers every event on multi-topic connections": fanm_s["delivered"] == fanm_s["expected_deliveries"] > 0,
+    "nchan delivers on multiplexed channels": fanm_n["delivered"] > 0,
 }
 failed = [k for k, ok in checks.items() if not ok]
 if failed:

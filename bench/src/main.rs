@@ -76,6 +76,10 @@ enum Scenario {
         /// Publish through this URL instead (e.g. another node).
         #[arg(long)]
         publish_url: Option<String>,
+        /// Topics each connection reads (ssegate: `?topic=a&topic=b…`; nchan: a multiplexed
+        /// channel). Subscriber s reads topics s·K … s·K+K−1, modulo `topics`.
+        #[arg(long, default_value_t = 1)]
+        per_connection: usize,
     },
     /// Idle connections in steps; the hub's RSS read from /proc/<pid>/status.
     Idle {
@@ -118,6 +122,20 @@ impl Hub {
         match self.target {
             Target::Ssegate => format!("{}/v1/events?topic={topic}", self.base),
             Target::Nchan => format!("{}/pub/{topic}", self.base),
+        }
+    }
+
+    /// One connection reading several topics.
+    fn subscribe_many_url(&self, topics: &[String]) -> String {
+        if topics.len() == 1 {
+            return self.subscribe_url(&topics[0]);
+        }
+        match self.target {
+            Target::Ssegate => {
+                let query: Vec<String> = topics.iter().map(|t| format!("topic={t}")).collect();
+                format!("{}/v1/events?{}", self.base, query.join("&"))
+            }
+            Target::Nchan => format!("{}/sub/multi/{}", self.base, topics.join(",")),
         }
     }
 
@@ -174,7 +192,19 @@ async fn main() {
             rate,
             seconds,
             publish_url,
-        } => fanout(hub, subscribers, topics, rate, seconds, publish_url).await,
+            per_connection,
+        } => {
+            fanout(
+                hub,
+                subscribers,
+                topics,
+                rate,
+                seconds,
+                publish_url,
+                per_connection,
+            )
+            .await
+        }
         Scenario::Idle {
             steps,
             pid,
@@ -292,6 +322,7 @@ async fn fanout(
     rate: f64,
     seconds: f64,
     publish_url: Option<String>,
+    per_connection: usize,
 ) -> Value {
     let http = client(64);
     let delivered = Arc::new(AtomicU64::new(0));
@@ -300,7 +331,10 @@ async fn fanout(
     let mut readers = Vec::with_capacity(subscribers);
     let mut failed = 0;
     for s in 0..subscribers {
-        let url = hub.subscribe_url(&format!("fan{}", s % topics));
+        let mine: Vec<String> = (0..per_connection)
+            .map(|j| format!("fan{}", (s * per_connection + j) % topics))
+            .collect();
+        let url = hub.subscribe_many_url(&mine);
         let Some(mut stream) = open_stream(&http, &url, None).await else {
             failed += 1;
             continue;
@@ -312,11 +346,16 @@ async fn fanout(
             loop {
                 match tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
                     Ok(Some(Ok(event))) => {
-                        let sent = event
-                            .data
-                            .split(' ')
-                            .next()
-                            .and_then(|t| t.parse::<u64>().ok());
+                        // A multi-topic ssegate stream wraps the payload in an envelope.
+                        let data = if event.data.starts_with('{') {
+                            serde_json::from_str::<Value>(&event.data)
+                                .ok()
+                                .and_then(|v| v["data"].as_str().map(str::to_owned))
+                                .unwrap_or_default()
+                        } else {
+                            event.data
+                        };
+                        let sent = data.split(' ').next().and_then(|t| t.parse::<u64>().ok());
                         if let Some(sent) = sent {
                             let _ = local.record(now_micros().saturating_sub(sent).max(1));
                             delivered.fetch_add(1, Ordering::Relaxed);
@@ -376,9 +415,11 @@ async fn fanout(
     let h = latencies.lock().expect("histogram lock");
     let delivered = delivered.load(Ordering::Relaxed);
     let connected = (subscribers - failed) as u64;
-    let expected = (published - publish_errors) * connected / topics as u64;
+    let expected = (published - publish_errors) * connected * per_connection.min(topics) as u64
+        / topics as u64;
     json!({
         "scenario": "fanout", "subscribers": subscribers, "topics": topics, "rate": rate,
+        "topics_per_connection": per_connection,
         "connect_failures": failed, "published": published, "publish_errors": publish_errors,
         "delivered": delivered, "expected_deliveries": expected,
         "deliveries_per_sec": delivered as f64 / publish_secs,

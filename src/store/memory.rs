@@ -362,7 +362,11 @@ mod tests {
         }
         let counts = |store: &MemoryStore| {
             let logs = store.lock();
-            (logs.topics.len(), logs.tombstones.len(), logs.topics.capacity())
+            (
+                logs.topics.len(),
+                logs.tombstones.len(),
+                logs.topics.capacity(),
+            )
         };
         assert_eq!(counts(&store).0, 0);
         assert_eq!(counts(&store).1, 100);

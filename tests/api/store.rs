@@ -438,7 +438,10 @@ async fn removes_idle_topics(s: Subject) {
         idempotency_key: Some("k".into()),
         ..event("first")
     };
-    let first = store.append(&t, std::slice::from_ref(&keyed)).await.unwrap()[0];
+    let first = store
+        .append(&t, std::slice::from_ref(&keyed))
+        .await
+        .unwrap()[0];
     let last = append_n(store, &t, 1).await[0];
     // Removed once idle: a cursor inside the old history is told of the gap.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
