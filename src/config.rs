@@ -1,16 +1,21 @@
 //! Settings, layered defaults < config file < environment (`SSEGATE_*`) < command-line flags.
 //!
 //! Environment variables use `__` between levels: `SSEGATE_RETENTION__MAX_EVENTS=5000`.
+//! Variables that start `SSEGATE_` but name no setting are ignored with one warning: Kubernetes
+//! injects `SSEGATE_PORT`, `SSEGATE_SERVICE_HOST`… into every pod when a Service is named
+//! `ssegate`. Unknown keys in a config file stay errors, so typos are caught.
 //! Durations are written like `15s`, `500ms`, `5m`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
 
 /// Everything the gateway can be configured with.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Address the HTTP server binds.
@@ -72,7 +77,7 @@ pub struct Settings {
 }
 
 /// JWT authorization. Any of the three key settings switches it on.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// HMAC secret (HS256/384/512).
@@ -95,7 +100,7 @@ pub struct Auth {
 }
 
 /// Cross-origin access for browser pages.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Cors {
     /// Exact origins (`https://app.example.com`) that get CORS headers with credentials, or `*`
@@ -104,7 +109,7 @@ pub struct Cors {
 }
 
 /// Per-node bounds on connections and request heads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Open connections the node accepts; over it, new ones get a `503`. `None`: derived from
@@ -117,7 +122,7 @@ pub struct Limits {
 }
 
 /// Per-topic history retention.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
     /// Events kept per topic; 0 keeps everything.
@@ -134,7 +139,7 @@ pub struct Retention {
 }
 
 /// Timeouts for talking to Redis; the driver's defaults are too short for large replays.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisTiming {
     /// Time allowed to open a connection.
@@ -228,6 +233,33 @@ impl Default for RedisTiming {
     }
 }
 
+/// Splits the environment into the `SSEGATE_*` variables that name a setting (`__` between
+/// levels) and the names of those that do not.
+fn setting_variables(
+    vars: impl Iterator<Item = (String, String)>,
+) -> (HashMap<String, String>, Vec<String>) {
+    let known = serde_json::to_value(Settings::default()).unwrap_or_default();
+    let mut settings = HashMap::new();
+    let mut ignored = Vec::new();
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("SSEGATE_") else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let mut node = Some(&known);
+        for part in lower.split("__") {
+            node = node.and_then(|n| n.get(part));
+        }
+        if node.is_some() {
+            settings.insert(name, value);
+        } else {
+            ignored.push(name);
+        }
+    }
+    ignored.sort();
+    (settings, ignored)
+}
+
 /// The layers above the defaults that only the command line can give.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -255,8 +287,16 @@ impl Settings {
         if let Some(path) = &overrides.config_file {
             builder = builder.add_source(config::File::from(path.as_path()).required(true));
         }
+        let (variables, ignored) = setting_variables(std::env::vars());
+        if !ignored.is_empty() {
+            tracing::warn!(
+                variables = %ignored.join(", "),
+                "ignoring environment variables that start with SSEGATE_ but name no setting"
+            );
+        }
         builder = builder.add_source(
             config::Environment::with_prefix("SSEGATE")
+                .source(Some(variables))
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
@@ -423,6 +463,41 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variables_naming_no_setting_are_set_aside() {
+        let vars = [
+            ("SSEGATE_RETENTION__MAX_EVENTS", "5"),
+            ("SSEGATE_HEARTBEAT_INTERVAL", "3s"),
+            ("SSEGATE_AUTH__JWT_KEY", "k"),
+            ("SSEGATE_PORT", "tcp://10.96.0.12:8080"),
+            ("SSEGATE_SERVICE_HOST", "10.96.0.12"),
+            ("SSEGATE_PORT_8080_TCP_ADDR", "10.96.0.12"),
+            ("SSEGATE_RETENTION__MAX_EVENT", "5"),
+            ("OTHER", "x"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()));
+        let (settings, ignored) = setting_variables(vars.into_iter());
+        let mut kept: Vec<&str> = settings.keys().map(String::as_str).collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            [
+                "SSEGATE_AUTH__JWT_KEY",
+                "SSEGATE_HEARTBEAT_INTERVAL",
+                "SSEGATE_RETENTION__MAX_EVENTS"
+            ]
+        );
+        assert_eq!(
+            ignored,
+            [
+                "SSEGATE_PORT",
+                "SSEGATE_PORT_8080_TCP_ADDR",
+                "SSEGATE_RETENTION__MAX_EVENT",
+                "SSEGATE_SERVICE_HOST"
+            ]
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -256,27 +256,27 @@ pub async fn publish(
         max_batch_events: state.settings.max_batch_events,
     };
 
+    let header_key = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_idempotency_key",
+                        "Idempotency-Key must be ASCII",
+                    )
+                })?
+                .to_owned(),
+        ),
+        None => None,
+    };
     let (events, batch) = if let Some(topic) = query.get("topic") {
         let data = String::from_utf8(body.to_vec()).map_err(|_| {
             ApiError::bad_request("invalid_data", "the event body must be UTF-8 text")
         })?;
-        let key = match headers.get("idempotency-key") {
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| {
-                        ApiError::bad_request(
-                            "invalid_idempotency_key",
-                            "Idempotency-Key must be ASCII",
-                        )
-                    })?
-                    .to_owned(),
-            ),
-            None => None,
-        };
-        let item = limits.check(topic, data, query.get("event").cloned(), key, None)?;
+        let item = limits.check(topic, data, query.get("event").cloned(), header_key, None)?;
         (vec![item], false)
     } else {
-        parse_json_body(&body, &limits)?
+        parse_json_body(&body, &limits, header_key.as_deref())?
     };
 
     state
@@ -312,9 +312,14 @@ fn runs_by_topic(events: Vec<(Topic, NewEvent)>) -> Vec<(Topic, Vec<NewEvent>)> 
 }
 
 /// Parses a JSON object or array into validated events; the bool says whether it was an array.
+///
+/// An `Idempotency-Key` header gives the key of a single event that has none in its body; in a
+/// batch, event `i` without its own key gets `<header>#<i>`, so a retried batch is deduplicated
+/// event by event.
 fn parse_json_body(
     body: &[u8],
     limits: &Limits,
+    header_key: Option<&str>,
 ) -> Result<(Vec<(Topic, NewEvent)>, bool), ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(
@@ -336,7 +341,13 @@ fn parse_json_body(
             Value::String(s) => s,
             other => other.to_string(),
         };
-        limits.check(&item.topic, data, item.event, item.idempotency_key, index)
+        let key = item.idempotency_key.or_else(|| {
+            header_key.map(|h| match index {
+                Some(i) => format!("{h}#{i}"),
+                None => h.to_owned(),
+            })
+        });
+        limits.check(&item.topic, data, item.event, key, index)
     };
     match value {
         Value::Array(items) => {
@@ -458,8 +469,8 @@ mod tests {
             json in "[\\[\\]{}\\\":,a-z0-9 ]{0,200}",
         ) {
             let limits = Limits { max_event_bytes: 64, max_batch_events: 4 };
-            let _ = parse_json_body(&raw, &limits);
-            let _ = parse_json_body(json.as_bytes(), &limits);
+            let _ = parse_json_body(&raw, &limits, None);
+            let _ = parse_json_body(json.as_bytes(), &limits, Some("k"));
         }
     }
 }

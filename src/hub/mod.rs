@@ -293,6 +293,11 @@ async fn dispatch(hub: std::sync::Weak<Inner>, mut signals: mpsc::UnboundedRecei
                     h.send(PumpMessage::Announced { prev, event });
                 }
             }
+            Signal::AppendedId { topic, id } => {
+                if let Some(h) = hub.handle(&topic) {
+                    h.send(PumpMessage::ReadTo(id));
+                }
+            }
             Signal::Poke { topic } => {
                 if let Some(h) = hub.handle(&topic) {
                     h.send(PumpMessage::Read);

@@ -18,7 +18,12 @@ use crate::store::StoreError;
 const PUMP_RETRY: Duration = Duration::from_millis(250);
 
 pub(super) enum PumpMessage {
-    Announced { prev: StreamId, event: Event },
+    /// Entry `id` exists: read up to it unless the feed is there already.
+    ReadTo(StreamId),
+    Announced {
+        prev: StreamId,
+        event: Event,
+    },
     Read,
 }
 
@@ -176,6 +181,7 @@ impl Pump {
                         true
                     }
                 }
+                PumpMessage::ReadTo(id) => must_read || id > self.last,
                 PumpMessage::Read => true,
             };
             if self.inbox.take_overflow() {

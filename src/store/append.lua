@@ -9,10 +9,16 @@
 -- ARGV[4]    idempotency window in milliseconds
 -- ARGV[5]    max age in milliseconds (0 = no limit)
 -- ARGV[6]    idle TTL in milliseconds (0 = topics live forever)
--- ARGV[7..]  per event: type ('' = message), data, '1' if it has an idempotency key else '0'
+-- ARGV[7]    largest payload announced with its event (bytes)
+-- ARGV[8]    most payload bytes announced by one call
+-- ARGV[9..]  per event: type ('' = message), data, '1' if it has an idempotency key else '0'
 --
 -- Each announcement is "<prev id>\n<id>\n<type>\n<data>": prev is the stream's newest entry before
 -- this one, so a node can tell whether it saw every entry in between (direct XADDs included).
+-- A large event, or any event once the call has announced its share of bytes, is announced as
+-- "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed to the topic
+-- receives every announcement, and Redis drops a subscriber whose pending output passes its
+-- pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to them all.
 -- Returns one id per event; a repeated idempotency key returns the first id and appends nothing.
 --
 -- A stream recreated after it expired carries its tombstone on as its max-deleted-entry-id, so
@@ -24,6 +30,8 @@ local maxlen = tonumber(ARGV[2])
 local window = ARGV[4]
 local max_age = tonumber(ARGV[5])
 local idle_ttl = tonumber(ARGV[6])
+local inline_max = tonumber(ARGV[7])
+local budget = tonumber(ARGV[8])
 
 local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local prev = '0-0'
@@ -40,9 +48,9 @@ end
 
 local ids = {}
 local last = nil
-local count = (#ARGV - 6) / 3
+local count = (#ARGV - 8) / 3
 for i = 1, count do
-  local base = 6 + (i - 1) * 3
+  local base = 8 + (i - 1) * 3
   local etype, data, keyed = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3] == '1'
   local existing = false
   if keyed then
@@ -74,7 +82,12 @@ for i = 1, count do
     if keyed then
       redis.call('SET', KEYS[2 + i], id, 'PX', window)
     end
-    redis.call('PUBLISH', channel, prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
+    if #data <= inline_max and #data <= budget then
+      budget = budget - #data
+      redis.call('PUBLISH', channel, prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
+    else
+      redis.call('PUBLISH', channel, prev .. '\n' .. id)
+    end
     prev = id
     last = id
     ids[i] = id

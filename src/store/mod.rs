@@ -128,6 +128,9 @@ pub enum Signal {
         prev: StreamId,
         event: Event,
     },
+    /// An entry `id` was appended and announced without its payload (a large one): read the
+    /// stream up to it, unless already there.
+    AppendedId { topic: String, id: StreamId },
     /// Something was appended to the topic that the store cannot describe (e.g. a direct
     /// `XADD`): read the stream.
     Poke { topic: String },

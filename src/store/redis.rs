@@ -288,7 +288,9 @@ impl Store for RedisStore {
             .arg(self.trim_mode)
             .arg(self.idempotency_window_ms)
             .arg(self.max_age_ms)
-            .arg(self.idle_ttl_ms);
+            .arg(self.idle_ttl_ms)
+            .arg(ANNOUNCE_INLINE_MAX)
+            .arg(ANNOUNCE_CALL_BUDGET);
         for new in events {
             invocation
                 .arg(new.event.as_deref().unwrap_or(""))
@@ -668,11 +670,17 @@ async fn translate_pushes(
                             let _ = signals.send(Signal::Poke { topic: previous });
                         }
                         match parse_announcement(payload) {
-                            Some((prev, event)) => {
+                            Some(Announcement::Event(prev, event)) => {
                                 let _ = signals.send(Signal::Appended {
                                     topic: topic.to_owned(),
                                     prev,
                                     event,
+                                });
+                            }
+                            Some(Announcement::Id(id)) => {
+                                let _ = signals.send(Signal::AppendedId {
+                                    topic: topic.to_owned(),
+                                    id,
                                 });
                             }
                             None => {
@@ -691,16 +699,31 @@ async fn translate_pushes(
     }
 }
 
-/// Parses `<prev>\n<id>\n<type>\n<data>`.
-fn parse_announcement(payload: &[u8]) -> Option<(StreamId, Event)> {
+/// Largest payload announced with its event; larger ones are announced by id.
+const ANNOUNCE_INLINE_MAX: usize = 16 * 1024;
+/// Most payload bytes one append announces with their events; past it, by id. A batch of a
+/// thousand 60 KB events then announces ~300 KB instead of 60 MB to every node.
+const ANNOUNCE_CALL_BUDGET: usize = 256 * 1024;
+
+/// What an announcement says.
+enum Announcement {
+    /// `<prev>\n<id>\n<type>\n<data>`: the event, and the entry before it.
+    Event(StreamId, Event),
+    /// `<prev>\n<id>`: an entry to read from the stream.
+    Id(StreamId),
+}
+
+fn parse_announcement(payload: &[u8]) -> Option<Announcement> {
     let text = String::from_utf8_lossy(payload);
     let mut parts = text.splitn(4, '\n');
     let prev = parts.next()?.parse().ok()?;
     let id = parts.next()?.parse().ok()?;
-    let ty = parts.next()?;
+    let Some(ty) = parts.next() else {
+        return Some(Announcement::Id(id));
+    };
     let data = parts.next()?.to_owned();
     let event = (!ty.is_empty()).then(|| ty.to_owned());
-    Some((prev, Event { id, event, data }))
+    Some(Announcement::Event(prev, Event { id, event, data }))
 }
 
 async fn check_version(conn: &mut ConnectionManager) -> Result<(), StoreError> {
@@ -911,13 +934,23 @@ mod tests {
 
     #[test]
     fn announcements_keep_newlines_in_data() {
-        let (prev, e) = parse_announcement(b"1-0\n2-0\nupd\nline1\nline2").unwrap();
+        let Some(Announcement::Event(prev, e)) = parse_announcement(b"1-0\n2-0\nupd\nline1\nline2")
+        else {
+            panic!("an event");
+        };
         assert_eq!(prev, StreamId::new(1, 0));
         assert_eq!(e.id, StreamId::new(2, 0));
         assert_eq!(e.event.as_deref(), Some("upd"));
         assert_eq!(e.data, "line1\nline2");
-        let (_, e) = parse_announcement(b"0-0\n2-0\n\n").unwrap();
+        let Some(Announcement::Event(_, e)) = parse_announcement(b"0-0\n2-0\n\n") else {
+            panic!("an event");
+        };
         assert_eq!(e.event, None);
         assert_eq!(e.data, "");
+        assert!(matches!(
+            parse_announcement(b"1-0\n2-0"),
+            Some(Announcement::Id(id)) if id == StreamId::new(2, 0)
+        ));
+        assert!(parse_announcement(b"garbage").is_none());
     }
 }

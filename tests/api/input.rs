@@ -430,3 +430,34 @@ async fn a_batch_failing_part_way_says_which_events_were_persisted() {
     );
     assert_eq!(persisted.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_key_header_dedupes_json_publishes_too() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    let send = |body: Value, key: &'static str| {
+        let req = app
+            .http
+            .post(app.url("/v1/events"))
+            .header("Idempotency-Key", key)
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let one = json!({"topic": "idem.json", "data": "once"});
+    let (s1, first) = send(one.clone(), "order-17").await;
+    let (s2, again) = send(one, "order-17").await;
+    assert_eq!((s1, s2), (201, 201));
+    assert_eq!(first["id"], again["id"]);
+    // A batch: each event keyed by the header and its place, so a retry appends nothing.
+    let batch = json!([
+        {"topic": "idem.json", "data": "a"},
+        {"topic": "idem.json", "data": "b", "idempotency_key": "own"},
+    ]);
+    let (_, first) = send(batch.clone(), "batch-9").await;
+    let (_, again) = send(batch, "batch-9").await;
+    assert_eq!(first["ids"], again["ids"]);
+    assert_eq!(redis.stream_ids("idem.json").await.len(), 3);
+}

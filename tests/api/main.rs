@@ -8,6 +8,7 @@ mod delivery;
 mod failure;
 mod helpers;
 mod input;
+mod ops;
 mod process;
 mod raw;
 mod security;

@@ -41,6 +41,8 @@ fn bad_configuration_fails_at_start_naming_the_setting() {
 struct Binary {
     child: std::process::Child,
     base: String,
+    /// What it logged up to the "listening" line.
+    startup: Vec<String>,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -70,14 +72,17 @@ impl Binary {
                 let _ = tx.send(line);
             }
         });
-        let binary = Binary {
+        let mut binary = Binary {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            startup: Vec::new(),
             lines,
         };
         loop {
             let line = binary.lines.recv_timeout(PATIENCE).expect("gateway starts");
-            if line.contains("ssegate listening") {
+            let listening = line.contains("ssegate listening");
+            binary.startup.push(line);
+            if listening {
                 return binary;
             }
         }
@@ -250,4 +255,51 @@ async fn tokens_never_reach_the_logs() {
             assert!(!line.contains(signature), "a token in the log: {line}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variables_a_kubernetes_service_injects_do_not_stop_the_gateway() {
+    let redis = RedisServer::start().await;
+    let gateway = Binary::start(
+        &redis,
+        &[
+            ("SSEGATE_PORT", "tcp://10.96.0.12:8080"),
+            ("SSEGATE_SERVICE_HOST", "10.96.0.12"),
+            ("SSEGATE_SERVICE_PORT", "8080"),
+            ("SSEGATE_PORT_8080_TCP_ADDR", "10.96.0.12"),
+            ("SSEGATE_HEARTBEAT_INTERVAL", "7s"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let warning = gateway
+        .startup
+        .iter()
+        .find(|l| l.contains("name no setting"))
+        .unwrap_or_else(|| panic!("one warning line: {:#?}", gateway.startup));
+    for name in [
+        "SSEGATE_PORT",
+        "SSEGATE_SERVICE_HOST",
+        "SSEGATE_PORT_8080_TCP_ADDR",
+    ] {
+        assert!(warning.contains(name), "{warning}");
+    }
+    assert!(
+        !warning.contains("HEARTBEAT"),
+        "a real setting is not ignored: {warning}"
+    );
+    let r = reqwest::get(format!("{}/healthz", gateway.base))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn a_typo_in_the_config_file_stops_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ssegate.toml");
+    std::fs::write(&file, "[retention]\nmax_event = 5\n").unwrap();
+    let out = ssegate().arg("--config").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_event"), "{stderr}");
 }
