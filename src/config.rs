@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 pub struct Settings {
     /// Address the HTTP server binds.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served instead of on `listen`, to keep it off the public port.
+    pub metrics_listen: Option<SocketAddr>,
     /// Redis to use; absent runs the embedded in-memory store (single node).
     pub redis_url: Option<String>,
     /// First part of every Redis key and channel, so several deployments can share one Redis.
@@ -157,6 +159,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
             redis_url: None,
             key_prefix: "ssegate".into(),
             retention: Retention::default(),

@@ -31,6 +31,7 @@ pub mod cursor;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod shutdown;
 pub mod sse;
 pub mod startup;

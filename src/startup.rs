@@ -12,6 +12,7 @@ use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::http::{self, AppState, Server, ServerStats};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 
@@ -36,6 +37,8 @@ pub struct Application {
     connections: TaskTracker,
     addr: SocketAddr,
     hub: Hub,
+    /// `/metrics` on `metrics_listen`, when set.
+    metrics_server: Option<(TcpListener, axum::Router)>,
     shutdown: Shutdown,
     shutdown_timeout: Duration,
 }
@@ -53,9 +56,11 @@ impl Application {
                 "no auth key is configured: anyone who can reach this address may publish and subscribe to every topic"
             );
         }
+        let metrics = Arc::new(Metrics::new());
         let store: Arc<dyn Store> = match &settings.redis_url {
             Some(_) => {
-                let store = RedisStore::connect(&settings, shutdown.clone())?;
+                let store =
+                    RedisStore::connect(&settings, shutdown.clone())?.with_metrics(metrics.clone());
                 // A normal start is ready at once; without Redis, serve and report not-ready.
                 let first =
                     tokio::time::timeout(settings.redis.connect_timeout * 2, store.connected());
@@ -69,7 +74,7 @@ impl Application {
                 Arc::new(MemoryStore::new(&settings))
             }
         };
-        let hub = Hub::start(store, &settings, shutdown.clone());
+        let hub = Hub::start(store, &settings, shutdown.clone(), metrics.clone());
         let listener = listen(settings.listen).map_err(|source| StartupError::Listen {
             addr: settings.listen,
             source,
@@ -87,11 +92,26 @@ impl Application {
             .unwrap_or_else(default_max_connections);
         info!(max_connections, "connection limit");
         let settings = Arc::new(settings);
-        let app = http::app(AppState {
+        let state = AppState {
             hub: hub.clone(),
             settings: settings.clone(),
             auth: Arc::new(auth),
-        });
+            metrics: metrics.clone(),
+        };
+        // `/metrics` on its own address, when asked: kept off the public port.
+        let metrics_server = match settings.metrics_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::Listen { addr, source })?;
+                let router = axum::Router::new()
+                    .route("/metrics", axum::routing::get(http::metrics))
+                    .with_state(state.clone());
+                Some((listener, router))
+            }
+            None => None,
+        };
+        let app = http::app(state);
         let connections = TaskTracker::new();
         let server = Server::new(
             listener,
@@ -100,12 +120,14 @@ impl Application {
             max_connections,
             connections.clone(),
             shutdown.clone(),
+            metrics,
         );
         Ok(Application {
             server,
             connections,
             addr,
             hub,
+            metrics_server,
             shutdown,
             shutdown_timeout,
         })
@@ -129,6 +151,19 @@ impl Application {
     /// elsewhere; connections still open after `shutdown_timeout` are abandoned.
     pub async fn run(self) -> std::io::Result<()> {
         info!(addr = %self.addr, "ssegate listening");
+        if let Some((listener, router)) = self.metrics_server {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "metrics listening");
+            }
+            let signal = self.shutdown.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { signal.wait().await });
+                if let Err(e) = served.await {
+                    warn!(error = %e, "the metrics listener stopped");
+                }
+            });
+        }
         let connections = self.connections;
         let server = self.server;
         let serve = async move {

@@ -54,6 +54,23 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// A short name for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed(_) => "malformed",
+            AuthError::Signature => "signature",
+            AuthError::Algorithm => "algorithm",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::Audience => "audience",
+            AuthError::Issuer => "issuer",
+            AuthError::UnknownKey => "unknown_key",
+            AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::Forbidden { .. } => "forbidden",
+        }
+    }
+
     /// `403` rather than `401`: the token is good, it just does not cover the topic.
     pub fn is_forbidden(&self) -> bool {
         matches!(self, AuthError::Forbidden { .. })

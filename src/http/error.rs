@@ -71,6 +71,18 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// Whether the gateway or its store failed (`5xx`), rather than the request (`4xx`).
+    pub fn is_server_error(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Unavailable { .. }
+                | ApiError::Internal { .. }
+                | ApiError::Auth(AuthError::KeysUnavailable)
+        )
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::from_store(e, None)

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -16,11 +17,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{multi, ApiError, AppState, StreamOnSocket};
-use crate::auth::Access;
+use crate::auth::{Access, AuthError};
 use crate::config::Settings;
 use crate::cursor;
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
 use crate::hub::{Output, Session};
+use crate::metrics::{Metrics, PublishResult, ReasonLabel, ResultLabel};
 use crate::sse;
 
 /// Longest accepted idempotency key, in bytes.
@@ -140,20 +142,50 @@ fn event_stream(
     session: Session,
     settings: &Settings,
     expires: Option<SystemTime>,
+    metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let retry = sse::retry_frame(settings.retry.as_millis() as u64);
     let heartbeat = settings.heartbeat_interval;
     let first = futures_util::stream::once(async move { retry });
-    let rest = futures_util::stream::unfold(session, move |mut session| async move {
-        match session.next(tokio::time::sleep(heartbeat)).await {
-            Output::Live(delivery) => Some((delivery.frame.clone(), session)),
-            Output::Replayed(page) => Some((page.frames.clone(), session)),
-            Output::Farewell(retry) => Some((retry, session)),
-            Output::Idle => Some((sse::heartbeat_frame(), session)),
-            Output::End => None,
-        }
-    });
+    let open = OpenStream::new(metrics);
+    let rest =
+        futures_util::stream::unfold((session, open), move |(mut session, open)| async move {
+            let frames = match session.next(tokio::time::sleep(heartbeat)).await {
+                Output::Live(delivery) => {
+                    open.delivered(1);
+                    delivery.frame.clone()
+                }
+                Output::Replayed(page) => {
+                    open.delivered(page.events.len());
+                    page.frames.clone()
+                }
+                Output::Farewell(retry) => retry,
+                Output::Idle => sse::heartbeat_frame(),
+                Output::End => return None,
+            };
+            Some((frames, (session, open)))
+        });
     first.chain(rest).take_until(expiry(expires))
+}
+
+/// Counts an open stream for as long as it lives, and what it delivers.
+pub(super) struct OpenStream(Arc<Metrics>);
+
+impl OpenStream {
+    pub(super) fn new(metrics: Arc<Metrics>) -> OpenStream {
+        metrics.open_streams.inc();
+        OpenStream(metrics)
+    }
+
+    pub(super) fn delivered(&self, events: usize) {
+        self.0.deliveries.inc_by(events as u64);
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.dec();
+    }
 }
 
 /// Completes at `expires` (the token's `exp`, plus the leeway); never without.
@@ -175,7 +207,10 @@ pub async fn subscribe(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.auth.may_try_subscribing(&access)?;
+    state
+        .auth
+        .may_try_subscribing(&access)
+        .map_err(|e| refused(&state, e))?;
     let last_event_id = headers.get("last-event-id").map(|v| v.as_bytes());
     let settings = &state.settings;
     let (topics, cursors) = subscription(
@@ -184,7 +219,10 @@ pub async fn subscribe(
         settings.max_topics_per_connection,
     )?;
     for topic in &topics {
-        state.auth.may_subscribe(&access, topic)?;
+        state
+            .auth
+            .may_subscribe(&access, topic)
+            .map_err(|e| refused(&state, e))?;
     }
     let sessions = try_join_all(
         topics
@@ -196,11 +234,12 @@ pub async fn subscribe(
     let expires = access.expires();
     let body = if topics.len() == 1 {
         let session = sessions.into_iter().next().ok_or(ApiError::NotFound)?;
-        let frames = event_stream(session, settings, expires);
+        let frames = event_stream(session, settings, expires, state.metrics.clone());
         Body::from_stream(frames.map(Ok::<_, Infallible>))
     } else {
         let retry = sse::retry_frame(settings.retry.as_millis() as u64);
-        let frames = multi::stream(topics, sessions, retry, settings.heartbeat_interval);
+        let open = OpenStream::new(state.metrics.clone());
+        let frames = multi::stream(topics, sessions, retry, settings.heartbeat_interval, open);
         Body::from_stream(frames.take_until(expiry(expires)).map(Ok::<_, Infallible>))
     };
 
@@ -237,8 +276,40 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = store_events(&state, &access, raw, headers, body).await;
+    let metrics = &state.metrics;
+    let outcome = match &result {
+        Ok((_, stored)) => {
+            metrics.events_published.inc_by(*stored as u64);
+            PublishResult::acknowledged
+        }
+        Err(e) if e.is_server_error() => PublishResult::failed,
+        Err(_) => PublishResult::refused,
+    };
+    metrics
+        .publishes
+        .get_or_create(&ResultLabel { result: outcome })
+        .inc();
+    metrics
+        .publish_duration
+        .observe(started.elapsed().as_secs_f64());
+    result.map(|(response, _)| response)
+}
+
+/// Validates, authorizes and stores a publish: the answer, and the number of events stored.
+async fn store_events(
+    state: &AppState,
+    access: &Access,
+    raw: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(Response, usize), ApiError> {
     // Without a usable token, the body is not even read.
-    state.auth.may_try_publishing(&access)?;
+    state
+        .auth
+        .may_try_publishing(access)
+        .map_err(|e| refused(state, e))?;
     let body = axum::body::to_bytes(body, super::body_limit(&state.settings))
         .await
         .map_err(|_| {
@@ -281,7 +352,8 @@ pub async fn publish(
 
     state
         .auth
-        .may_publish(&access, events.iter().map(|(topic, _)| topic))?;
+        .may_publish(access, events.iter().map(|(topic, _)| topic))
+        .map_err(|e| refused(state, e))?;
 
     let mut ids: Vec<StreamId> = Vec::with_capacity(events.len());
     for (topic, run) in runs_by_topic(events) {
@@ -295,7 +367,15 @@ pub async fn publish(
     } else {
         json!({ "id": ids.first().map(|id| id.to_string()) })
     };
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    let stored = ids.len();
+    Ok(((StatusCode::CREATED, Json(body)).into_response(), stored))
+}
+
+/// Counts a refusal by its reason, and turns it into the answer.
+fn refused(state: &AppState, e: AuthError) -> ApiError {
+    let reason = ReasonLabel { reason: e.code() };
+    state.metrics.auth_failures.get_or_create(&reason).inc();
+    ApiError::Auth(e)
 }
 
 /// Groups consecutive events of the same topic, in order, moving them (no payload copies): each

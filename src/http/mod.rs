@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
@@ -26,6 +26,7 @@ pub use self::server::{Server, ServerStats, StreamOnSocket};
 use crate::auth::Authenticator;
 use crate::config::{Cors, Settings};
 use crate::hub::Hub;
+use crate::metrics::{ConnectionLabel, Metrics};
 
 /// What every handler gets.
 #[derive(Clone)]
@@ -36,15 +37,21 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Token verification and the publish/subscribe rules.
     pub auth: Arc<Authenticator>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The routes of the public API behind every layer: the one door all requests pass.
 pub fn app(state: AppState) -> Router {
     let cors = cors(&state.settings.cors);
-    let mut router = Router::new()
+    let mut routes = Router::new()
         .route("/v1/events", get(events::subscribe).post(events::publish))
         .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .route("/readyz", get(health::readyz));
+    if state.settings.metrics_listen.is_none() {
+        routes = routes.route("/metrics", get(metrics));
+    }
+    let mut router = routes
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(
@@ -55,6 +62,24 @@ pub fn app(state: AppState) -> Router {
         router = router.layer(cors).layer(middleware::from_fn(cors_fixups));
     }
     router.with_state(state)
+}
+
+/// `/metrics` in the Prometheus (OpenMetrics) text format. Values other parts keep (connected
+/// Redis connections, active topics) are read now.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let m = &state.metrics;
+    m.active_topics.set(state.hub.active_topics() as i64);
+    for (connection, up) in state.hub.store().connections() {
+        m.redis_connected
+            .get_or_create(&ConnectionLabel { connection })
+            .set(i64::from(up));
+    }
+    let mut response = m.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
 }
 
 /// The largest request body read: a full batch of maximum-size events, plus room for the JSON

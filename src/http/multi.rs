@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{self, BoxStream, SelectAll};
 use futures_util::{Stream, StreamExt};
 
+use super::events::OpenStream;
 use crate::cursor;
 use crate::event::{Event, StreamId, Topic};
 use crate::hub::{Output, ReplayPage, Session};
@@ -34,6 +35,8 @@ struct Merged {
     heartbeat: Duration,
     /// Whether the shutdown `retry:` went out (each session offers one).
     said_goodbye: bool,
+    /// Counts the stream while it lives, and its deliveries.
+    open: OpenStream,
 }
 
 /// The body of a multi-topic stream: `retry:`, then every topic's replay and live events as
@@ -43,6 +46,7 @@ pub fn stream(
     sessions: Vec<Session>,
     retry: Bytes,
     heartbeat: Duration,
+    open: OpenStream,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let positions = sessions.iter().map(Session::position).collect();
     let outputs = stream::select_all(sessions.into_iter().enumerate().map(|(i, session)| {
@@ -63,6 +67,7 @@ pub fn stream(
         outputs,
         heartbeat,
         said_goodbye: false,
+        open,
     };
     stream::once(async move { retry }).chain(stream::unfold(merged, |mut m| async move {
         loop {
@@ -89,6 +94,7 @@ pub fn stream(
 impl Merged {
     /// One event of topic `i`: its position moves, and the composite cursor says so.
     fn event(&mut self, i: usize, event: &Event) -> Bytes {
+        self.open.delivered(1);
         self.positions[i] = event.id;
         let id = cursor::encode(&self.topics, &self.positions);
         let envelope = serde_json::json!({

@@ -35,7 +35,7 @@ mod replay;
 mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,7 @@ use self::session::{Membership, Place};
 pub use self::session::{Output, Session};
 use crate::config::Settings;
 use crate::event::{Event, StreamId, Topic};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{Signal, Store, StoreError, ADVANCED_BATCH};
 
@@ -81,8 +82,8 @@ struct Inner {
     retry_spread: Duration,
     /// Running pump tasks, to prove that released topics leave nothing behind.
     pumps: AtomicUsize,
-    /// Times a client fell behind the in-memory feed and caught up from the store.
-    catch_ups: AtomicU64,
+    /// Catch-ups, replay reads and gap notices are counted here.
+    metrics: Arc<Metrics>,
     /// Ends pumps and sessions.
     shutdown: Shutdown,
 }
@@ -127,7 +128,12 @@ pub struct Delivery {
 impl Hub {
     /// Starts the dispatcher, which routes store signals to pumps and periodically makes every
     /// pump check its stream.
-    pub fn start(store: Arc<dyn Store>, settings: &Settings, shutdown: Shutdown) -> Hub {
+    pub fn start(
+        store: Arc<dyn Store>,
+        settings: &Settings,
+        shutdown: Shutdown,
+        metrics: Arc<Metrics>,
+    ) -> Hub {
         let inner = Arc::new(Inner {
             store,
             topics: Mutex::new(HashMap::new()),
@@ -137,7 +143,7 @@ impl Hub {
             retry: settings.retry,
             retry_spread: settings.shutdown_retry_spread,
             pumps: AtomicUsize::new(0),
-            catch_ups: AtomicU64::new(0),
+            metrics,
             shutdown,
         });
         if let Some(signals) = inner.store.take_signals() {
@@ -166,7 +172,7 @@ impl Hub {
 
     /// Times a client fell behind the in-memory feed and caught up from the store.
     pub fn catch_ups(&self) -> u64 {
-        self.inner.catch_ups.load(Ordering::Relaxed)
+        self.inner.metrics.catch_ups.get()
     }
 
     /// Opens a session on `topic`, resuming after `cursor` (`None`: only new events).

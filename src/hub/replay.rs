@@ -10,6 +10,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use super::{Inner, TopicHandle};
 use crate::event::{Event, StreamId, Topic};
+use crate::metrics::SourceLabel;
 use crate::sse;
 use crate::store::{GapReason, Store, StoreError};
 
@@ -112,9 +113,13 @@ impl TopicHandle {
             let usable = started_after.is_none_or(|n| r.number > n)
                 && !matches!(r.page.peek(), Some(Err(_)));
             if usable {
+                let source = SourceLabel { source: "shared" };
+                hub.metrics.replay_reads.get_or_create(&source).inc();
                 return r.clone();
             }
         }
+        let source = SourceLabel { source: "store" };
+        hub.metrics.replay_reads.get_or_create(&source).inc();
         replays.last_number += 1;
         let number = replays.last_number;
         let read = read_replay(hub.store.clone(), self.name.clone(), cursor, hub.page_size);

@@ -1,7 +1,6 @@
 //! One client's session: replay from its cursor, then the live feed, with no gap and no
 //! duplicate at the seam.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,6 +10,7 @@ use super::feed::{Receiver, RecvError};
 use super::replay::ReplayPage;
 use super::{Delivery, Inner, Item, TopicHandle};
 use crate::event::StreamId;
+use crate::metrics::ReasonLabel;
 use crate::sse;
 use crate::store::StoreError;
 
@@ -115,10 +115,7 @@ impl Session {
                 Ok(Item::Event(_)) => {} // sent during the replay
                 Ok(Item::Resync) => self.replay_again(),
                 Err(RecvError::Lagged(_)) => {
-                    self.membership
-                        .hub
-                        .catch_ups
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.membership.hub.metrics.catch_ups.inc();
                     self.replay_again();
                 }
                 // The pump stopped (shutdown, mostly): end as on shutdown, with a spread retry.
@@ -162,6 +159,15 @@ impl Session {
         let topic = &self.membership.topic;
         let read = topic.replay(&self.membership.hub, self.cursor, self.reread);
         let page = read.page.await?;
+        if let Some(gap) = &page.gap {
+            let reason = gap.reason.as_str();
+            self.membership
+                .hub
+                .metrics
+                .gaps
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
         self.cursor = page.next;
         if !page.full {
             // The store has nothing more; the feed carries what comes after the horizon.

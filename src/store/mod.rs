@@ -172,6 +172,11 @@ pub trait Store: Send + Sync + 'static {
     /// The announcements. Only the first call gets the receiver.
     fn take_signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;
 
+    /// Each connection the store keeps, and whether it works now (for metrics).
+    fn connections(&self) -> Vec<(&'static str, bool)> {
+        Vec::new()
+    }
+
     /// Whether the store can serve reads, writes and announcements now.
     async fn ready(&self) -> Result<(), StoreError>;
 }

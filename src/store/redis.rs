@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -36,6 +36,7 @@ use redis::streams::StreamReadReply;
 use super::{classify, Page, Signal, Store, StoreError, StreamFacts, ADVANCED_BATCH};
 use crate::config::{RedisTiming, Settings};
 use crate::event::{Event, NewEvent, StreamId, Topic};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// How long an unmatched `xadd` notification waits for the gateway's own announcement that
@@ -74,6 +75,10 @@ pub struct RedisStore {
     pubsub_healthy: Arc<AtomicBool>,
     /// Handed out once, by `take_signals`.
     signal_rx: Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
+    /// Whether the last command on the command connection got an answer.
+    command_healthy: AtomicBool,
+    /// Command latency and errors, when the gateway keeps metrics.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The two connections to Redis.
@@ -225,7 +230,28 @@ impl RedisStore {
             watch_tx,
             pubsub_healthy,
             signal_rx: Mutex::new(Some(signal_rx)),
+            command_healthy: AtomicBool::new(true),
+            metrics: None,
         })
+    }
+
+    /// Counts command latency and errors in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records one command's latency and outcome.
+    fn observe<T>(&self, started: Instant, result: &Result<T, StoreError>) {
+        let answered = !matches!(result, Err(StoreError::Unavailable(_)));
+        self.command_healthy.store(answered, Ordering::Release);
+        if let Some(m) = &self.metrics {
+            m.redis_command_duration
+                .observe(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                m.redis_errors.inc();
+            }
+        }
     }
 
     /// Completes once Redis has answered for the first time.
@@ -249,8 +275,9 @@ impl RedisStore {
     /// Runs one script with an overall deadline.
     async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
         let mut conn = self.link()?.conn;
+        let started = Instant::now();
         // Twice the per-reply timeout: EVALSHA may be retried as EVAL once.
-        match tokio::time::timeout(
+        let result = match tokio::time::timeout(
             self.response_timeout * 2,
             invocation.invoke_async(&mut conn),
         )
@@ -260,7 +287,9 @@ impl RedisStore {
             Err(_) => Err(StoreError::Unavailable(
                 "redis did not answer in time".into(),
             )),
-        }
+        };
+        self.observe(started, &result);
+        result
     }
 }
 
@@ -377,11 +406,14 @@ impl Store for RedisStore {
                 cmd.arg(after.to_string());
             }
             let mut conn = self.link()?.conn;
-            let reply: Option<StreamReadReply> =
+            let started = Instant::now();
+            let reply: Result<Option<StreamReadReply>, StoreError> =
                 tokio::time::timeout(self.response_timeout, cmd.query_async(&mut conn))
                     .await
-                    .map_err(|_| StoreError::Unavailable("redis did not answer in time".into()))?
-                    .map_err(classify_error)?;
+                    .map_err(|_| StoreError::Unavailable("redis did not answer in time".into()))
+                    .and_then(|r| r.map_err(classify_error));
+            self.observe(started, &reply);
+            let reply = reply?;
             let Some(reply) = reply else { continue };
             let index: HashMap<&str, &Topic> = keys
                 .iter()
@@ -417,6 +449,14 @@ impl Store for RedisStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    fn connections(&self) -> Vec<(&'static str, bool)> {
+        let command = self.link.borrow().is_some() && self.command_healthy.load(Ordering::Acquire);
+        vec![
+            ("command", command),
+            ("subscription", self.pubsub_healthy.load(Ordering::Acquire)),
+        ]
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

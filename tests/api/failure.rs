@@ -263,7 +263,20 @@ async fn a_stalled_client_is_disconnected_and_resumes() {
         );
         ids.push(app.publish("stall", &payload).await);
     }
-    // Disconnected: it resumes where it was.
+    // Disconnected, and counted: it resumes where it was.
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::ops::sample(&metrics, "ssegate_slow_client_disconnects_total"),
+        1.0
+    );
     let mut resumed = app.subscribe("stall", Some(&first)).await;
     let got = resumed.take_ids(ids.len()).await;
     assert_eq!(got, ids);

@@ -69,3 +69,108 @@ async fn a_huge_batch_keeps_every_node_subscribed_and_delivers_everything() {
         assert_eq!(r.status(), 200);
     }
 }
+
+/// The value of one sample in a `/metrics` text (`name` with its labels, as written), or 0.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn scrape(url: &str) -> String {
+    let r = reqwest::get(url).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    r.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_the_gateway_is_used() {
+    let redis = RedisServer::start().await;
+    let app = spawn_app(settings(Some(&redis))).await;
+    let url = app.url("/metrics");
+    let before = scrape(&url).await;
+    assert_eq!(sample(&before, "ssegate_open_streams"), 0.0);
+    assert!(before.contains("ssegate_build_info{version=\""));
+
+    app.publish("m", "one").await;
+    let (status, _) = app
+        .post_json(&json!([{"topic": "m", "data": "two"}, {"topic": "m", "data": "three"}]))
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = app
+        .post_json(&json!({"topic": "bad topic", "data": "x"}))
+        .await;
+    assert_eq!(status, 400);
+    let mut sse = app.subscribe("m", Some("0")).await;
+    sse.take(3).await;
+    let mut future = app.subscribe("m", Some("99999999999999-0")).await;
+    assert_eq!(future.expect().await.event, "ssegate.gap");
+
+    let now = scrape(&url).await;
+    let acked = "ssegate_publish_requests_total{result=\"acknowledged\"}";
+    let refused = "ssegate_publish_requests_total{result=\"refused\"}";
+    assert_eq!(sample(&now, acked), 2.0, "{now}");
+    assert_eq!(sample(&now, refused), 1.0);
+    assert_eq!(sample(&now, "ssegate_events_published_total"), 3.0);
+    assert_eq!(sample(&now, "ssegate_publish_duration_seconds_count"), 3.0);
+    assert_eq!(sample(&now, "ssegate_open_streams"), 2.0);
+    assert_eq!(sample(&now, "ssegate_active_topics"), 1.0);
+    assert!(sample(&now, "ssegate_deliveries_total") >= 3.0);
+    assert!(sample(&now, "ssegate_replay_reads_total{source=\"store\"}") >= 1.0);
+    assert_eq!(
+        sample(&now, "ssegate_gaps_total{reason=\"unknown_cursor\"}"),
+        1.0
+    );
+    assert!(sample(&now, "ssegate_redis_command_duration_seconds_count") >= 3.0);
+    assert_eq!(
+        sample(&now, "ssegate_redis_connected{connection=\"command\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&now, "ssegate_redis_connected{connection=\"subscription\"}"),
+        1.0
+    );
+    assert!(sample(&now, "ssegate_open_connections") >= 2.0);
+
+    drop((sse, future));
+    app.eventually("closed streams are counted out", async || {
+        sample(&scrape(&url).await, "ssegate_open_streams") == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_counted_by_reason_and_metrics_can_move_off_the_public_port() {
+    let mut s = crate::security::secured(None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    s.metrics_listen = Some(port);
+    let app = spawn_app(s).await;
+    // Not on the public port any more.
+    let r = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    for token in [None, Some("not-a-jwt")] {
+        let mut req = app.http.get(app.url("/v1/events?topic=private"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        assert_eq!(req.send().await.unwrap().status(), 401);
+    }
+    let text = scrape(&format!("http://{port}/metrics")).await;
+    assert_eq!(
+        sample(&text, "ssegate_auth_failures_total{reason=\"missing\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ssegate_auth_failures_total{reason=\"malformed\"}"),
+        1.0
+    );
+}

@@ -671,9 +671,13 @@ async fn the_connection_limit_refuses_new_connections_and_spares_open_streams() 
     .await;
     let r = Raw::connect(app.addr)
         .await
-        .request(&get("/healthz", &[]), None)
+        .request(&get("/metrics", &[]), None)
         .await;
     assert_eq!(r.status, 200);
+    assert_eq!(
+        crate::ops::sample(&r.text(), "ssegate_rejected_connections_total"),
+        5.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Connection;
+use crate::metrics::Metrics;
 
 /// Marks a response whose body is a long-lived stream the listener may write on the socket
 /// itself rather than through hyper.
@@ -82,7 +83,7 @@ pub async fn write_whole(
 
 /// Writes a streamed response in chunked framing until it ends or the client goes away: its
 /// side of the connection ends or fails, or a write misses its deadline.
-pub async fn write_stream(mut io: Connection, response: Response<Body>) {
+pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics: &Metrics) {
     let (parts, body) = response.into_parts();
     let head = head(
         parts.status,
@@ -116,8 +117,14 @@ pub async fn write_stream(mut io: Connection, response: Response<Body>) {
                         None => break,
                     }
                 }
-                if chunk.len > 0 && io.write_all_buf(&mut chunk.framed()).await.is_err() {
-                    return;
+                if chunk.len > 0 {
+                    if let Err(e) = io.write_all_buf(&mut chunk.framed()).await {
+                        if e.kind() == io::ErrorKind::TimedOut {
+                            // The client stopped reading for write_timeout.
+                            metrics.slow_client_disconnects.inc();
+                        }
+                        return;
+                    }
                 }
                 if ended {
                     break;

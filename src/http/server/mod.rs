@@ -45,6 +45,7 @@ use tower::ServiceExt;
 
 pub use self::direct::StreamOnSocket;
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// A connection with a write deadline.
@@ -89,6 +90,8 @@ struct Shared {
     direct_streams: Arc<AtomicU64>,
     /// Every connection's task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// Open and refused connections, slow clients.
+    metrics: Arc<Metrics>,
     /// Stops accepting, ends waits for request heads and drains hyper connections.
     shutdown: Shutdown,
 }
@@ -124,6 +127,7 @@ impl Server {
         max_connections: usize,
         tasks: TaskTracker,
         shutdown: Shutdown,
+        metrics: Arc<Metrics>,
     ) -> Server {
         Server {
             listener,
@@ -138,6 +142,7 @@ impl Server {
                 direct_streams: Arc::new(AtomicU64::new(0)),
                 tasks,
                 shutdown,
+                metrics,
             }),
         }
     }
@@ -171,10 +176,12 @@ impl Server {
             };
             if shared.open.load(Ordering::Acquire) >= shared.max_connections {
                 shared.refused.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.rejected_connections.inc();
                 shared.tasks.spawn(refuse(stream, shared.refusal.clone()));
                 continue;
             }
             shared.open.fetch_add(1, Ordering::AcqRel);
+            shared.metrics.open_connections.inc();
             // Small frames go out at once rather than waiting for more.
             let _ = stream.set_nodelay(true);
             let mut stream = TimeoutStream::new(stream);
@@ -191,6 +198,7 @@ struct Open(Arc<Shared>);
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.open_connections.dec();
     }
 }
 
@@ -229,7 +237,7 @@ async fn serve(mut io: Connection, open: Open) {
     };
     if response.extensions().get::<StreamOnSocket>().is_some() {
         shared.direct_streams.fetch_add(1, Ordering::Relaxed);
-        return direct::write_stream(io, response).await;
+        return direct::write_stream(io, response, &shared.metrics).await;
     }
     let close = plain.close || shared.shutdown.is_triggered();
     if direct::write_whole(&mut io, response, close).await.is_err() || close {
