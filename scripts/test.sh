@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 
 # Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
 # (integration tests start their own), haproxy and curl (the test bed behind the chaos run),
-# chromium (CORS and cookies in a real browser); scripts/bench.sh installs nginx with nchan for
-# its smoke run.
+# chromium (CORS and cookies in a real browser); scripts/validate-deploy.sh installs the deploy
+# file validators, scripts/bench.sh nginx with nchan for its smoke run.
 missing=()
 redis_major=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
 [ "${redis_major:-0}" -ge 7 ] || missing+=(redis-server)
@@ -31,6 +31,8 @@ echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+echo "== deploy files"
+scripts/validate-deploy.sh
 echo "== bench smoke run (ssegate and nchan)"
 scripts/bench.sh --smoke
 # One closing line for the whole run.

@@ -303,3 +303,28 @@ fn a_typo_in_the_config_file_stops_the_gateway() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("max_event"), "{stderr}");
 }
+
+#[test]
+fn the_kubernetes_config_map_holds_a_valid_configuration() {
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml"),
+    )
+    .unwrap();
+    // The block under `ssegate.toml: |`, indented four spaces.
+    let toml: String = manifest
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("ssegate.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(toml.contains("redis_url"), "{toml}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ssegate.toml");
+    std::fs::write(&file, &toml).unwrap();
+    ssegate::config::Settings::load(ssegate::config::Overrides {
+        config_file: Some(file),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Validates the deployment files without a container runtime or a cluster: the compose file
+# (docker-compose config), the Kubernetes manifests against the API schemas (kubernetes-validate,
+# offline), the nginx and HAProxy configurations (nginx -t, haproxy -c). Installs the validators
+# it needs. The test command runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+missing=()
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+if [ ${#missing[@]} -gt 0 ]; then
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install -q kubernetes-validate
+
+echo "== docker-compose config"
+docker-compose -f docker-compose.yml config -q
+
+echo "== kubernetes-validate"
+manifests=$(ls deploy/kubernetes/*.yaml | grep -v kustomization.yaml)
+kubernetes-validate --strict -k 1.31.0 $manifests
+# Every manifest is listed in the kustomization, and every listed one exists.
+for m in $manifests; do
+  grep -q "^  - $(basename "$m")$" deploy/kubernetes/kustomization.yaml \
+    || { echo "$m is not in kustomization.yaml"; exit 1; }
+done
+
+echo "== nginx -t"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+nginx -t -q -p "$tmp" -c "$PWD/deploy/nginx.conf" -g "pid $tmp/nginx.pid; error_log $tmp/error.log;"
+
+echo "== haproxy -c"
+SSEGATE_LB_BIND=127.0.0.1:8080 SSEGATE_NODE1=127.0.0.1:8081 SSEGATE_NODE2=127.0.0.1:8082 \
+  SSEGATE_NODE3=127.0.0.1:8083 haproxy -c -q -f deploy/haproxy.cfg
+
+echo "deploy files: valid"
