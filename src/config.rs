@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 pub struct Settings {
     /// Address the HTTP server binds.
     pub listen: SocketAddr,
+    /// `text` for people, `json` (one object a line) for log collectors.
+    pub log_format: LogFormat,
     /// Where `/metrics` is served instead of on `listen`, to keep it off the public port.
     pub metrics_listen: Option<SocketAddr>,
     /// Redis to use; absent runs the embedded in-memory store (single node).
@@ -123,6 +125,15 @@ pub struct Limits {
     pub header_timeout: Duration,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 /// Per-topic history retention.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -159,6 +170,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            log_format: LogFormat::Text,
             metrics_listen: None,
             redis_url: None,
             key_prefix: "ssegate".into(),
@@ -236,6 +248,16 @@ impl Default for RedisTiming {
     }
 }
 
+/// One warning line naming the `SSEGATE_*` variables that name no setting.
+pub fn warn_ignored(ignored: &[String]) {
+    if !ignored.is_empty() {
+        tracing::warn!(
+            variables = %ignored.join(", "),
+            "ignoring environment variables that start with SSEGATE_ but name no setting"
+        );
+    }
+}
+
 /// Splits the environment into the `SSEGATE_*` variables that name a setting (`__` between
 /// levels) and the names of those that do not.
 fn setting_variables(
@@ -286,17 +308,21 @@ pub enum ConfigError {
 impl Settings {
     /// Loads defaults < file < `SSEGATE_*` environment < flags, then validates.
     pub fn load(overrides: Overrides) -> Result<Settings, ConfigError> {
+        let (settings, ignored) = Self::load_noting_ignored(overrides)?;
+        warn_ignored(&ignored);
+        Ok(settings)
+    }
+
+    /// As [`Settings::load`], returning the names of the `SSEGATE_*` variables it ignored
+    /// instead of logging them, for a caller that sets up logging from the settings first.
+    pub fn load_noting_ignored(
+        overrides: Overrides,
+    ) -> Result<(Settings, Vec<String>), ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = &overrides.config_file {
             builder = builder.add_source(config::File::from(path.as_path()).required(true));
         }
         let (variables, ignored) = setting_variables(std::env::vars());
-        if !ignored.is_empty() {
-            tracing::warn!(
-                variables = %ignored.join(", "),
-                "ignoring environment variables that start with SSEGATE_ but name no setting"
-            );
-        }
         builder = builder.add_source(
             config::Environment::with_prefix("SSEGATE")
                 .source(Some(variables))
@@ -316,7 +342,7 @@ impl Settings {
         }
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
-        Ok(settings)
+        Ok((settings, ignored))
     }
 
     /// Rejects values the gateway cannot run with.

@@ -49,14 +49,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    ssegate::telemetry::init();
-    let settings = Settings::load(Overrides {
+    let settings = Settings::load_noting_ignored(Overrides {
         config_file: flags.config,
         listen: flags.listen,
         redis_url: flags.redis_url,
     });
     let settings = match settings {
-        Ok(s) => s,
+        Ok((settings, ignored)) => {
+            ssegate::telemetry::init(settings.log_format);
+            ssegate::config::warn_ignored(&ignored);
+            settings
+        }
         Err(e) => {
             eprintln!("ssegate: {e}");
             return ExitCode::from(2);

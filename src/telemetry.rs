@@ -1,12 +1,20 @@
-//! Tracing set-up: human-readable logs on stderr, filtered by `RUST_LOG` (default `info`).
+//! Tracing set-up: logs on stderr, as text or one JSON object a line (`log_format`), filtered
+//! by `RUST_LOG` (default `info`). Rejected requests are logged at `debug` under the target
+//! `ssegate::rejected` (`RUST_LOG=info,ssegate::rejected=debug`). No token and no payload is ever
+//! logged.
 
 use tracing_subscriber::EnvFilter;
 
-pub fn init() {
+use crate::config::LogFormat;
+
+pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // A second call (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // A second call (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }

@@ -12,6 +12,10 @@ use crate::store::StoreError;
 /// Seconds a client is asked to wait before retrying when the store is unavailable.
 const RETRY_AFTER_SECS: &str = "1";
 
+/// The error code of a response, for the log line of a rejected request.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -127,6 +131,7 @@ impl IntoResponse for ApiError {
             body["persisted"] = json!(ids.iter().map(|id| id.to_string()).collect::<Vec<_>>());
         }
         let mut response = (status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(code));
         if let Some(challenge) = challenge {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -21,7 +21,7 @@ use axum::routing::get;
 use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
-pub use self::error::ApiError;
+pub use self::error::{ApiError, ErrorCode};
 pub use self::server::{Server, ServerStats, StreamOnSocket};
 use crate::auth::Authenticator;
 use crate::config::{Cors, Settings};
@@ -61,7 +61,9 @@ pub fn app(state: AppState) -> Router {
     if let Some(cors) = cors {
         router = router.layer(cors).layer(middleware::from_fn(cors_fixups));
     }
-    router.with_state(state)
+    router
+        .layer(middleware::from_fn(log_rejections))
+        .with_state(state)
 }
 
 /// `/metrics` in the Prometheus (OpenMetrics) text format. Values other parts keep (connected
@@ -79,6 +81,34 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
+    response
+}
+
+/// One log line per rejected request (`debug`, target `ssegate::rejected`): status, error code,
+/// method, path and topic. Never the query or the headers, which may carry a token.
+async fn log_rejections(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let response = next.run(request).await;
+    let status = response.status();
+    if (status.is_client_error() || status.is_server_error())
+        && tracing::enabled!(target: "ssegate::rejected", tracing::Level::DEBUG)
+    {
+        let code = response.extensions().get::<ErrorCode>().map_or("", |c| c.0);
+        let topic = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .find(|(name, _)| name == "topic")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        tracing::debug!(
+            target: "ssegate::rejected",
+            status = status.as_u16(),
+            code,
+            %method,
+            path = uri.path(),
+            topic,
+            "request rejected"
+        );
+    }
     response
 }
 

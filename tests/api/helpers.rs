@@ -294,7 +294,7 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app(settings: Settings) -> TestApp {
-    ssegate::telemetry::init();
+    ssegate::telemetry::init(ssegate::config::LogFormat::Text);
     let shutdown = Shutdown::new();
     let app = Application::build(settings, shutdown.clone())
         .await

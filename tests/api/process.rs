@@ -328,3 +328,60 @@ fn the_kubernetes_config_map_holds_a_valid_configuration() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{toml}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_and_rejections_are_logged_without_tokens() {
+    let redis = RedisServer::start().await;
+    let mut gateway = Binary::start(
+        &redis,
+        &[
+            ("SSEGATE_LOG_FORMAT", "json"),
+            ("SSEGATE_AUTH__JWT_KEY", KEY),
+            ("RUST_LOG", "info,ssegate::rejected=debug"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let secret = "not-a-token-but-secret-enough";
+    let r = http
+        .get(format!(
+            "{}/v1/events?topic=orders.42&access_token={secret}",
+            gateway.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(format!("{}/v1/events?topic=bad%20topic", gateway.base))
+        .bearer_auth(secret)
+        .body("payload-that-must-not-be-logged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    gateway.terminate();
+    gateway.exits_cleanly_within(Duration::from_secs(10)).await;
+    let mut lines = gateway.startup.clone();
+    lines.extend(gateway.lines.try_iter());
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(parsed.iter().any(|v| v["message"] == "ssegate listening"));
+    let rejected: Vec<&serde_json::Value> = parsed
+        .iter()
+        .filter(|v| v["message"] == "request rejected")
+        .collect();
+    assert_eq!(rejected.len(), 2, "{lines:#?}");
+    assert_eq!(rejected[0]["status"], 401);
+    assert_eq!(rejected[0]["code"], "unauthorized");
+    assert_eq!(rejected[0]["topic"], "orders.42");
+    assert_eq!(rejected[0]["path"], "/v1/events");
+    for line in &lines {
+        assert!(!line.contains(secret), "a token in the log: {line}");
+        assert!(
+            !line.contains("payload-that"),
+            "a payload in the log: {line}"
+        );
+    }
+}
