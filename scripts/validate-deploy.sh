@@ -30,6 +30,10 @@ for m in $manifests; do
     || { echo "$m is not in kustomization.yaml"; exit 1; }
 done
 
+echo "== grafana dashboard"
+python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"], "no panels"' \
+  deploy/grafana-dashboard.json
+
 echo "== nginx -t"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -52,6 +52,21 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// The `reason` values of `ssegate_auth_failures_total` (see [`crate::auth::AuthError::code`]).
+pub const AUTH_FAILURE_REASONS: [&str; 11] = [
+    "missing",
+    "malformed",
+    "signature",
+    "algorithm",
+    "expired",
+    "not_yet_valid",
+    "audience",
+    "issuer",
+    "unknown_key",
+    "keys_unavailable",
+    "forbidden",
+];
+
 /// Every metric of one gateway.
 pub struct Metrics {
     registry: Registry,
@@ -204,6 +219,27 @@ impl Metrics {
             })
             .set(1);
         r.register("build_info", "The running build", build);
+        // Every known series starts at zero, so that rates work from the first scrape.
+        for result in [
+            PublishResult::acknowledged,
+            PublishResult::refused,
+            PublishResult::failed,
+        ] {
+            m.publishes.get_or_create(&ResultLabel { result });
+        }
+        for source in ["shared", "store"] {
+            m.replay_reads.get_or_create(&SourceLabel { source });
+        }
+        for reason in ["trimmed", "unknown_cursor"] {
+            m.gaps.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in AUTH_FAILURE_REASONS {
+            m.auth_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for connection in ["command", "subscription"] {
+            m.redis_connected
+                .get_or_create(&ConnectionLabel { connection });
+        }
         Metrics { registry, ..m }
     }
 

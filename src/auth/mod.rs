@@ -387,6 +387,34 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn every_refusal_reason_is_a_known_metric_label() {
+        let all = [
+            AuthError::Missing,
+            AuthError::Malformed("x"),
+            AuthError::Signature,
+            AuthError::Algorithm,
+            AuthError::Expired,
+            AuthError::NotYetValid,
+            AuthError::Audience,
+            AuthError::Issuer,
+            AuthError::UnknownKey,
+            AuthError::KeysUnavailable,
+            AuthError::Forbidden {
+                action: "subscribing",
+                topic: "t".into(),
+            },
+        ];
+        for e in &all {
+            assert!(
+                crate::metrics::AUTH_FAILURE_REASONS.contains(&e.code()),
+                "{}",
+                e.code()
+            );
+        }
+        assert_eq!(all.len(), crate::metrics::AUTH_FAILURE_REASONS.len());
+    }
+
     #[tokio::test]
     async fn open_access_without_keys() {
         let auth = Authenticator::new(&AuthSettings::default()).unwrap();

@@ -174,3 +174,30 @@ async fn refused_credentials_are_counted_by_reason_and_metrics_can_move_off_the_
         1.0
     );
 }
+
+#[test]
+fn every_metric_the_dashboard_shows_exists() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let exposed = ssegate::metrics::Metrics::new().render();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("ssegate_"))
+            {
+                // Histograms' series and counters' samples are named from their family's.
+                let base = name.trim_end_matches("_bucket").trim_end_matches("_total");
+                assert!(
+                    exposed.contains(&format!("# TYPE {base} ")),
+                    "the dashboard queries {name}, which /metrics does not have"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 16, "{checked}");
+}
