@@ -225,16 +225,16 @@ impl Metrics {
             PublishResult::refused,
             PublishResult::failed,
         ] {
-            m.publishes.get_or_create(&ResultLabel { result });
+            let _ = m.publishes.get_or_create(&ResultLabel { result });
         }
         for source in ["shared", "store"] {
-            m.replay_reads.get_or_create(&SourceLabel { source });
+            let _ = m.replay_reads.get_or_create(&SourceLabel { source });
         }
         for reason in ["trimmed", "unknown_cursor"] {
-            m.gaps.get_or_create(&ReasonLabel { reason });
+            let _ = m.gaps.get_or_create(&ReasonLabel { reason });
         }
         for reason in AUTH_FAILURE_REASONS {
-            m.auth_failures.get_or_create(&ReasonLabel { reason });
+            let _ = m.auth_failures.get_or_create(&ReasonLabel { reason });
         }
         for connection in ["command", "subscription"] {
             m.redis_connected
