@@ -237,7 +237,8 @@ impl Metrics {
             let _ = m.auth_failures.get_or_create(&ReasonLabel { reason });
         }
         for connection in ["command", "subscription"] {
-            m.redis_connected
+            let _ = m
+                .redis_connected
                 .get_or_create(&ConnectionLabel { connection });
         }
         Metrics { registry, ..m }
