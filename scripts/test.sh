@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 # Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
 # (integration tests start their own), haproxy and curl (the test bed behind the chaos run),
-# chromium (CORS and cookies in a real browser); scripts/validate-deploy.sh installs the deploy
+# chromium (CORS and cookies in a real browser), node with playwright-core (the built-in page); scripts/validate-deploy.sh installs the deploy
 # file validators, scripts/bench.sh nginx with nchan for its smoke run.
 missing=()
 redis_major=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
@@ -13,6 +13,7 @@ redis_major=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   sudo=""
@@ -22,6 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 redis-server --version
 haproxy -v | sed -n 1p
+# Playwright (its core only: it drives Debian's chromium) for the built-in page's test.
+[ -d tests/ui/node_modules/playwright-core ] || (cd tests/ui && npm ci --no-audit --no-fund --silent)
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 pub struct Settings {
     /// Address the HTTP server binds.
     pub listen: SocketAddr,
+    /// Serve the built-in page at `/` (subscribe, publish, watch ids and gaps).
+    pub ui: bool,
     /// `text` for people, `json` (one object a line) for log collectors.
     pub log_format: LogFormat,
     /// Where `/metrics` is served instead of on `listen`, to keep it off the public port.
@@ -171,6 +173,7 @@ impl Default for Settings {
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             log_format: LogFormat::Text,
+            ui: true,
             metrics_listen: None,
             redis_url: None,
             key_prefix: "ssegate".into(),

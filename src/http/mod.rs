@@ -51,6 +51,9 @@ pub fn app(state: AppState) -> Router {
     if state.settings.metrics_listen.is_none() {
         routes = routes.route("/metrics", get(metrics));
     }
+    if state.settings.ui {
+        routes = routes.route("/", get(ui));
+    }
     let mut router = routes
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -82,6 +85,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
+}
+
+/// The built-in page, compiled into the binary.
+async fn ui() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("ui.html"))
 }
 
 /// One log line per rejected request (`debug`, target `ssegate::rejected`): status, error code,

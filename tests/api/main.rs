@@ -14,3 +14,4 @@ mod raw;
 mod security;
 mod store;
 mod topics;
+mod ui;
