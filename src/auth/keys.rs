@@ -228,17 +228,6 @@ impl Jwks {
 
 /// The one algorithm a JWK's `alg` names, if it is a signature algorithm for a public key.
 fn single(alg: KeyAlgorithm) -> Option<&'static [Algorithm]> {
-    let all: &'static [Algorithm] = &[
-        Algorithm::RS256,
-        Algorithm::RS384,
-        Algorithm::RS512,
-        Algorithm::PS256,
-        Algorithm::PS384,
-        Algorithm::PS512,
-        Algorithm::ES256,
-        Algorithm::ES384,
-        Algorithm::EdDSA,
-    ];
     let wanted = match alg {
         KeyAlgorithm::RS256 => Algorithm::RS256,
         KeyAlgorithm::RS384 => Algorithm::RS384,
@@ -251,6 +240,8 @@ fn single(alg: KeyAlgorithm) -> Option<&'static [Algorithm]> {
         KeyAlgorithm::EdDSA => Algorithm::EdDSA,
         _ => return None,
     };
-    let i = all.iter().position(|a| *a == wanted)?;
-    Some(&all[i..=i])
+    [RSA, EC, ED].into_iter().find_map(|family| {
+        let i = family.iter().position(|a| *a == wanted)?;
+        Some(&family[i..=i])
+    })
 }

@@ -33,25 +33,11 @@ fn base_settings(max_events: u64) -> Settings {
 }
 
 async fn memory(max_events: u64) -> Subject {
-    Subject {
-        store: Arc::new(MemoryStore::new(&base_settings(max_events))),
-        _redis: None,
-        _shutdown: ShutdownOnDrop(Shutdown::new()),
-    }
+    memory_with(base_settings(max_events)).await
 }
 
 async fn redis(max_events: u64) -> Subject {
-    let server = RedisServer::start().await;
-    let mut settings = base_settings(max_events);
-    settings.redis_url = Some(server.url());
-    let shutdown = Shutdown::new();
-    let store = RedisStore::connect(&settings, shutdown.clone()).unwrap();
-    store.connected().await;
-    Subject {
-        store: Arc::new(store),
-        _redis: Some(server),
-        _shutdown: ShutdownOnDrop(shutdown),
-    }
+    redis_with(base_settings(max_events)).await
 }
 
 /// Runs each case once per store.
