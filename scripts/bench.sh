@@ -30,10 +30,12 @@ cargo build --release --workspace --locked -q
 DIR=$(mktemp -d)
 BASE=${BENCH_PORT:-7600}
 REDIS_PORT=$BASE SSEGATE_PORT=$((BASE + 1)) NCHAN_PORT=$((BASE + 2)) SSEGATE_B_PORT=$((BASE + 3))
+NCHAN_B_PORT=$((BASE + 4))
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$DIR/nginx.pid" ] && kill "$(cat "$DIR/nginx.pid")" 2>/dev/null || true
+  [ -f "$DIR/b/nginx.pid" ] && kill "$(cat "$DIR/b/nginx.pid")" 2>/dev/null || true
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$DIR"
 }
@@ -53,7 +55,11 @@ RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$SSEGATE_B_PORT" \
 pids+=("$!")
 sed -e "s/@NCHAN_PORT@/$NCHAN_PORT/" -e "s/@REDIS_PORT@/$REDIS_PORT/" bench/nchan.conf > "$DIR/nchan.conf"
 nginx -p "$DIR" -c "$DIR/nchan.conf" -g "pid $DIR/nginx.pid; error_log $DIR/nginx-error.log warn;"
-for port in "$SSEGATE_PORT" "$SSEGATE_B_PORT" "$NCHAN_PORT"; do
+# A second nchan node on the same Redis, for publish -> receive across nodes.
+mkdir -p "$DIR/b"
+sed -e "s/@NCHAN_PORT@/$NCHAN_B_PORT/" -e "s/@REDIS_PORT@/$REDIS_PORT/" bench/nchan.conf > "$DIR/b/nchan.conf"
+nginx -p "$DIR/b" -c "$DIR/b/nchan.conf" -g "pid $DIR/b/nginx.pid; error_log $DIR/b/nginx-error.log warn;"
+for port in "$SSEGATE_PORT" "$SSEGATE_B_PORT" "$NCHAN_PORT" "$NCHAN_B_PORT"; do
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.05; done
 done
 NCHAN_PID=$(pgrep -P "$(cat "$DIR/nginx.pid")" | head -n 1)
@@ -62,8 +68,10 @@ bench() { target/release/ssegate-bench "$@"; }
 S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
 B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
 N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
+NB="--url http://127.0.0.1:$NCHAN_B_PORT --target nchan"
 if [ $smoke -eq 1 ]; then
   secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50 users=200 urate=100 hold=2
+  lsubs=50 lsubs_small=10 lrate=20
   mconns=50 mper=4 mtopics=50 mrate=100
 else
   # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
@@ -71,6 +79,9 @@ else
   secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000
   # One topic per user: 10,000 users, 1,000 events/s spread over them.
   users=10000 urate=1000 hold=10
+  # Latency below saturation, across nodes: 1,000 subscribers x 100 events/s (100k deliveries/s)
+  # and 100 x 100 (10k/s).
+  lsubs=1000 lsubs_small=100 lrate=100
   # Several topics per connection: 1,000 connections x 10 topics over 1,000 topics.
   mconns=1000 mper=10 mtopics=1000 mrate=1000
 fi
@@ -92,6 +103,16 @@ cross=$(bench $B fanout --subscribers $subs --topics 1 --rate $rate --seconds $s
   --publish-url "http://127.0.0.1:$SSEGATE_PORT")
 cross_t=$(bench $B fanout --subscribers $subs --topics 10 --rate $rate --seconds $secs \
   --publish-url "http://127.0.0.1:$SSEGATE_PORT")
+echo "== latency below saturation, across nodes" >&2
+# Subscribers on node B, events published to node A, for both hubs.
+lat_s=$(bench $B fanout --subscribers $lsubs --topics 1 --rate $lrate --seconds $secs \
+  --publish-url "http://127.0.0.1:$SSEGATE_PORT")
+lat_n=$(bench $NB fanout --subscribers $lsubs --topics 1 --rate $lrate --seconds $secs \
+  --publish-url "http://127.0.0.1:$NCHAN_PORT")
+latl_s=$(bench $B fanout --subscribers $lsubs_small --topics 1 --rate $lrate --seconds $secs \
+  --publish-url "http://127.0.0.1:$SSEGATE_PORT")
+latl_n=$(bench $NB fanout --subscribers $lsubs_small --topics 1 --rate $lrate --seconds $secs \
+  --publish-url "http://127.0.0.1:$NCHAN_PORT")
 echo "== idle connections" >&2
 idle_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID")
 idle_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID")
@@ -145,6 +166,13 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   row "fan-out, a topic each: p99 latency (ms)" "$fanu_s" "$fanu_n" latency_p99_ms
   row "$mconns connections x $mper topics each, $mrate events/s over $mtopics topics (deliveries/s)" "$fanm_s" "$fanm_n" deliveries_per_sec
   row "several topics per connection: p99 latency (ms)" "$fanm_s" "$fanm_n" latency_p99_ms
+  for l in "$lat_s $lat_n" "$latl_s $latl_n"; do
+    set -- $l
+    d=$(( $(field "$1" '["subscribers"]') * $(field "$1" '["rate"]' | cut -d. -f1) ))
+    row "across nodes, $d deliveries/s (below saturation): p50 (ms)" "$1" "$2" latency_p50_ms
+    row "across nodes, $d deliveries/s: p99 (ms)" "$1" "$2" latency_p99_ms
+    row "across nodes, $d deliveries/s: p999 (ms)" "$1" "$2" latency_p999_ms
+  done
   echo
   a=$(field "$batch_s" '["events_per_sec"]')
   echo "Batched publish (JSON arrays of 100, c=8): $a events/s; pipelined \`redis-benchmark\` XADD"
@@ -163,11 +191,11 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   echo
   echo "## Targets"
   echo
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" "$idleu_s" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" "$idleu_s" "$lat_s" "$lat_n" <<'PY'
 import json, sys
 pub_s, pub_n, batch_s = (json.loads(a) for a in sys.argv[1:4])
 ceiling = float(sys.argv[4] or 0)
-fan_s, fan_n, fant_s, fant_n, idle_s, storm_s, cross, idleu_s = (json.loads(a) for a in sys.argv[5:13])
+fan_s, fan_n, fant_s, fant_n, idle_s, storm_s, cross, idleu_s, lat_s, lat_n = (json.loads(a) for a in sys.argv[5:15])
 def row(name, figure, ok):
     print(f"| {name} | {figure} | {'met' if ok else 'not met'} |")
 print("| target | measured | outcome |")
@@ -191,6 +219,10 @@ row(f"{n} idle topics cost <= 10 Redis commands/s", f"{c:.1f}/s", c is not None 
 t = storm_s["seconds_until_all_caught_up"]
 ok = t <= 3 and storm_s["caught_up"] == storm_s["clients"]
 row(f"reconnect storm ({storm_s['clients']} clients) caught up <= 3 s", f"{t:.2f} s, {storm_s['redis_commands']['total'] if storm_s['redis_commands'] else '?'} Redis commands", ok)
+d = lat_s["subscribers"] * lat_s["rate"]
+p, q = lat_s["latency_p99_ms"], lat_n["latency_p99_ms"]
+row(f"publish->receive p99 <= 5 ms and <= nchan's, {d:.0f} deliveries/s across nodes (below saturation)",
+    f"p99 {p:.2f} ms vs nchan {q:.2f} ms", p <= 5 and p <= q)
 p99 = cross["latency_p99_ms"]
 row(f"publish->receive p99 <= 5 ms, {cross['rate']:.0f} events/s to {cross['subscribers']} subscribers on another node",
     f"p99 {p99:.1f} ms ({cross['deliveries_per_sec']:.0f} deliveries/s)", p99 <= 5)
@@ -201,16 +233,16 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$storm_s"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
   cat "$out"
   rm -f "$out"
   # Every scenario must have done real work, on both hubs.
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" <<'PY'
 import json, sys
-pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n, fanm_s, fanm_n = map(json.loads, sys.argv[1:])
+pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n, fanm_s, fanm_n, lat_s, lat_n = map(json.loads, sys.argv[1:])
 checks = {
     "ssegate publishes": pub_s["events"] > 0 and pub_s["errors"] == 0,
     "nchan publishes": pub_n["events"] > 0 and pub_n["errors"] == 0,
@@ -227,6 +259,8 @@ checks = {
     "nchan fans out to a topic each": fanu_n["delivered"] > 0,
     "ssegate delivers every event on multi-topic connections": fanm_s["delivered"] == fanm_s["expected_deliveries"] > 0,
     "nchan delivers on multiplexed channels": fanm_n["delivered"] > 0,
+    "ssegate delivers across nodes below saturation": lat_s["delivered"] == lat_s["expected_deliveries"] > 0,
+    "nchan delivers across its two nodes": lat_n["delivered"] > 0,
 }
 failed = [k for k, ok in checks.items() if not ok]
 if failed:
