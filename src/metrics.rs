@@ -3,7 +3,8 @@
 //! Each gateway has its own [`Metrics`], made at start and passed down to what counts (the hub,
 //! the server, the store, the handlers), like the shutdown signal: no global recorder, so several
 //! gateways in one process (the tests) keep their figures apart. Values that other parts already
-//! keep (open connections, active topics) are read when scraped rather than counted twice.
+//! keep (active topics, Redis connection state) are read when scraped rather than counted twice;
+//! the server keeps its open-connection count here only, and checks its limit against it.
 
 use std::fmt::Write;
 use std::sync::atomic::AtomicU64;
@@ -74,9 +75,9 @@ pub struct Metrics {
     pub open_streams: Gauge,
     /// Topics with a client on this node (set when scraped).
     pub active_topics: Gauge,
-    /// Connections open now (set when scraped).
+    /// Connections open now; the server's connection limit is checked against it.
     pub open_connections: Gauge,
-    /// Connections refused for `limits.max_connections` (set when scraped).
+    /// Connections refused for `limits.max_connections`.
     pub rejected_connections: Counter<u64, AtomicU64>,
     /// Publish requests, by how they ended.
     pub publishes: Family<ResultLabel, Counter>,

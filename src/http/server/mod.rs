@@ -28,7 +28,7 @@ mod head;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -82,15 +82,12 @@ struct Shared {
     max_connections: usize,
     /// The answer to connections over `max_connections`.
     refusal: Bytes,
-    /// Connections being served (refused ones not included).
-    open: AtomicUsize,
-    /// Connections refused for being over `max_connections`.
-    refused: AtomicU64,
     /// Streams written on the socket rather than through hyper.
-    direct_streams: Arc<AtomicU64>,
+    direct_streams: AtomicU64,
     /// Every connection's task, so shutdown can wait for them.
     tasks: TaskTracker,
-    /// Open and refused connections, slow clients.
+    /// Open and refused connections (the limit is checked against the open count kept there),
+    /// slow clients.
     metrics: Arc<Metrics>,
     /// Stops accepting, ends waits for request heads and drains hyper connections.
     shutdown: Shutdown,
@@ -110,12 +107,12 @@ impl ServerStats {
 
     /// Connections open now.
     pub fn open_connections(&self) -> usize {
-        self.shared.open.load(Ordering::Acquire)
+        usize::try_from(self.shared.metrics.open_connections.get()).unwrap_or(0)
     }
 
     /// Connections refused for being over the limit.
     pub fn refused_connections(&self) -> u64 {
-        self.shared.refused.load(Ordering::Relaxed)
+        self.shared.metrics.rejected_connections.get()
     }
 }
 
@@ -137,9 +134,7 @@ impl Server {
                 header_timeout: settings.limits.header_timeout,
                 max_connections,
                 refusal: too_many_connections(),
-                open: AtomicUsize::new(0),
-                refused: AtomicU64::new(0),
-                direct_streams: Arc::new(AtomicU64::new(0)),
+                direct_streams: AtomicU64::new(0),
                 tasks,
                 shutdown,
                 metrics,
@@ -174,13 +169,12 @@ impl Server {
                     continue;
                 }
             };
-            if shared.open.load(Ordering::Acquire) >= shared.max_connections {
-                shared.refused.fetch_add(1, Ordering::Relaxed);
+            let open = usize::try_from(shared.metrics.open_connections.get()).unwrap_or(0);
+            if open >= shared.max_connections {
                 shared.metrics.rejected_connections.inc();
                 shared.tasks.spawn(refuse(stream, shared.refusal.clone()));
                 continue;
             }
-            shared.open.fetch_add(1, Ordering::AcqRel);
             shared.metrics.open_connections.inc();
             // Small frames go out at once rather than waiting for more.
             let _ = stream.set_nodelay(true);
@@ -197,7 +191,6 @@ struct Open(Arc<Shared>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.open_connections.dec();
     }
 }
