@@ -26,7 +26,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Where `/metrics` is served instead of on `listen`, to keep it off the public port.
     pub metrics_listen: Option<SocketAddr>,
-    /// Redis to use; absent runs the embedded in-memory store (single node).
+    /// Redis to use; absent runs the embedded in-memory store (single node). A Redis Cluster is
+    /// named by any of its nodes, or by a comma-separated list of seed nodes.
     pub redis_url: Option<String>,
     /// First part of every Redis key and channel, so several deployments can share one Redis.
     pub key_prefix: String,
@@ -73,7 +74,7 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Redis connection timing.
-    pub redis: RedisTiming,
+    pub redis: RedisSettings,
     /// Who may publish and subscribe. Without a key, everyone may.
     pub auth: Auth,
     /// Which browser origins may use the API from their pages.
@@ -153,10 +154,22 @@ pub struct Retention {
     pub idle_ttl: Option<Duration>,
 }
 
-/// Timeouts for talking to Redis; the driver's defaults are too short for large replays.
+/// How to talk to Redis: timeouts (the driver's defaults are too short for large replays),
+/// cluster mode, and how many replicas must have an event before it is acknowledged.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct RedisTiming {
+pub struct RedisSettings {
+    /// Whether `redis_url` names a Redis Cluster. Absent: asked of the first node that answers
+    /// (`INFO cluster`), so pointing `redis_url` at any cluster node is enough.
+    pub cluster: Option<bool>,
+    /// Replicas that must confirm an event (`WAIT`) before its publish is acknowledged. With 0 a
+    /// failover can lose acknowledged events (readers are told with a gap); with 1 or more it
+    /// cannot, at the price of one replication round trip per publish.
+    pub min_replicas_ack: u32,
+    /// How long a publish waits for `min_replicas_ack` replicas; then it is answered `503` and
+    /// the publisher retries with its idempotency key.
+    #[serde(with = "humantime_serde")]
+    pub replica_ack_timeout: Duration,
     /// Time allowed to open a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -191,7 +204,7 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             shutdown_retry_spread: Duration::from_secs(5),
-            redis: RedisTiming::default(),
+            redis: RedisSettings::default(),
             auth: Auth::default(),
             cors: Cors::default(),
             limits: Limits::default(),
@@ -241,9 +254,12 @@ impl Default for Retention {
     }
 }
 
-impl Default for RedisTiming {
+impl Default for RedisSettings {
     fn default() -> Self {
-        RedisTiming {
+        RedisSettings {
+            cluster: None,
+            min_replicas_ack: 0,
+            replica_ack_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(3),
             ping_interval: Duration::from_secs(1),
@@ -368,16 +384,24 @@ impl Settings {
                 "must be 1-64 printable ASCII characters without whitespace, braces or glob characters",
             );
         }
-        if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
-                return invalid(
-                    "redis_url",
-                    "must start with redis://, rediss:// or unix://",
-                );
+        if let Some(urls) = &self.redis_url {
+            for url in urls.split(',').map(str::trim) {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://"))
+                {
+                    return invalid(
+                        "redis_url",
+                        "must be one URL, or a comma-separated list of cluster seed nodes, each starting with redis://, rediss:// or unix://",
+                    );
+                }
             }
+        }
+        if self.redis.min_replicas_ack > 0 && self.redis.replica_ack_timeout.is_zero() {
+            return invalid(
+                "redis.replica_ack_timeout",
+                "must be more than 0 when redis.min_replicas_ack is set",
+            );
         }
         if self.heartbeat_interval < Duration::from_millis(10) {
             return invalid("heartbeat_interval", "must be at least 10ms");

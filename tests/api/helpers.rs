@@ -27,6 +27,8 @@ pub struct RedisServer {
     pub port: u16,
     /// Append-only file with `appendfsync always`: acknowledged writes survive a restart.
     aof: bool,
+    /// More `redis-server` arguments (cluster mode).
+    extra: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -60,6 +62,7 @@ impl RedisServer {
             child: None,
             port: free_port(),
             aof,
+            extra: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
         }
     }
@@ -81,6 +84,7 @@ impl RedisServer {
                 "",
             ])
             .args(["--appendonly", aof, "--appendfsync", fsync])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -583,4 +587,239 @@ pub fn envelope(e: &Event) -> (String, String) {
         v["topic"].as_str().expect("topic").to_owned(),
         v["id"].as_str().expect("id").to_owned(),
     )
+}
+
+/// A Redis Cluster on loopback: `masters` masters with `replicas` replicas each, all slots
+/// assigned, every replica in sync. Nodes are killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+/// How long a node may be unreachable before the cluster fails it over: short, so failover
+/// tests take seconds.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
+
+impl RedisCluster {
+    pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
+        for _ in 0..3 {
+            if let Some(cluster) = Self::try_start(masters, replicas).await {
+                return cluster;
+            }
+        }
+        panic!("could not start a redis cluster");
+    }
+
+    async fn try_start(masters: usize, replicas: usize) -> Option<RedisCluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let mut node = RedisServer::unstarted();
+            node.extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                // A replica cut off for a while may still be promoted: the tests decide what it
+                // has missed.
+                "--cluster-replica-validity-factor",
+                "0",
+            ]
+            .map(String::from)
+            .to_vec();
+            if !node.launch().await {
+                return None;
+            }
+            nodes.push(node);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = tokio::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("redis-cli must be installed");
+        if !created.success() {
+            return None;
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_stable().await;
+        Some(cluster)
+    }
+
+    /// Waits until every running node sees the cluster as ok with all slots assigned, knows every
+    /// other running node, and every replica's link to its master is up.
+    pub async fn wait_stable(&self) {
+        let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
+        eventually("the cluster to be stable", &mut async || {
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let (Ok(mut info), Ok(cluster)) =
+                    (node.info("").await, node.info("cluster!").await)
+                else {
+                    return false;
+                };
+                info.push_str(&cluster);
+                let ok = info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_assigned:16384")
+                    && info.contains("cluster_slots_ok:16384");
+                let known = field(&info, "cluster_known_nodes")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .is_some_and(|n| n >= running);
+                let synced = !info.contains("role:slave") || info.contains("master_link_status:up");
+                if !(ok && known && synced) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// The first node's URL: ssegate finds the rest.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// Every node as a comma-separated seed list.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A connection that follows the cluster, for checks.
+    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(RedisServer::url)
+            .collect();
+        redis::cluster::ClusterClient::new(seeds)
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Index of the node that is master of `key`'s slot now.
+    pub async fn master_of(&self, key: &str) -> usize {
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut self.live_node().conn().await)
+            .await
+            .unwrap();
+        let mut conn = self.live_node().conn().await;
+        let slots: Vec<(u16, u16, (String, u16))> = {
+            let raw: Vec<redis::Value> = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            raw.into_iter()
+                .map(|r| {
+                    let redis::Value::Array(parts) = r else {
+                        panic!("slot range")
+                    };
+                    let start: u16 = redis::from_redis_value(parts[0].clone()).unwrap();
+                    let end: u16 = redis::from_redis_value(parts[1].clone()).unwrap();
+                    let redis::Value::Array(master) = &parts[2] else {
+                        panic!("master")
+                    };
+                    let host: String = redis::from_redis_value(master[0].clone()).unwrap();
+                    let port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
+                    (start, end, (host, port))
+                })
+                .collect()
+        };
+        let (_, _, (_, port)) = slots
+            .into_iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .expect("slot assigned");
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .expect("a node of ours")
+    }
+
+    /// Index of a replica of the master at `master`.
+    pub async fn replica_of(&self, master: usize) -> usize {
+        let info = self.nodes[master].info("replication").await.unwrap();
+        let port: u16 = info
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("slave0:")?
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("port="))?
+                    .parse()
+                    .ok()
+            })
+            .expect("the master has a replica");
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+
+    fn live_node(&self) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a running node")
+    }
+
+    /// All ids of a topic's stream (under `prefix`), read through the cluster.
+    pub async fn stream_ids(&self, prefix: &str, topic: &str) -> Vec<String> {
+        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{prefix}:{{{topic}}}"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        page.ids.into_iter().map(|e| e.id).collect()
+    }
+
+    /// Sum of a command's calls over every running node.
+    pub async fn calls(&self, command: &str) -> u64 {
+        let mut total = 0;
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            total += node.calls(command).await;
+        }
+        total
+    }
+}
+
+impl RedisServer {
+    /// `INFO <section>` (the default sections with "", `CLUSTER INFO` with "cluster!"), or an
+    /// error if the node does not answer.
+    pub async fn info(&self, section: &str) -> redis::RedisResult<String> {
+        let client = redis::Client::open(self.url())?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let mut cmd = redis::cmd("INFO");
+        if section == "cluster!" {
+            cmd = redis::cmd("CLUSTER");
+            cmd.arg("INFO");
+        } else if !section.is_empty() {
+            cmd.arg(section);
+        }
+        cmd.query_async(&mut conn).await
+    }
+}
+
+fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
 }

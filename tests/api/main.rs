@@ -4,6 +4,7 @@
 
 mod browser;
 mod chaos;
+mod cluster;
 mod delivery;
 mod failure;
 mod helpers;

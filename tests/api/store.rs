@@ -1,4 +1,5 @@
-//! The store conformance suite: every case runs against the memory store and against Redis.
+//! The store conformance suite: every case runs against the memory store, one Redis and a Redis
+//! Cluster of three masters.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,12 +9,13 @@ use ssegate::event::{NewEvent, StreamId, Topic};
 use ssegate::shutdown::Shutdown;
 use ssegate::store::{GapReason, MemoryStore, RedisStore, Signal, Store};
 
-use crate::helpers::RedisServer;
+use crate::helpers::{RedisCluster, RedisServer};
 
 /// A store under test, with whatever keeps it alive.
 struct Subject {
     store: Arc<dyn Store>,
     _redis: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
     _shutdown: ShutdownOnDrop,
 }
 
@@ -40,6 +42,10 @@ async fn redis(max_events: u64) -> Subject {
     redis_with(base_settings(max_events)).await
 }
 
+async fn cluster(max_events: u64) -> Subject {
+    cluster_with(base_settings(max_events)).await
+}
+
 /// Runs each case once per store.
 macro_rules! conformance {
     ($($case:ident($max_events:expr);)*) => {
@@ -53,6 +59,12 @@ macro_rules! conformance {
             $(#[tokio::test]
             async fn $case() {
                 super::$case(super::redis($max_events).await).await
+            })*
+        }
+        mod cluster_store {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::cluster($max_events).await).await
             })*
         }
     };
@@ -344,6 +356,7 @@ async fn memory_with(settings: Settings) -> Subject {
     Subject {
         store: Arc::new(MemoryStore::new(&settings)),
         _redis: None,
+        _cluster: None,
         _shutdown: ShutdownOnDrop(Shutdown::new()),
     }
 }
@@ -357,6 +370,23 @@ async fn redis_with(mut settings: Settings) -> Subject {
     Subject {
         store: Arc::new(store),
         _redis: Some(server),
+        _cluster: None,
+        _shutdown: ShutdownOnDrop(shutdown),
+    }
+}
+
+/// A store on a fresh three-master cluster, given as one node's URL (the store finds the rest
+/// and detects cluster mode).
+async fn cluster_with(mut settings: Settings) -> Subject {
+    let cluster = RedisCluster::start(3, 0).await;
+    settings.redis_url = Some(cluster.url());
+    let shutdown = Shutdown::new();
+    let store = RedisStore::connect(&settings, shutdown.clone()).unwrap();
+    store.connected().await;
+    Subject {
+        store: Arc::new(store),
+        _redis: None,
+        _cluster: Some(cluster),
         _shutdown: ShutdownOnDrop(shutdown),
     }
 }
@@ -378,6 +408,11 @@ async fn memory_store_trims_by_age() {
 #[tokio::test]
 async fn redis_store_trims_by_age() {
     trims_by_age(redis_with(retention_settings(Some(AGE), None)).await).await
+}
+
+#[tokio::test]
+async fn cluster_store_trims_by_age() {
+    trims_by_age(cluster_with(retention_settings(Some(AGE), None)).await).await
 }
 
 async fn trims_by_age(s: Subject) {
@@ -415,6 +450,11 @@ async fn memory_store_removes_idle_topics() {
 #[tokio::test]
 async fn redis_store_removes_idle_topics() {
     removes_idle_topics(redis_with(retention_settings(None, Some(IDLE))).await).await
+}
+
+#[tokio::test]
+async fn cluster_store_removes_idle_topics() {
+    removes_idle_topics(cluster_with(retention_settings(None, Some(IDLE))).await).await
 }
 
 async fn removes_idle_topics(s: Subject) {

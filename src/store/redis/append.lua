@@ -11,7 +11,9 @@
 -- ARGV[6]    idle TTL in milliseconds (0 = topics live forever)
 -- ARGV[7]    largest payload announced with its event (bytes)
 -- ARGV[8]    most payload bytes announced by one call
--- ARGV[9..]  per event: type ('' = message), data, '1' if it has an idempotency key else '0'
+-- ARGV[9]    'PUBLISH' (one Redis) or 'SPUBLISH' (a cluster: sent only to the shard owning the
+--            channel, whose name shares the topic's hash slot)
+-- ARGV[10..] per event: type ('' = message), data, '1' if it has an idempotency key else '0'
 --
 -- Each announcement is "<prev id>\n<id>\n<type>\n<data>": prev is the stream's newest entry before
 -- this one, so a node can tell whether it saw every entry in between (direct XADDs included).
@@ -32,6 +34,10 @@ local max_age = tonumber(ARGV[5])
 local idle_ttl = tonumber(ARGV[6])
 local inline_max = tonumber(ARGV[7])
 local budget = tonumber(ARGV[8])
+local publish = ARGV[9]
+if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
+  return redis.error_reply('ERR unknown publish command')
+end
 
 local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local prev = '0-0'
@@ -48,9 +54,9 @@ end
 
 local ids = {}
 local last = nil
-local count = (#ARGV - 8) / 3
+local count = (#ARGV - 9) / 3
 for i = 1, count do
-  local base = 8 + (i - 1) * 3
+  local base = 9 + (i - 1) * 3
   local etype, data, keyed = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3] == '1'
   local existing = false
   if keyed then
@@ -84,9 +90,9 @@ for i = 1, count do
     end
     if #data <= inline_max and #data <= budget then
       budget = budget - #data
-      redis.call('PUBLISH', channel, prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
+      redis.call(publish, channel, prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
     else
-      redis.call('PUBLISH', channel, prev .. '\n' .. id)
+      redis.call(publish, channel, prev .. '\n' .. id)
     end
     prev = id
     last = id

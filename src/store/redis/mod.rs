@@ -1,0 +1,539 @@
+//! The Redis store: a stream per topic, live announcements through pub/sub; on one Redis or on
+//! a Redis Cluster.
+//!
+//! Key layout (the `{topic}` hash tag keeps each topic's keys and channels in one cluster slot):
+//!
+//! | what | name |
+//! |---|---|
+//! | stream | `<prefix>:{<topic>}` |
+//! | live channel | `<prefix>:{<topic>}:live` |
+//! | idempotency key | `<prefix>:{<topic>}:idem:<key>` (one per keyed event, for the window) |
+//! | tombstone | `<prefix>:{<topic>}:last` (only with `retention.idle_ttl`) |
+//!
+//! Appends run as one Lua script (`append.lua`): XADD with trimming, then PUBLISH (in a cluster
+//! SPUBLISH, which only the shard owning the topic carries) of the whole event together with the
+//! id of the entry before it. A node that sees an announcement whose previous id is not the last
+//! one it delivered knows it missed something and reads the stream. With
+//! `redis.min_replicas_ack`, `WAIT` follows the script in the same pipeline, on the same master.
+//!
+//! Programs may also `XADD` straight into a stream. Those appends are seen through keyspace
+//! notifications (`notify-keyspace-events` with `K` and `t`, enabled at start where `CONFIG SET`
+//! is allowed; in a cluster subscribed on the node owning each topic) and, whatever happens to
+//! notifications, by the hub's periodic catch-up.
+//!
+//! Two connections are used: one for commands and one, RESP3, that only carries subscriptions.
+//! A health task pings the latter and, in a cluster, watches the slot assignment; after an
+//! outage, a failover or a reshard it resubscribes every watched topic and asks the hub to catch
+//! every topic up from its stream.
+//!
+//! # Layout
+//!
+//! - `connection`: one Redis or a cluster behind one interface; detection, version check.
+//! - `keys`: key and channel names.
+//! - `scripts`: the Lua scripts and how they are called (with `WAIT` when asked).
+//! - `subscriptions`: subscribing, following the topology, pushes into hub signals.
+//! - `reply`: reply parsing and error classification.
+
+mod connection;
+mod keys;
+mod reply;
+mod scripts;
+mod subscriptions;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::stream::{self, StreamExt};
+use redis::cluster_routing::Slot;
+use redis::streams::StreamReadReply;
+use redis::{PushInfo, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use self::connection::{open_link, ping, query, Link, Target};
+use self::keys::Keys;
+use self::reply::{as_array, parse_entries, parse_facts, parse_id};
+use self::scripts::{Call, Replication, Scripts};
+use self::subscriptions::{
+    check_health, own_subscriptions, translate_pushes, Health, WatchCommand, ANNOUNCE_CALL_BUDGET,
+    ANNOUNCE_INLINE_MAX,
+};
+use super::{classify, Page, Signal, Store, StoreError, ADVANCED_BATCH};
+use crate::config::{RedisSettings, Settings};
+use crate::event::{NewEvent, StreamId, Topic};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Streams checked at once by [`Store::advanced`] in a cluster, where each slot is its own
+/// command.
+const CLUSTER_ADVANCED_CONCURRENCY: usize = 32;
+
+/// Events in Redis Streams, announced through Redis pub/sub.
+pub struct RedisStore {
+    /// The connections, once Redis first answered. The gateway starts without Redis and
+    /// reports not-ready until then.
+    link: watch::Receiver<Option<Link>>,
+    /// Why the last attempt to connect failed, for error messages and readiness.
+    connect_error: Arc<Mutex<Option<String>>>,
+    /// Names of keys and channels.
+    keys: Keys,
+    /// Compiled scripts, sent by SHA after the first use.
+    scripts: Scripts,
+    /// MAXLEN for every append (0 = no trimming).
+    max_events: u64,
+    /// `~` or `=`.
+    trim_mode: &'static str,
+    /// Idempotency window in milliseconds.
+    idempotency_window_ms: u64,
+    /// `retention.max_age` in milliseconds (0 = none).
+    max_age_ms: u64,
+    /// `retention.idle_ttl` in milliseconds (0 = topics live forever).
+    idle_ttl_ms: u64,
+    /// Per-command deadline; the driver's own covers a single reply only.
+    response_timeout: Duration,
+    /// `redis.min_replicas_ack` and its timeout; `None` when publishes do not wait for replicas.
+    replication: Option<Replication>,
+    /// Requests to the task that owns the subscriptions.
+    watch_tx: mpsc::UnboundedSender<WatchCommand>,
+    /// Whether the subscription connection answered its last health check.
+    pubsub_healthy: Arc<AtomicBool>,
+    /// Handed out once, by `take_signals`.
+    signal_rx: Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
+    /// Whether the last command on the command connection got an answer.
+    command_healthy: AtomicBool,
+    /// Command latency and errors, when the gateway keeps metrics.
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl RedisStore {
+    /// Prepares the store and starts connecting in the background: the gateway serves (and
+    /// reports not-ready) while Redis is unreachable. Only a malformed URL fails here.
+    pub fn connect(settings: &Settings, shutdown: Shutdown) -> Result<RedisStore, StoreError> {
+        let urls = settings
+            .redis_url
+            .as_deref()
+            .ok_or_else(|| StoreError::Internal("no redis_url configured".into()))?;
+        let target = Target::parse(urls)?;
+        let keys = Keys::new(&settings.key_prefix, target.db);
+        let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+        let (link_tx, link) = watch::channel(None);
+        let pubsub_healthy = Arc::new(AtomicBool::new(true));
+        let connect_error = Arc::new(Mutex::new(None));
+        let redis = settings.redis.clone();
+
+        let tasks = Tasks {
+            keys: keys.clone(),
+            signals: signal_tx,
+            watch_tx: watch_tx.clone(),
+            healthy: pubsub_healthy.clone(),
+            redis: redis.clone(),
+            shutdown,
+        };
+        tokio::spawn(establish(
+            target,
+            link_tx,
+            watch_rx,
+            connect_error.clone(),
+            tasks,
+        ));
+
+        Ok(RedisStore {
+            link,
+            connect_error,
+            keys,
+            scripts: Scripts::new(),
+            max_events: settings.retention.max_events,
+            trim_mode: if settings.retention.approximate {
+                "~"
+            } else {
+                "="
+            },
+            idempotency_window_ms: settings.idempotency_window.as_millis() as u64,
+            max_age_ms: settings
+                .retention
+                .max_age
+                .map_or(0, |a| a.as_millis() as u64),
+            idle_ttl_ms: settings
+                .retention
+                .idle_ttl
+                .map_or(0, |t| t.as_millis() as u64),
+            response_timeout: redis.response_timeout,
+            replication: (redis.min_replicas_ack > 0).then_some(Replication {
+                replicas: redis.min_replicas_ack,
+                timeout: redis.replica_ack_timeout,
+            }),
+            watch_tx,
+            pubsub_healthy,
+            signal_rx: Mutex::new(Some(signal_rx)),
+            command_healthy: AtomicBool::new(true),
+            metrics: None,
+        })
+    }
+
+    /// Counts command latency and errors in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records one command's latency and outcome.
+    fn observe<T>(&self, started: Instant, result: &Result<T, StoreError>) {
+        let answered = !matches!(result, Err(StoreError::Unavailable(_)));
+        self.command_healthy.store(answered, Ordering::Release);
+        if let Some(m) = &self.metrics {
+            m.redis_command_duration
+                .observe(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                m.redis_errors.inc();
+            }
+        }
+    }
+
+    /// Completes once Redis has answered for the first time.
+    pub async fn connected(&self) {
+        let mut link = self.link.clone();
+        let _ = link.wait_for(Option::is_some).await;
+    }
+
+    fn link(&self) -> Result<Link, StoreError> {
+        self.link.borrow().clone().ok_or_else(|| {
+            let why = self
+                .connect_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| "connecting".into());
+            StoreError::Unavailable(format!("not connected to redis yet ({why})"))
+        })
+    }
+
+    /// The topics of one batch (one slot in a cluster) whose stream has an entry after the id.
+    async fn advanced_batch(
+        &self,
+        mut conn: connection::Commands,
+        batch: &[&(Topic, StreamId)],
+    ) -> Result<Vec<Topic>, StoreError> {
+        let keys: Vec<String> = batch
+            .iter()
+            .map(|(topic, _)| self.keys.stream(topic.as_str()))
+            .collect();
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(1).arg("STREAMS").arg(&keys);
+        for (_, after) in batch {
+            cmd.arg(after.to_string());
+        }
+        let started = Instant::now();
+        let reply: Result<Option<StreamReadReply>, StoreError> =
+            query(&mut conn, &cmd, self.response_timeout).await;
+        self.observe(started, &reply);
+        let Some(reply) = reply? else {
+            return Ok(Vec::new());
+        };
+        let index: HashMap<&str, &Topic> = keys
+            .iter()
+            .map(String::as_str)
+            .zip(batch.iter().map(|(topic, _)| topic))
+            .collect();
+        Ok(reply
+            .keys
+            .iter()
+            .filter(|s| !s.ids.is_empty())
+            .filter_map(|s| index.get(s.key.as_str()).map(|t| (*t).clone()))
+            .collect())
+    }
+
+    /// Runs one script with an overall deadline; with `replication`, waits for the replicas too
+    /// and fails (retryably) if too few confirmed.
+    async fn run(
+        &self,
+        conn: &mut connection::Commands,
+        call: &Call<'_>,
+        replication: Option<Replication>,
+    ) -> Result<Value, StoreError> {
+        let started = Instant::now();
+        // Twice the per-reply timeout: the script may have to be loaded once; plus the wait.
+        let deadline =
+            self.response_timeout * 2 + replication.map_or(Duration::ZERO, |r| r.timeout);
+        let result = match tokio::time::timeout(deadline, call.invoke(conn, replication)).await {
+            Ok(result) => result.map_err(reply::classify_error),
+            Err(_) => Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            )),
+        };
+        let result = result.and_then(|(value, acked)| match (replication, acked) {
+            (Some(wanted), Some(acked)) if acked < wanted.replicas => {
+                Err(StoreError::Unavailable(format!(
+                    "stored, but only {acked} of {} replicas confirmed within {:?}; retry with the same idempotency key",
+                    wanted.replicas, wanted.timeout
+                )))
+            }
+            _ => Ok(value),
+        });
+        self.observe(started, &result);
+        result
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn append(
+        &self,
+        topic: &Topic,
+        events: &[NewEvent],
+    ) -> Result<Vec<StreamId>, StoreError> {
+        let mut conn = self.link()?.conn;
+        let stream = self.keys.stream(topic.as_str());
+        let mut invocation = Call::new(&self.scripts.append);
+        invocation
+            .key(&stream)
+            .key(self.keys.tombstone(topic.as_str()));
+        for new in events {
+            match &new.idempotency_key {
+                Some(key) => invocation.key(self.keys.idempotency(topic.as_str(), key)),
+                None => invocation.key(&stream),
+            };
+        }
+        invocation
+            .arg(self.keys.live_channel(topic.as_str()))
+            .arg(self.max_events)
+            .arg(self.trim_mode)
+            .arg(self.idempotency_window_ms)
+            .arg(self.max_age_ms)
+            .arg(self.idle_ttl_ms)
+            .arg(ANNOUNCE_INLINE_MAX)
+            .arg(ANNOUNCE_CALL_BUDGET)
+            .arg(if conn.is_cluster() {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            });
+        for new in events {
+            invocation
+                .arg(new.event.as_deref().unwrap_or(""))
+                .arg(&new.data)
+                .arg(if new.idempotency_key.is_some() {
+                    "1"
+                } else {
+                    "0"
+                });
+        }
+        let reply = self.run(&mut conn, &invocation, self.replication).await?;
+        let ids = as_array(&reply)?
+            .iter()
+            .map(parse_id)
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.len() != events.len() {
+            return Err(StoreError::Internal(
+                "append returned a wrong number of ids".into(),
+            ));
+        }
+        Ok(ids)
+    }
+
+    async fn read(
+        &self,
+        topic: &Topic,
+        cursor: StreamId,
+        count: usize,
+    ) -> Result<Page, StoreError> {
+        let mut invocation = Call::new(&self.scripts.read);
+        invocation
+            .key(self.keys.stream(topic.as_str()))
+            .key(self.keys.tombstone(topic.as_str()))
+            .arg(cursor.to_string())
+            .arg(count);
+        let reply = self.run(&mut self.link()?.conn, &invocation, None).await?;
+        let parts = as_array(&reply)?;
+        let hit = matches!(parts.first(), Some(Value::Int(1)));
+        let page = parse_entries(parts.get(1))?;
+        if hit {
+            let events = page.into_iter().skip(1).take(count).collect();
+            return Ok(Page {
+                gap: None,
+                events,
+                resume_after: None,
+            });
+        }
+        let facts = parse_facts(parts.get(2..7))?;
+        let gap = classify(cursor, false, facts);
+        let resume_after = gap.map(|_| facts.map_or(StreamId::ZERO, |f| f.last_generated));
+        let events = if gap.is_some() {
+            parse_entries(parts.get(7))?
+        } else {
+            page
+        };
+        Ok(Page {
+            gap,
+            events: events.into_iter().take(count).collect(),
+            resume_after,
+        })
+    }
+
+    async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
+        let mut invocation = Call::new(&self.scripts.tail);
+        invocation
+            .key(self.keys.stream(topic.as_str()))
+            .key(self.keys.tombstone(topic.as_str()));
+        let reply = self.run(&mut self.link()?.conn, &invocation, None).await?;
+        parse_id(&reply)
+    }
+
+    /// One non-blocking `XREAD COUNT 1 STREAMS k1 … kN id1 … idN` per [`ADVANCED_BATCH`]
+    /// topics: it answers only for the streams that have an entry after their id. A cluster
+    /// refuses keys of several slots in one command, so there the topics are grouped by slot and
+    /// the groups read a few at a time.
+    async fn advanced(&self, positions: &[(Topic, StreamId)]) -> Result<Vec<Topic>, StoreError> {
+        let conn = self.link()?.conn;
+        let batches: Vec<Vec<&(Topic, StreamId)>> = if conn.is_cluster() {
+            let mut by_slot: HashMap<Slot, Vec<&(Topic, StreamId)>> = HashMap::new();
+            for position in positions {
+                let slot = Slot::for_key(self.keys.stream(position.0.as_str()));
+                by_slot.entry(slot).or_default().push(position);
+            }
+            by_slot
+                .into_values()
+                .flat_map(|group| {
+                    group
+                        .chunks(ADVANCED_BATCH)
+                        .map(<[_]>::to_vec)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        } else {
+            positions
+                .chunks(ADVANCED_BATCH)
+                .map(|c| c.iter().collect())
+                .collect()
+        };
+        // The futures are made first: a closure in the stream trips the compiler's lifetime
+        // inference for `Send` futures.
+        let reads: Vec<_> = batches
+            .iter()
+            .map(|batch| self.advanced_batch(conn.clone(), batch))
+            .collect();
+        let results: Vec<Result<Vec<Topic>, StoreError>> = stream::iter(reads)
+            .buffered(CLUSTER_ADVANCED_CONCURRENCY)
+            .collect()
+            .await;
+        let mut moved = std::collections::HashSet::new();
+        for result in results {
+            moved.extend(result?);
+        }
+        // In the order asked, whichever order the slots were read in.
+        Ok(positions
+            .iter()
+            .filter(|(topic, _)| moved.contains(topic))
+            .map(|(topic, _)| topic.clone())
+            .collect())
+    }
+
+    fn watch(&self, topic: &Topic) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        // If the owner task is gone (shutdown), dropping `tx` tells the caller.
+        let _ = self
+            .watch_tx
+            .send(WatchCommand::Watch(topic.as_str().to_owned(), tx));
+        rx
+    }
+
+    fn unwatch(&self, topic: &Topic) {
+        let _ = self
+            .watch_tx
+            .send(WatchCommand::Unwatch(topic.as_str().to_owned()));
+    }
+
+    fn take_signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
+        self.signal_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn connections(&self) -> Vec<(&'static str, bool)> {
+        let command = self.link.borrow().is_some() && self.command_healthy.load(Ordering::Acquire);
+        vec![
+            ("command", command),
+            ("subscription", self.pubsub_healthy.load(Ordering::Acquire)),
+        ]
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        ping(&mut self.link()?.conn, self.response_timeout).await?;
+        if !self.pubsub_healthy.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(
+                "the redis subscription connection is down".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the background tasks share once connected.
+struct Tasks {
+    keys: Keys,
+    signals: mpsc::UnboundedSender<Signal>,
+    watch_tx: mpsc::UnboundedSender<WatchCommand>,
+    healthy: Arc<AtomicBool>,
+    redis: RedisSettings,
+    shutdown: Shutdown,
+}
+
+/// Connects (retrying with backoff until Redis answers), then starts the tasks that own the
+/// subscriptions.
+async fn establish(
+    target: Target,
+    link_tx: watch::Sender<Option<Link>>,
+    watch_rx: mpsc::UnboundedReceiver<WatchCommand>,
+    connect_error: Arc<Mutex<Option<String>>>,
+    tasks: Tasks,
+) {
+    let (push_tx, push_rx) = mpsc::unbounded_channel::<PushInfo>();
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0u32;
+    let link = loop {
+        match open_link(&target, &tasks.redis, push_tx.clone()).await {
+            Ok(link) => break link,
+            Err(e) => {
+                if attempts.is_multiple_of(10) {
+                    warn!(error = %e, "cannot connect to redis; retrying");
+                }
+                attempts += 1;
+                *connect_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = tasks.shutdown.wait() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    info!(cluster = link.conn.is_cluster(), "connected to redis");
+    *connect_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    tokio::spawn(translate_pushes(
+        push_rx,
+        tasks.keys.clone(),
+        tasks.signals.clone(),
+        tasks.watch_tx.clone(),
+        tasks.healthy.clone(),
+    ));
+    tokio::spawn(own_subscriptions(
+        watch_rx,
+        link.pubsub.clone(),
+        tasks.keys,
+        tasks.signals,
+        tasks.shutdown.clone(),
+    ));
+    tokio::spawn(check_health(Health {
+        pubsub: link.pubsub.clone(),
+        interval: tasks.redis.ping_interval,
+        timeout: tasks.redis.response_timeout,
+        healthy: tasks.healthy,
+        watch_tx: tasks.watch_tx,
+        shutdown: tasks.shutdown,
+    }));
+    let _ = link_tx.send(Some(link));
+}

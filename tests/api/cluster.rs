@@ -1,0 +1,288 @@
+//! On a Redis Cluster: sharded pub/sub, fan-out and resume across nodes and slots, acknowledged
+//! means replicated, failover, ids after a lost write, and a reshard under load.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use ssegate::config::Settings;
+
+use crate::helpers::{settings, spawn_app, RedisCluster, ResumingClient, TestApp, PATIENCE};
+
+/// Settings for a gateway on `cluster`, reached through `url`, noticing trouble quickly.
+fn on_cluster(url: String) -> Settings {
+    let mut s = settings(None);
+    s.redis_url = Some(url);
+    s.redis.connect_timeout = Duration::from_millis(500);
+    s.redis.response_timeout = Duration::from_secs(1);
+    s.redis.ping_interval = Duration::from_millis(200);
+    s
+}
+
+/// Topics whose slots are spread over every master: `n` per master.
+async fn topics_on_every_master(cluster: &RedisCluster, masters: usize, n: usize) -> Vec<String> {
+    let mut per_master = vec![Vec::new(); cluster.nodes.len()];
+    for i in 0.. {
+        let topic = format!("t.{i}");
+        let node = cluster.master_of(&format!("ssegate:{{{topic}}}")).await;
+        if per_master[node].len() < n {
+            per_master[node].push(topic);
+        }
+        let full = per_master.iter().filter(|t| t.len() == n).count();
+        if full == masters {
+            break;
+        }
+    }
+    per_master.into_iter().flatten().collect()
+}
+
+async fn shard_subscribers(cluster: &RedisCluster, topic: &str) -> u64 {
+    let channel = format!("ssegate:{{{topic}}}:live");
+    let master = cluster.master_of(&channel).await;
+    let reply: (String, u64) = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(&channel)
+        .query_async(&mut cluster.nodes[master].conn().await)
+        .await
+        .unwrap();
+    reply.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_fan_out_and_resume_across_all_masters_with_sharded_pubsub() {
+    let cluster = RedisCluster::start(3, 0).await;
+    // One node is given a single cluster node, the other the seed list.
+    let a = spawn_app(on_cluster(cluster.url())).await;
+    let b = spawn_app(on_cluster(cluster.seeds())).await;
+    let topics = topics_on_every_master(&cluster, 3, 4).await;
+
+    let mut streams = Vec::new();
+    for topic in &topics {
+        streams.push(a.subscribe(topic, None).await);
+    }
+    for topic in &topics {
+        assert_eq!(shard_subscribers(&cluster, topic).await, 1, "{topic}");
+    }
+    let mut first_ids = Vec::new();
+    for topic in &topics {
+        first_ids.push(b.publish(topic, "live").await);
+    }
+    for (sse, id) in streams.iter_mut().zip(&first_ids) {
+        let e = sse.expect().await;
+        assert_eq!((e.id.as_str(), e.data.as_str()), (id.as_str(), "live"));
+    }
+
+    // Resumed on the other node, from the first event: exactly what came after, in order.
+    for (topic, first) in topics.iter().zip(&first_ids) {
+        let later = vec![a.publish(topic, "1").await, a.publish(topic, "2").await];
+        let mut resumed = b.subscribe(topic, Some(first)).await;
+        assert_eq!(resumed.take_ids(2).await, later, "{topic}");
+    }
+
+    // Announcements went only to the shard owning each topic.
+    assert_eq!(cluster.calls("publish").await, 0, "no classic PUBLISH");
+    assert!(cluster.calls("spublish").await >= 3 * topics.len() as u64);
+
+    // A topic nobody watches any more is unsubscribed.
+    drop(streams);
+    let topic = topics[0].clone();
+    a.eventually("the shard subscription to be dropped", async || {
+        shard_subscribers(&cluster, &topic).await == 0
+    })
+    .await;
+}
+
+/// A refused publish: its status and `Retry-After` (0 when no answer came).
+type Refusal = (u16, Option<String>);
+
+/// Publishes to `topics` in turn, with idempotency keys, retrying refused publishes until each is
+/// acknowledged; records the acknowledged ids per topic and every non-201 answer.
+struct Publisher {
+    acknowledged: Arc<Mutex<Vec<(String, String)>>>,
+    refusals: Arc<Mutex<Vec<Refusal>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    fn start(app_urls: Vec<String>, topics: Vec<String>) -> Publisher {
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let refusals = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (acknowledged, refusals, stop) =
+                (acknowledged.clone(), refusals.clone(), stop.clone());
+            async move {
+                let http = reqwest::Client::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Acquire) {
+                    let topic = &topics[n % topics.len()];
+                    let body = json!({"topic": topic, "data": format!("{n}"), "idempotency_key": format!("k{n}")});
+                    loop {
+                        let url = &app_urls[n % app_urls.len()];
+                        let sent = http
+                            .post(format!("{url}/v1/events"))
+                            .timeout(Duration::from_secs(10))
+                            .json(&body)
+                            .send()
+                            .await;
+                        let Ok(r) = sent else {
+                            refusals.lock().unwrap().push((0, None));
+                            continue;
+                        };
+                        let status = r.status().as_u16();
+                        let retry_after = r
+                            .headers()
+                            .get("retry-after")
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        let reply: serde_json::Value = r.json().await.unwrap_or_default();
+                        if status == 201 {
+                            let id = reply["id"].as_str().unwrap().to_owned();
+                            acknowledged.lock().unwrap().push((topic.clone(), id));
+                            break;
+                        }
+                        eprintln!("publish refused: {status} {reply}");
+                        refusals.lock().unwrap().push((status, retry_after));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        Publisher {
+            acknowledged,
+            refusals,
+            stop,
+            task,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.acknowledged.lock().unwrap().len()
+    }
+
+    async fn wait_for(&self, more: usize) {
+        let target = self.count() + more;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.count() < target {
+            if tokio::time::Instant::now() > deadline {
+                let refusals = self.refusals.lock().unwrap();
+                let last: Vec<_> = refusals.iter().rev().take(5).collect();
+                panic!(
+                    "timed out waiting for publishes: {} acknowledged, {} refusals, the last: {last:?}",
+                    self.count(),
+                    refusals.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(self) -> (Vec<(String, String)>, Vec<Refusal>) {
+        self.stop.store(true, Ordering::Release);
+        self.task.await.unwrap();
+        let acked = self.acknowledged.lock().unwrap().clone();
+        let refused = self.refusals.lock().unwrap().clone();
+        (acked, refused)
+    }
+}
+
+/// Checks every subscriber against the streams: every acknowledged event is in its topic's
+/// stream, and every subscriber got exactly the stream's events, in order, with no gap notice.
+async fn check_delivery(
+    cluster: &RedisCluster,
+    acked: &[(String, String)],
+    clients: &mut [(String, ResumingClient)],
+) {
+    for (topic, client) in clients.iter_mut() {
+        let stream = cluster.stream_ids("ssegate", topic).await;
+        let mine: Vec<&String> = acked
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, id)| id)
+            .collect();
+        let stored: HashSet<&String> = stream.iter().collect();
+        let lost: Vec<&&String> = mine.iter().filter(|id| !stored.contains(**id)).collect();
+        assert!(lost.is_empty(), "{topic}: acknowledged but lost: {lost:?}");
+        let Some(last) = stream.last() else { continue };
+        let got = client.ids_until(last).await;
+        assert_eq!(
+            got, stream,
+            "{topic}: delivered exactly the stream, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_with_min_replicas_ack_loses_nothing_acknowledged() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let mut s = on_cluster(cluster.url());
+    s.redis.min_replicas_ack = 1;
+    let a = spawn_app(s.clone()).await;
+    s.redis_url = Some(cluster.seeds());
+    let b = spawn_app(s).await;
+    let topics = topics_on_every_master(&cluster, 3, 2).await;
+    let mut clients: Vec<(String, ResumingClient)> = Vec::new();
+    for topic in &topics {
+        for app in [&a, &b] {
+            let mut c = ResumingClient::start(vec![app.url("")], topic, None);
+            c.wait_connected().await;
+            clients.push((topic.clone(), c));
+        }
+    }
+    let publisher = Publisher::start(vec![a.url(""), b.url("")], topics.clone());
+    publisher.wait_for(30).await;
+
+    let victim = cluster
+        .master_of(&format!("ssegate:{{{}}}", topics[0]))
+        .await;
+    let heir = cluster.replica_of(victim).await;
+    let mut cluster = cluster;
+    cluster.nodes[victim].kill();
+    a.eventually("/readyz to report the lost master", async || {
+        status(&a, "/readyz").await == 503
+    })
+    .await;
+    cluster.wait_stable().await;
+    assert_eq!(
+        cluster
+            .master_of(&format!("ssegate:{{{}}}", topics[0]))
+            .await,
+        heir,
+        "the replica took over"
+    );
+    // With min_replicas_ack = 1 the new master's slots take no publish until it has a replica
+    // again: the old master comes back as one.
+    assert!(cluster.nodes[victim].launch().await);
+    cluster.wait_stable().await;
+    a.eventually("/readyz to recover", async || {
+        status(&a, "/readyz").await == 200
+    })
+    .await;
+    publisher.wait_for(30).await;
+    let (acked, refused) = publisher.finish().await;
+
+    for (status, retry_after) in &refused {
+        assert_eq!(*status, 503, "refusals during the election are 503");
+        assert!(retry_after.is_some(), "with Retry-After");
+    }
+    check_delivery(&cluster, &acked, &mut clients).await;
+    println!(
+        "failover: {} acknowledged, {} refused during the election, 0 lost",
+        acked.len(),
+        refused.len()
+    );
+}
+
+async fn status(app: &TestApp, path: &str) -> u16 {
+    app.http
+        .get(app.url(path))
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
