@@ -286,3 +286,169 @@ async fn status(app: &TestApp, path: &str) -> u16 {
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
 }
+
+/// What a stream id says, for comparing ids.
+fn id_of(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').expect("a stream id");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+async fn replica_has(cluster: &RedisCluster, replica: usize, topic: &str, id: &str) -> bool {
+    let mut conn = cluster.nodes[replica].conn().await;
+    let _: () = redis::cmd("READONLY").query_async(&mut conn).await.unwrap();
+    let ids: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("ssegate:{{{topic}}}"))
+        .arg(id)
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    !ids.ids.is_empty()
+}
+
+/// With `min_replicas_ack = 0` a failover can lose acknowledged events. A client that saw them is
+/// told, a cursor from the lost history is told, and new events never get a lost event's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_loses_events_is_told_and_reuses_no_id() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let app = spawn_app(on_cluster(cluster.seeds())).await;
+    let topic = "lossy";
+    let master = cluster.master_of("ssegate:{lossy}").await;
+    let replica = cluster.replica_of(master).await;
+    let mut live = app.subscribe(topic, None).await;
+    let kept = app.publish(topic, "kept").await;
+    app.eventually("the replica to have the first event", async || {
+        replica_has(&cluster, replica, topic, &kept).await
+    })
+    .await;
+    assert_eq!(live.expect().await.id, kept);
+
+    // The replica stops and its link is cut: what the master takes now never reaches it.
+    cluster.nodes[replica].pause();
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async(&mut cluster.nodes[master].conn().await)
+        .await
+        .unwrap();
+    let lost = vec![
+        app.publish(topic, "lost 1").await,
+        app.publish(topic, "lost 2").await,
+    ];
+    assert_eq!(live.take_ids(2).await, lost, "acknowledged and delivered");
+    cluster.nodes[master].kill();
+    cluster.nodes[replica].resume();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .arg("TAKEOVER")
+        .query_async(&mut cluster.nodes[replica].conn().await)
+        .await
+        .unwrap();
+    cluster.wait_stable().await;
+    assert_eq!(cluster.master_of("ssegate:{lossy}").await, replica);
+
+    // The client that saw the lost events is told, and the topic's history as it now is
+    // follows the notice (`resume_from`).
+    let notice = live.expect().await;
+    assert_eq!(notice.event, "ssegate.gap", "{notice:?}");
+    let data: serde_json::Value = serde_json::from_str(&notice.data).unwrap();
+    assert_eq!(data["reason"], "unknown_cursor");
+    assert_eq!(data["resume_from"].as_str(), Some(kept.as_str()));
+    assert_eq!(live.expect().await.id, kept);
+
+    // New events get ids above every lost one, so no id a client saw names another event.
+    let after = app.publish(topic, "after").await;
+    assert!(id_of(&after) > id_of(&lost[1]), "{after} after {lost:?}");
+    let e = live.expect().await;
+    assert_eq!((e.id.as_str(), e.data.as_str()), (after.as_str(), "after"));
+    assert_eq!(
+        cluster.stream_ids("ssegate", topic).await,
+        [kept.clone(), after.clone()]
+    );
+
+    // A cursor from the lost history is told too, then gets what exists after it.
+    let mut resumed = app.subscribe(topic, Some(&lost[0])).await;
+    let notice = resumed.expect().await;
+    assert_eq!(notice.event, "ssegate.gap");
+    let data: serde_json::Value = serde_json::from_str(&notice.data).unwrap();
+    assert_eq!(data["reason"], "unknown_cursor");
+    assert_eq!(resumed.take_ids(2).await, [kept, after]);
+}
+
+/// Node ids, for `redis-cli --cluster reshard`.
+async fn node_id(cluster: &RedisCluster, node: usize) -> String {
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut cluster.nodes[node].conn().await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_under_load_loses_and_repeats_nothing() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let a = spawn_app(on_cluster(cluster.url())).await;
+    let b = spawn_app(on_cluster(cluster.seeds())).await;
+    let topics = topics_on_every_master(&cluster, 3, 3).await;
+    let mut clients: Vec<(String, ResumingClient)> = Vec::new();
+    for topic in &topics {
+        for app in [&a, &b] {
+            let mut c = ResumingClient::start(vec![app.url("")], topic, None);
+            c.wait_connected().await;
+            clients.push((topic.clone(), c));
+        }
+    }
+    let publisher = Publisher::start(vec![a.url(""), b.url("")], topics.clone());
+    publisher.wait_for(30).await;
+
+    // Every slot of the first master moves to the second, keys and all, while publishing.
+    let from = cluster
+        .master_of(&format!("ssegate:{{{}}}", topics[0]))
+        .await;
+    let to = (0..3).find(|&n| n != from).unwrap();
+    let moved: Vec<&String> = {
+        let mut m = Vec::new();
+        for t in &topics {
+            if cluster.master_of(&format!("ssegate:{{{t}}}")).await == from {
+                m.push(t);
+            }
+        }
+        m
+    };
+    let resharded = tokio::process::Command::new("redis-cli")
+        .args([
+            "--cluster",
+            "reshard",
+            &format!("127.0.0.1:{}", cluster.nodes[from].port),
+        ])
+        .args(["--cluster-from", &node_id(&cluster, from).await])
+        .args(["--cluster-to", &node_id(&cluster, to).await])
+        .args(["--cluster-slots", &cluster.slots_of(from).await.to_string()])
+        .arg("--cluster-yes")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(resharded.success());
+    cluster.wait_stable().await;
+    for t in &moved {
+        assert_eq!(
+            cluster.master_of(&format!("ssegate:{{{t}}}")).await,
+            to,
+            "{t} moved"
+        );
+    }
+    publisher.wait_for(30).await;
+    let (acked, refused) = publisher.finish().await;
+    for (status, _) in &refused {
+        assert_eq!(*status, 503, "refusals during the move are 503");
+    }
+    check_delivery(&cluster, &acked, &mut clients).await;
+    println!(
+        "reshard: {} topics moved, {} acknowledged, {} refused during the move, 0 lost",
+        moved.len(),
+        acked.len(),
+        refused.len()
+    );
+}

@@ -710,6 +710,29 @@ impl RedisCluster {
             .unwrap()
     }
 
+    /// The slot ranges as the cluster assigns them now: first, last, master's port.
+    async fn slot_ranges(&self) -> Vec<(u16, u16, u16)> {
+        let raw: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.live_node().conn().await)
+            .await
+            .unwrap();
+        raw.into_iter()
+            .map(|r| {
+                let redis::Value::Array(parts) = r else {
+                    panic!("slot range")
+                };
+                let start: u16 = redis::from_redis_value(parts[0].clone()).unwrap();
+                let end: u16 = redis::from_redis_value(parts[1].clone()).unwrap();
+                let redis::Value::Array(master) = &parts[2] else {
+                    panic!("master")
+                };
+                let port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
+                (start, end, port)
+            })
+            .collect()
+    }
+
     /// Index of the node that is master of `key`'s slot now.
     pub async fn master_of(&self, key: &str) -> usize {
         let slot: u16 = redis::cmd("CLUSTER")
@@ -718,30 +741,9 @@ impl RedisCluster {
             .query_async(&mut self.live_node().conn().await)
             .await
             .unwrap();
-        let mut conn = self.live_node().conn().await;
-        let slots: Vec<(u16, u16, (String, u16))> = {
-            let raw: Vec<redis::Value> = redis::cmd("CLUSTER")
-                .arg("SLOTS")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            raw.into_iter()
-                .map(|r| {
-                    let redis::Value::Array(parts) = r else {
-                        panic!("slot range")
-                    };
-                    let start: u16 = redis::from_redis_value(parts[0].clone()).unwrap();
-                    let end: u16 = redis::from_redis_value(parts[1].clone()).unwrap();
-                    let redis::Value::Array(master) = &parts[2] else {
-                        panic!("master")
-                    };
-                    let host: String = redis::from_redis_value(master[0].clone()).unwrap();
-                    let port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
-                    (start, end, (host, port))
-                })
-                .collect()
-        };
-        let (_, _, (_, port)) = slots
+        let (_, _, port) = self
+            .slot_ranges()
+            .await
             .into_iter()
             .find(|(start, end, _)| (*start..=*end).contains(&slot))
             .expect("slot assigned");
@@ -749,6 +751,16 @@ impl RedisCluster {
             .iter()
             .position(|n| n.port == port)
             .expect("a node of ours")
+    }
+
+    /// How many slots the node at `node` is master of.
+    pub async fn slots_of(&self, node: usize) -> usize {
+        self.slot_ranges()
+            .await
+            .into_iter()
+            .filter(|(_, _, port)| *port == self.nodes[node].port)
+            .map(|(start, end, _)| (end - start) as usize + 1)
+            .sum()
     }
 
     /// Index of a replica of the master at `master`.
