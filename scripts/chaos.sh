@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The chaos run on its own, for as long as you like: the test bed (scripts/testbed.sh) under a
 # steady publish load while nodes are SIGKILLed or drained and Redis is killed and restarted at
-# random; prints lost / duplicated / reordered. It stops by itself.
+# random; prints lost / duplicated / reordered. It stops by itself. A second run does the same on
+# the cluster test bed (3 masters + 3 replicas, min_replicas_ack = 1): masters killed and back as
+# replicas, gateway nodes killed, one full reshard.
 #
-#   scripts/chaos.sh [--seconds N]     (default 300; CI runs 60 as part of scripts/test.sh)
+#   scripts/chaos.sh [--seconds N]     (default 300 each; CI runs 60 and 30 in scripts/test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=300
@@ -14,4 +16,4 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ "$seconds" =~ ^[0-9]+$ ]] || { echo "--seconds needs a number" >&2; exit 2; }
-CHAOS_SECONDS=$seconds cargo test --release --test api chaos -- --nocapture
+CHAOS_SECONDS=$seconds CHAOS_CLUSTER_SECONDS=$seconds cargo test --release --test api chaos -- --nocapture

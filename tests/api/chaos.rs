@@ -26,14 +26,25 @@ const SIDE: &str = "chaos.side";
 struct TestBed {
     dir: tempfile::TempDir,
     port: u16,
+    /// A Redis Cluster (3 masters + 3 replicas, `min_replicas_ack = 1`) instead of one Redis.
+    cluster: bool,
 }
 
 impl TestBed {
     fn start() -> TestBed {
+        Self::start_with(false)
+    }
+
+    fn start_with(cluster: bool) -> TestBed {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port_run(5);
-        let bed = TestBed { dir, port };
-        let out = bed.script(&["start"]);
+        let port = free_port_run(if cluster { 11 } else { 5 });
+        let bed = TestBed { dir, port, cluster };
+        let start: &[&str] = if cluster {
+            &["start", "--cluster"]
+        } else {
+            &["start"]
+        };
+        let out = bed.script(start);
         assert!(
             out.status.success(),
             "testbed start: {}",
@@ -55,6 +66,10 @@ impl TestBed {
             .env("SSEGATE_RETRY", "100ms")
             .env("SSEGATE_REDIS__RESPONSE_TIMEOUT", "1s")
             .env("SSEGATE_REDIS__PING_INTERVAL", "200ms")
+            .env(
+                "SSEGATE_REDIS__MIN_REPLICAS_ACK",
+                if self.cluster { "1" } else { "0" },
+            )
             .output()
             .unwrap()
     }
@@ -75,6 +90,13 @@ impl TestBed {
     fn redis_url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port + 1)
     }
+
+    /// The cluster's nodes (test bed ports 5-10).
+    fn cluster_urls(&self) -> Vec<String> {
+        (5..=10)
+            .map(|i| format!("redis://127.0.0.1:{}/0", self.port + i))
+            .collect()
+    }
 }
 
 impl Drop for TestBed {
@@ -83,15 +105,19 @@ impl Drop for TestBed {
     }
 }
 
-/// The first of `n` consecutive free loopback ports.
+/// The first of `n` consecutive free loopback ports. Each Redis Cluster node also listens on its
+/// port + 10000 (the cluster bus), so those must be free too: ports 5 and up of the run are
+/// cluster nodes when there are more than five.
 fn free_port_run(n: u16) -> u16 {
     let mut rng = rand::rng();
     loop {
-        let base: u16 = rng.random_range(20_000..60_000);
-        let held: Vec<_> = (0..n)
+        let base: u16 = rng.random_range(20_000..45_000);
+        let ports = (0..n).chain((5..n).map(|i| i + 10_000));
+        let held: Vec<_> = ports
+            .clone()
             .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
             .collect();
-        if held.len() == n as usize {
+        if held.len() == ports.count() {
             return base;
         }
     }
@@ -382,6 +408,150 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
         acked_unique.len(),
         acked.len(),
         "each publish acknowledged once, with its own id"
+    );
+    assert_eq!(acked_lost, 0, "acknowledged events are all in Redis");
+    assert_eq!(
+        (total.lost, total.duplicated, total.reordered, total.gaps),
+        (0, 0, 0, 0)
+    );
+}
+
+/// Topics for the cluster run: enough that their slots fall on every master.
+const CLUSTER_TOPICS: [&str; 9] = [
+    "c.0", "c.1", "c.2", "c.3", "c.4", "c.5", "c.6", "c.7", "c.8",
+];
+
+/// A stream's ids read through the cluster, whichever nodes are up.
+async fn cluster_stream_ids(seeds: Vec<String>, topic: &str) -> Vec<String> {
+    let mut conn = redis::cluster::ClusterClient::new(seeds)
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("ssegate:{{{topic}}}"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    page.ids.into_iter().map(|e| e.id).collect()
+}
+
+/// The chaos run on a Redis Cluster with `min_replicas_ack = 1`: masters are killed (their
+/// replicas take over) and come back as replicas, gateway nodes are killed, and one master's
+/// slots all move to another while topics over every master are published to and read.
+/// `CHAOS_CLUSTER_SECONDS` sets the length (30 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_a_cluster_loses_duplicates_and_reorders_nothing() {
+    let seconds: u64 = std::env::var("CHAOS_CLUSTER_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let bed = Arc::new(TestBed::start_with(true));
+    let lb = bed.url();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let publishers: Vec<_> = CLUSTER_TOPICS
+        .into_iter()
+        .enumerate()
+        .map(|(p, topic)| {
+            tokio::spawn(publish_until(
+                lb.clone(),
+                p,
+                topic,
+                stop.clone(),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    let mut subscribers: Vec<(&str, ResumingClient)> = CLUSTER_TOPICS
+        .iter()
+        .map(|&t| {
+            (
+                t,
+                ResumingClient::start(vec![lb.clone()], t, Some("0".into())),
+            )
+        })
+        .collect();
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut actions: HashMap<&str, usize> = HashMap::new();
+    while Instant::now() < deadline || actions.len() < 3 {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1000..2500))).await;
+        // Each kind once first (the reshard only once), then masters and nodes at random.
+        let choice = match actions.len() {
+            n @ 0..=2 if !actions.contains_key(["master", "node", "reshard"][n]) => n,
+            _ => rand::rng().random_range(0..2),
+        };
+        let node = rand::rng().random_range(1..=3).to_string();
+        let bed = bed.clone();
+        let name = tokio::task::spawn_blocking(move || match choice {
+            0 => {
+                bed.run(&["kill-master"]);
+                bed.run(&["start-redis-nodes"]);
+                "master"
+            }
+            1 => {
+                bed.run(&["kill-node", &node]);
+                std::thread::sleep(Duration::from_millis(300));
+                bed.run(&["start-node", &node]);
+                "node"
+            }
+            _ => {
+                bed.run(&["reshard"]);
+                "reshard"
+            }
+        })
+        .await
+        .unwrap();
+        *actions.entry(name).or_default() += 1;
+    }
+    stop.store(true, Ordering::Release);
+    let mut retries = 0;
+    for p in publishers {
+        retries += p.await.unwrap();
+    }
+
+    let acked = acked.lock().unwrap().clone();
+    let mut total = Tally::default();
+    let mut acked_lost = 0;
+    for (topic, client) in subscribers.iter_mut() {
+        let stream = cluster_stream_ids(bed.cluster_urls(), topic).await;
+        let position: HashMap<&str, usize> = stream
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), i))
+            .collect();
+        acked_lost += acked
+            .iter()
+            .filter(|(t, id)| t == topic && !position.contains_key(id.as_str()))
+            .count();
+        let last = stream.last().expect("events were published").clone();
+        let (got, complete) = client.ids_within(&last, Duration::from_secs(30)).await;
+        let t = tally(&got, &stream, &position);
+        println!(
+            "{topic}: {} received, complete: {complete}, {t:?}",
+            got.len()
+        );
+        total.lost += t.lost;
+        total.duplicated += t.duplicated;
+        total.reordered += t.reordered;
+        total.gaps += t.gaps;
+    }
+    println!(
+        "chaos on a cluster: {}s, {actions:?}, {} events acknowledged ({} publish retries) on {} topics: \
+         lost {} / duplicated {} / reordered {} (gap notices {}, acknowledged but missing from Redis {})",
+        started.elapsed().as_secs(),
+        acked.len(),
+        retries,
+        CLUSTER_TOPICS.len(),
+        total.lost,
+        total.duplicated,
+        total.reordered,
+        total.gaps,
+        acked_lost,
     );
     assert_eq!(acked_lost, 0, "acknowledged events are all in Redis");
     assert_eq!(
