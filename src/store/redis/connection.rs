@@ -65,40 +65,29 @@ impl Commands {
         matches!(self, Commands::Cluster(_))
     }
 
-    /// Subscribes to a topic's channels: its live channel (sharded in a cluster, so only the
-    /// shard owning the topic carries its announcements) and its keyspace notifications (which
-    /// Redis sends on the node holding the key; the cluster client routes the subscription there
-    /// by the channel's hash tag, the topic).
-    pub(super) async fn subscribe(
+    /// Subscribes to (`on`) or leaves topics' channels: their live channels (sharded in a
+    /// cluster, so only the shard owning a topic carries its announcements) and their keyspace
+    /// notifications (which Redis sends on the node holding the key; the cluster client routes
+    /// the subscription there by the channel's hash tag, the topic).
+    pub(super) async fn set_subscribed(
         &mut self,
+        on: bool,
         live: &[String],
         keyspace: &[String],
     ) -> Result<(), StoreError> {
         let result = match self {
             Commands::Single(c) => {
-                let mut all = live.to_vec();
-                all.extend_from_slice(keyspace);
-                c.subscribe(&all).await
+                let all: Vec<&String> = live.iter().chain(keyspace).collect();
+                if on {
+                    c.subscribe(&all).await
+                } else {
+                    c.unsubscribe(&all).await
+                }
             }
-            Commands::Cluster(c) => match c.ssubscribe(live).await {
+            Commands::Cluster(c) if on => match c.ssubscribe(live).await {
                 Ok(()) => c.subscribe(keyspace).await,
                 Err(e) => Err(e),
             },
-        };
-        result.map_err(classify_error)
-    }
-
-    pub(super) async fn unsubscribe(
-        &mut self,
-        live: &[String],
-        keyspace: &[String],
-    ) -> Result<(), StoreError> {
-        let result = match self {
-            Commands::Single(c) => {
-                let mut all = live.to_vec();
-                all.extend_from_slice(keyspace);
-                c.unsubscribe(&all).await
-            }
             Commands::Cluster(c) => match c.sunsubscribe(live).await {
                 Ok(()) => c.unsubscribe(keyspace).await,
                 Err(e) => Err(e),

@@ -81,7 +81,7 @@ pub(super) async fn own_subscriptions(
                         watched.remove(&topic);
                         let live = [keys.live_channel(&topic)];
                         let keyspace = [keys.keyspace_channel(&topic)];
-                        if let Err(e) = pubsub.unsubscribe(&live, &keyspace).await {
+                        if let Err(e) = pubsub.set_subscribed(false, &live, &keyspace).await {
                             warn!(topic, error = %e, "unsubscribing failed");
                         }
                     }
@@ -120,7 +120,7 @@ async fn subscribe(pubsub: &mut Commands, keys: &Keys, topics: &[&str]) -> Resul
         for chunk in topics.chunks(SUBSCRIBE_CHUNK) {
             let live: Vec<String> = chunk.iter().map(|t| keys.live_channel(t)).collect();
             let keyspace: Vec<String> = chunk.iter().map(|t| keys.keyspace_channel(t)).collect();
-            pubsub.subscribe(&live, &keyspace).await?;
+            pubsub.set_subscribed(true, &live, &keyspace).await?;
         }
         return Ok(());
     }
@@ -140,7 +140,7 @@ async fn subscribe(pubsub: &mut Commands, keys: &Keys, topics: &[&str]) -> Resul
 async fn subscribe_one(mut pubsub: Commands, keys: &Keys, topic: &str) -> Result<(), StoreError> {
     let live = [keys.live_channel(topic)];
     let keyspace = [keys.keyspace_channel(topic)];
-    pubsub.subscribe(&live, &keyspace).await
+    pubsub.set_subscribed(true, &live, &keyspace).await
 }
 
 /// What [`check_health`] needs.
