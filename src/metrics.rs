@@ -101,6 +101,10 @@ pub struct Metrics {
     pub redis_command_duration: Histogram,
     /// Redis commands that failed or timed out.
     pub redis_errors: Counter,
+    /// Publish appends waiting for the Redis call in flight for their slot (group commit).
+    pub redis_appends_waiting: Gauge,
+    /// Append script calls; with `events_published`, how many events a call carries.
+    pub redis_append_calls: Counter,
     /// Whether each Redis connection works: 1 or 0 (set when scraped).
     pub redis_connected: Family<ConnectionLabel, Gauge>,
 }
@@ -131,6 +135,8 @@ impl Metrics {
             auth_failures: Family::default(),
             redis_command_duration: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             redis_errors: Counter::default(),
+            redis_appends_waiting: Gauge::default(),
+            redis_append_calls: Counter::default(),
             redis_connected: Family::default(),
             registry: Registry::default(),
         };
@@ -207,6 +213,16 @@ impl Metrics {
             "redis_errors",
             "Redis commands that failed or timed out",
             m.redis_errors.clone(),
+        );
+        r.register(
+            "redis_appends_waiting",
+            "Publish appends waiting for the Redis call in flight for their slot",
+            m.redis_appends_waiting.clone(),
+        );
+        r.register(
+            "redis_append_calls",
+            "Append script calls (concurrent publishes share one)",
+            m.redis_append_calls.clone(),
         );
         r.register(
             "redis_connected",

@@ -5,6 +5,7 @@
 mod browser;
 mod chaos;
 mod cluster;
+mod commit;
 mod delivery;
 mod failure;
 mod helpers;

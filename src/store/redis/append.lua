@@ -1,19 +1,27 @@
--- Appends events to one topic's stream and announces each one on the topic's channel, atomically.
+-- Appends the events of several publish requests (a group commit: every topic in one slot) to
+-- their topics' streams and announces each event on its topic's channel.
 --
--- KEYS[1]    the stream
--- KEYS[2]    the stream's tombstone: its last id, kept a while after an idle stream expired
--- KEYS[2+i]  event i's idempotency key (the stream key again when the event has none)
--- ARGV[1]    the live channel
--- ARGV[2]    MAXLEN (0 = keep everything)
--- ARGV[3]    '~' (approximate trimming) or '='
--- ARGV[4]    idempotency window in milliseconds
--- ARGV[5]    max age in milliseconds (0 = no limit)
--- ARGV[6]    idle TTL in milliseconds (0 = topics live forever)
--- ARGV[7]    largest payload announced with its event (bytes)
--- ARGV[8]    most payload bytes announced by one call
--- ARGV[9]    'PUBLISH' (one Redis) or 'SPUBLISH' (a cluster: sent only to the shard owning the
---            channel, whose name shares the topic's hash slot)
--- ARGV[10..] per event: type ('' = message), data, '1' if it has an idempotency key else '0'
+-- KEYS[2t-1]  topic t's stream (t = 1..T)
+-- KEYS[2t]    topic t's tombstone: its last id, kept a while after an idle stream expired
+-- KEYS[2T+k]  the idempotency key of the k-th event that has one, in request order
+-- ARGV[1]     MAXLEN (0 = keep everything)
+-- ARGV[2]     '~' (approximate trimming) or '='
+-- ARGV[3]     idempotency window in milliseconds
+-- ARGV[4]     max age in milliseconds (0 = no limit)
+-- ARGV[5]     idle TTL in milliseconds (0 = topics live forever)
+-- ARGV[6]     largest payload announced with its event (bytes)
+-- ARGV[7]     most payload bytes announced by one call
+-- ARGV[8]     'PUBLISH' (one Redis) or 'SPUBLISH' (a cluster: sent only to the shard owning the
+--             channel, whose name shares the topic's hash slot)
+-- ARGV[9]     T, the number of topics
+-- ARGV[9+t]   topic t's live channel
+-- then, per request in arrival order: its topic's index t, its event count n, and per event:
+--             type ('' = message), data, '1' if it has an idempotency key else '0'
+--
+-- Requests are applied in order, each on its own: one request's events are consecutive in its
+-- stream, and a request that fails (say, its key holds something other than a stream) fails
+-- alone. Returns per request {'ok', id, ...} (one id per event; a repeated idempotency key
+-- returns the first id and appends nothing) or {'err', message}.
 --
 -- Each announcement is "<prev id>\n<id>\n<type>\n<data>": prev is the stream's newest entry before
 -- this one, so a node can tell whether it saw every entry in between (direct XADDs included).
@@ -21,91 +29,135 @@
 -- "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed to the topic
 -- receives every announcement, and Redis drops a subscriber whose pending output passes its
 -- pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to them all.
--- Returns one id per event; a repeated idempotency key returns the first id and appends nothing.
+--
+-- The newest entry is looked up, and the stream trimmed and its TTL renewed, once per topic per
+-- call, not per event: those are most of a lone event's cost.
 --
 -- A stream recreated after it expired carries its tombstone on as its max-deleted-entry-id, so
 -- the gap rule treats the old history as deleted: a client at the old last id resumes without a
 -- notice, an older one is told of the gap.
-local stream, tombstone = KEYS[1], KEYS[2]
-local channel = ARGV[1]
-local maxlen = tonumber(ARGV[2])
-local window = ARGV[4]
-local max_age = tonumber(ARGV[5])
-local idle_ttl = tonumber(ARGV[6])
-local inline_max = tonumber(ARGV[7])
-local budget = tonumber(ARGV[8])
-local publish = ARGV[9]
+local maxlen = tonumber(ARGV[1])
+local trim = ARGV[2]
+local window = ARGV[3]
+local max_age = tonumber(ARGV[4])
+local idle_ttl = tonumber(ARGV[5])
+local inline_max = tonumber(ARGV[6])
+local budget = tonumber(ARGV[7])
+local publish = ARGV[8]
+local topics = tonumber(ARGV[9])
 if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
   return redis.error_reply('ERR unknown publish command')
 end
 
-local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-local prev = '0-0'
-local recreated = false
-if #newest > 0 then
-  prev = newest[1][1]
-elseif idle_ttl > 0 and redis.call('EXISTS', stream) == 0 then
-  recreated = redis.call('GET', tombstone)
-end
-
-local function ms_of(id)
-  return tonumber(string.match(id, '^(%d+)-'))
-end
-
-local ids = {}
-local last = nil
-local count = (#ARGV - 9) / 3
-for i = 1, count do
-  local base = 9 + (i - 1) * 3
-  local etype, data, keyed = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3] == '1'
-  local existing = false
-  if keyed then
-    existing = redis.call('GET', KEYS[2 + i])
+-- Per topic touched: {prev = newest id, recreated = tombstone or false, last = id or nil}.
+local state = {}
+local function topic_state(t)
+  local s = state[t]
+  if s then
+    return s
   end
-  if existing then
-    ids[i] = existing
-  else
-    local args
-    if maxlen > 0 then
-      args = {'XADD', stream, 'MAXLEN', ARGV[3], maxlen, '*', 'data', data}
+  local stream = KEYS[2 * t - 1]
+  s = {prev = '0-0', recreated = false}
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if #newest > 0 then
+    s.prev = newest[1][1]
+  elseif idle_ttl > 0 and redis.call('EXISTS', stream) == 0 then
+    s.recreated = redis.call('GET', KEYS[2 * t])
+  end
+  state[t] = s
+  return s
+end
+
+local function older(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  return ams and (tonumber(ams) < tonumber(bms) or (ams == bms and tonumber(aseq) < tonumber(bseq)))
+end
+
+-- Applies one request; returns its ids. `at` is its first argument, `keyed` the number of
+-- idempotency keys used before it.
+local function apply(t, n, at, keyed)
+  local s = topic_state(t)
+  local stream, channel = KEYS[2 * t - 1], ARGV[9 + t]
+  local ids = {'ok'}
+  for i = 0, n - 1 do
+    local etype, data, has_key = ARGV[at + 3 * i], ARGV[at + 3 * i + 1], ARGV[at + 3 * i + 2] == '1'
+    local key, existing = nil, false
+    if has_key then
+      keyed = keyed + 1
+      key = KEYS[2 * topics + keyed]
+      existing = redis.call('GET', key)
+    end
+    if existing then
+      ids[#ids + 1] = existing
     else
-      args = {'XADD', stream, '*', 'data', data}
-    end
-    if etype ~= '' then
-      args[#args + 1] = 'event'
-      args[#args + 1] = etype
-    end
-    local id = redis.call(unpack(args))
-    if recreated then
-      local old = recreated
-      recreated = false
-      local oms, oseq = string.match(old, '^(%d+)-(%d+)$')
-      local nms, nseq = string.match(id, '^(%d+)-(%d+)$')
-      if oms and (tonumber(oms) < tonumber(nms) or (oms == nms and tonumber(oseq) < tonumber(nseq))) then
-        redis.call('XSETID', stream, id, 'ENTRIESADDED', 1, 'MAXDELETEDID', old)
+      local id
+      if etype ~= '' then
+        id = redis.call('XADD', stream, '*', 'data', data, 'event', etype)
+      else
+        id = redis.call('XADD', stream, '*', 'data', data)
       end
+      if s.recreated then
+        local old = s.recreated
+        s.recreated = false
+        if older(old, id) then
+          redis.call('XSETID', stream, id, 'ENTRIESADDED', 1, 'MAXDELETEDID', old)
+        end
+      end
+      if key then
+        redis.call('SET', key, id, 'PX', window)
+      end
+      if #data <= inline_max and #data <= budget then
+        budget = budget - #data
+        redis.call(publish, channel, s.prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
+      else
+        redis.call(publish, channel, s.prev .. '\n' .. id)
+      end
+      s.prev = id
+      s.last = id
+      ids[#ids + 1] = id
     end
-    if keyed then
-      redis.call('SET', KEYS[2 + i], id, 'PX', window)
+  end
+  return ids
+end
+
+local replies = {}
+local at = 10 + topics
+local keyed = 0
+while at <= #ARGV do
+  local t, n = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local first = at + 2
+  local keys_used = 0
+  for i = 0, n - 1 do
+    if ARGV[first + 3 * i + 2] == '1' then
+      keys_used = keys_used + 1
     end
-    if #data <= inline_max and #data <= budget then
-      budget = budget - #data
-      redis.call(publish, channel, prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
-    else
-      redis.call(publish, channel, prev .. '\n' .. id)
+  end
+  local ok, result = pcall(apply, t, n, first, keyed)
+  if ok then
+    replies[#replies + 1] = result
+  else
+    local message = type(result) == 'table' and result.err or tostring(result)
+    replies[#replies + 1] = {'err', message}
+  end
+  keyed = keyed + keys_used
+  at = first + 3 * n
+end
+
+for t, s in pairs(state) do
+  if s.last then
+    local stream = KEYS[2 * t - 1]
+    if maxlen > 0 then
+      redis.call('XTRIM', stream, 'MAXLEN', trim, maxlen)
     end
-    prev = id
-    last = id
-    ids[i] = id
+    if max_age > 0 then
+      local ms = tonumber(string.match(s.last, '^(%d+)-'))
+      redis.call('XTRIM', stream, 'MINID', trim, string.format('%.0f-0', ms - max_age))
+    end
+    if idle_ttl > 0 then
+      redis.call('PEXPIRE', stream, idle_ttl)
+      redis.call('SET', KEYS[2 * t], s.last, 'PX', idle_ttl * 2)
+    end
   end
 end
-if last then
-  if max_age > 0 then
-    redis.call('XTRIM', stream, 'MINID', ARGV[3], string.format('%.0f-0', ms_of(last) - max_age))
-  end
-  if idle_ttl > 0 then
-    redis.call('PEXPIRE', stream, idle_ttl)
-    redis.call('SET', tombstone, last, 'PX', idle_ttl * 2)
-  end
-end
-return ids
+return replies

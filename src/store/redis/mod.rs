@@ -10,9 +10,10 @@
 //! | idempotency key | `<prefix>:{<topic>}:idem:<key>` (one per keyed event, for the window) |
 //! | tombstone | `<prefix>:{<topic>}:last` (only with `retention.idle_ttl`) |
 //!
-//! Appends run as one Lua script (`append.lua`): XADD with trimming, then PUBLISH (in a cluster
-//! SPUBLISH, which only the shard owning the topic carries) of the whole event together with the
-//! id of the entry before it. A node that sees an announcement whose previous id is not the last
+//! Appends run as one Lua script (`append.lua`): XADD, then PUBLISH (in a cluster SPUBLISH,
+//! which only the shard owning the topic carries) of the whole event together with the id of the
+//! entry before it, and trimming. Publish requests that arrive while a call is in flight share
+//! the next one (`commit`). A node that sees an announcement whose previous id is not the last
 //! one it delivered knows it missed something and reads the stream. With
 //! `redis.min_replicas_ack`, `WAIT` follows the script in the same pipeline, on the same master.
 //!
@@ -28,12 +29,14 @@
 //!
 //! # Layout
 //!
+//! - `commit`: group commit: appends waiting for the same call share it.
 //! - `connection`: one Redis or a cluster behind one interface; detection, version check.
 //! - `keys`: key and channel names.
 //! - `scripts`: the Lua scripts and how they are called (with `WAIT` when asked).
 //! - `subscriptions`: subscribing, following the topology, pushes into hub signals.
 //! - `reply`: reply parsing and error classification.
 
+mod commit;
 mod connection;
 mod keys;
 mod reply;
@@ -42,7 +45,7 @@ mod subscriptions;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -53,6 +56,7 @@ use redis::{PushInfo, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use self::commit::{AppendRequest, AppendSettings};
 use self::connection::{open_link, ping, query, Link, Target};
 use self::keys::Keys;
 use self::reply::{as_array, parse_entries, parse_facts, parse_id};
@@ -82,28 +86,30 @@ pub struct RedisStore {
     keys: Keys,
     /// Compiled scripts, sent by SHA after the first use.
     scripts: Scripts,
-    /// MAXLEN for every append (0 = no trimming).
-    max_events: u64,
-    /// `~` or `=`.
-    trim_mode: &'static str,
-    /// Idempotency window in milliseconds.
-    idempotency_window_ms: u64,
-    /// `retention.max_age` in milliseconds (0 = none).
-    max_age_ms: u64,
-    /// `retention.idle_ttl` in milliseconds (0 = topics live forever).
-    idle_ttl_ms: u64,
-    /// Per-command deadline; the driver's own covers a single reply only.
-    response_timeout: Duration,
-    /// `redis.min_replicas_ack` and its timeout; `None` when publishes do not wait for replicas.
-    replication: Option<Replication>,
+    /// The append script's fixed arguments, for the committer.
+    append_settings: AppendSettings,
+    /// Runs commands with deadlines, replication checks and metrics.
+    runner: Runner,
+    /// The committer's inbox, started by the first append (after metrics were attached).
+    committer: OnceLock<mpsc::UnboundedSender<AppendRequest>>,
     /// Requests to the task that owns the subscriptions.
     watch_tx: mpsc::UnboundedSender<WatchCommand>,
     /// Whether the subscription connection answered its last health check.
     pubsub_healthy: Arc<AtomicBool>,
     /// Handed out once, by `take_signals`.
     signal_rx: Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
+}
+
+/// Runs store commands: an overall deadline, the replica check, health and metrics. Shared by
+/// the store and the committer.
+#[derive(Clone)]
+pub(super) struct Runner {
+    /// Per-command deadline; the driver's own covers a single reply only.
+    response_timeout: Duration,
+    /// `redis.min_replicas_ack` and its timeout; `None` when publishes do not wait for replicas.
+    replication: Option<Replication>,
     /// Whether the last command on the command connection got an answer.
-    command_healthy: AtomicBool,
+    command_healthy: Arc<AtomicBool>,
     /// Command latency and errors, when the gateway keeps metrics.
     metrics: Option<Arc<Metrics>>,
 }
@@ -146,51 +152,45 @@ impl RedisStore {
             connect_error,
             keys,
             scripts: Scripts::new(),
-            max_events: settings.retention.max_events,
-            trim_mode: if settings.retention.approximate {
-                "~"
-            } else {
-                "="
+            append_settings: AppendSettings {
+                max_events: settings.retention.max_events,
+                trim_mode: if settings.retention.approximate {
+                    "~"
+                } else {
+                    "="
+                },
+                idempotency_window_ms: settings.idempotency_window.as_millis() as u64,
+                max_age_ms: settings
+                    .retention
+                    .max_age
+                    .map_or(0, |a| a.as_millis() as u64),
+                idle_ttl_ms: settings
+                    .retention
+                    .idle_ttl
+                    .map_or(0, |t| t.as_millis() as u64),
+                announce_inline_max: ANNOUNCE_INLINE_MAX,
+                announce_call_budget: ANNOUNCE_CALL_BUDGET,
             },
-            idempotency_window_ms: settings.idempotency_window.as_millis() as u64,
-            max_age_ms: settings
-                .retention
-                .max_age
-                .map_or(0, |a| a.as_millis() as u64),
-            idle_ttl_ms: settings
-                .retention
-                .idle_ttl
-                .map_or(0, |t| t.as_millis() as u64),
-            response_timeout: redis.response_timeout,
-            replication: (redis.min_replicas_ack > 0).then_some(Replication {
-                replicas: redis.min_replicas_ack,
-                timeout: redis.replica_ack_timeout,
-            }),
+            runner: Runner {
+                response_timeout: redis.response_timeout,
+                replication: (redis.min_replicas_ack > 0).then_some(Replication {
+                    replicas: redis.min_replicas_ack,
+                    timeout: redis.replica_ack_timeout,
+                }),
+                command_healthy: Arc::new(AtomicBool::new(true)),
+                metrics: None,
+            },
+            committer: OnceLock::new(),
             watch_tx,
             pubsub_healthy,
             signal_rx: Mutex::new(Some(signal_rx)),
-            command_healthy: AtomicBool::new(true),
-            metrics: None,
         })
     }
 
     /// Counts command latency and errors in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+        self.runner.metrics = Some(metrics);
         self
-    }
-
-    /// Records one command's latency and outcome.
-    fn observe<T>(&self, started: Instant, result: &Result<T, StoreError>) {
-        let answered = !matches!(result, Err(StoreError::Unavailable(_)));
-        self.command_healthy.store(answered, Ordering::Release);
-        if let Some(m) = &self.metrics {
-            m.redis_command_duration
-                .observe(started.elapsed().as_secs_f64());
-            if result.is_err() {
-                m.redis_errors.inc();
-            }
-        }
     }
 
     /// Completes once Redis has answered for the first time.
@@ -228,8 +228,8 @@ impl RedisStore {
         }
         let started = Instant::now();
         let reply: Result<Option<StreamReadReply>, StoreError> =
-            query(&mut conn, &cmd, self.response_timeout).await;
-        self.observe(started, &reply);
+            query(&mut conn, &cmd, self.runner.response_timeout).await;
+        self.runner.observe(started, &reply);
         let Some(reply) = reply? else {
             return Ok(Vec::new());
         };
@@ -245,37 +245,6 @@ impl RedisStore {
             .filter_map(|s| index.get(s.key.as_str()).map(|t| (*t).clone()))
             .collect())
     }
-
-    /// Runs one script with an overall deadline; with `replication`, waits for the replicas too
-    /// and fails (retryably) if too few confirmed.
-    async fn run(
-        &self,
-        conn: &mut connection::Commands,
-        call: &Call<'_>,
-        replication: Option<Replication>,
-    ) -> Result<Value, StoreError> {
-        let started = Instant::now();
-        // Twice the per-reply timeout: the script may have to be loaded once; plus the wait.
-        let deadline =
-            self.response_timeout * 2 + replication.map_or(Duration::ZERO, |r| r.timeout);
-        let result = match tokio::time::timeout(deadline, call.invoke(conn, replication)).await {
-            Ok(result) => result.map_err(reply::classify_error),
-            Err(_) => Err(StoreError::Unavailable(
-                "redis did not answer in time".into(),
-            )),
-        };
-        let result = result.and_then(|(value, acked)| match (replication, acked) {
-            (Some(wanted), Some(acked)) if acked < wanted.replicas => {
-                Err(StoreError::Unavailable(format!(
-                    "stored, but only {acked} of {} replicas confirmed within {:?}; retry with the same idempotency key",
-                    wanted.replicas, wanted.timeout
-                )))
-            }
-            _ => Ok(value),
-        });
-        self.observe(started, &result);
-        result
-    }
 }
 
 #[async_trait]
@@ -285,53 +254,48 @@ impl Store for RedisStore {
         topic: &Topic,
         events: &[NewEvent],
     ) -> Result<Vec<StreamId>, StoreError> {
-        let mut conn = self.link()?.conn;
+        let conn = self.link()?.conn;
         let stream = self.keys.stream(topic.as_str());
-        let mut invocation = Call::new(&self.scripts.append);
-        invocation
-            .key(&stream)
-            .key(self.keys.tombstone(topic.as_str()));
+        let group = conn.is_cluster().then(|| Slot::for_key(&stream));
+        let mut event_args = Vec::with_capacity(events.len() * 3);
+        let mut idempotency_keys = Vec::new();
         for new in events {
-            match &new.idempotency_key {
-                Some(key) => invocation.key(self.keys.idempotency(topic.as_str(), key)),
-                None => invocation.key(&stream),
-            };
-        }
-        invocation
-            .arg(self.keys.live_channel(topic.as_str()))
-            .arg(self.max_events)
-            .arg(self.trim_mode)
-            .arg(self.idempotency_window_ms)
-            .arg(self.max_age_ms)
-            .arg(self.idle_ttl_ms)
-            .arg(ANNOUNCE_INLINE_MAX)
-            .arg(ANNOUNCE_CALL_BUDGET)
-            .arg(if conn.is_cluster() {
-                "SPUBLISH"
+            event_args.push(new.event.as_deref().unwrap_or("").as_bytes().to_vec());
+            event_args.push(new.data.as_bytes().to_vec());
+            event_args.push(if new.idempotency_key.is_some() {
+                b"1".to_vec()
             } else {
-                "PUBLISH"
+                b"0".to_vec()
             });
-        for new in events {
-            invocation
-                .arg(new.event.as_deref().unwrap_or(""))
-                .arg(&new.data)
-                .arg(if new.idempotency_key.is_some() {
-                    "1"
-                } else {
-                    "0"
-                });
+            if let Some(key) = &new.idempotency_key {
+                idempotency_keys.push(self.keys.idempotency(topic.as_str(), key).into_bytes());
+            }
         }
-        let reply = self.run(&mut conn, &invocation, self.replication).await?;
-        let ids = as_array(&reply)?
-            .iter()
-            .map(parse_id)
-            .collect::<Result<Vec<_>, _>>()?;
-        if ids.len() != events.len() {
-            return Err(StoreError::Internal(
-                "append returned a wrong number of ids".into(),
-            ));
-        }
-        Ok(ids)
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            group,
+            conn,
+            stream: stream.into_bytes(),
+            tombstone: self.keys.tombstone(topic.as_str()).into_bytes(),
+            channel: self.keys.live_channel(topic.as_str()).into_bytes(),
+            idempotency_keys,
+            event_args,
+            count: events.len(),
+            reply,
+        };
+        let committer = self.committer.get_or_init(|| {
+            commit::spawn(
+                self.scripts.append.clone(),
+                self.append_settings.clone(),
+                self.runner.clone(),
+            )
+        });
+        committer
+            .send(request)
+            .map_err(|_| StoreError::Unavailable("the gateway is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the gateway is shutting down".into()))?
     }
 
     async fn read(
@@ -346,7 +310,10 @@ impl Store for RedisStore {
             .key(self.keys.tombstone(topic.as_str()))
             .arg(cursor.to_string())
             .arg(count);
-        let reply = self.run(&mut self.link()?.conn, &invocation, None).await?;
+        let reply = self
+            .runner
+            .run(&mut self.link()?.conn, &invocation, None)
+            .await?;
         let parts = as_array(&reply)?;
         let hit = matches!(parts.first(), Some(Value::Int(1)));
         let page = parse_entries(parts.get(1))?;
@@ -378,7 +345,10 @@ impl Store for RedisStore {
         invocation
             .key(self.keys.stream(topic.as_str()))
             .key(self.keys.tombstone(topic.as_str()));
-        let reply = self.run(&mut self.link()?.conn, &invocation, None).await?;
+        let reply = self
+            .runner
+            .run(&mut self.link()?.conn, &invocation, None)
+            .await?;
         parse_id(&reply)
     }
 
@@ -454,7 +424,8 @@ impl Store for RedisStore {
     }
 
     fn connections(&self) -> Vec<(&'static str, bool)> {
-        let command = self.link.borrow().is_some() && self.command_healthy.load(Ordering::Acquire);
+        let command =
+            self.link.borrow().is_some() && self.runner.command_healthy.load(Ordering::Acquire);
         vec![
             ("command", command),
             ("subscription", self.pubsub_healthy.load(Ordering::Acquire)),
@@ -462,13 +433,73 @@ impl Store for RedisStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        ping(&mut self.link()?.conn, self.response_timeout).await?;
+        ping(&mut self.link()?.conn, self.runner.response_timeout).await?;
         if !self.pubsub_healthy.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(
                 "the redis subscription connection is down".into(),
             ));
         }
         Ok(())
+    }
+}
+
+impl Runner {
+    /// Records one command's latency and outcome.
+    fn observe<T>(&self, started: Instant, result: &Result<T, StoreError>) {
+        let answered = !matches!(result, Err(StoreError::Unavailable(_)));
+        self.command_healthy.store(answered, Ordering::Release);
+        if let Some(m) = &self.metrics {
+            m.redis_command_duration
+                .observe(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                m.redis_errors.inc();
+            }
+        }
+    }
+
+    /// Runs one script with an overall deadline; with `replication`, waits for the replicas too
+    /// and fails (retryably) if too few confirmed.
+    async fn run(
+        &self,
+        conn: &mut connection::Commands,
+        call: &Call<'_>,
+        replication: Option<Replication>,
+    ) -> Result<Value, StoreError> {
+        let started = Instant::now();
+        // Twice the per-reply timeout: the script may have to be loaded once; plus the wait.
+        let deadline =
+            self.response_timeout * 2 + replication.map_or(Duration::ZERO, |r| r.timeout);
+        let result = match tokio::time::timeout(deadline, call.invoke(conn, replication)).await {
+            Ok(result) => result.map_err(reply::classify_error),
+            Err(_) => Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            )),
+        };
+        let result = result.and_then(|(value, acked)| match (replication, acked) {
+            (Some(wanted), Some(acked)) if acked < wanted.replicas => {
+                Err(StoreError::Unavailable(format!(
+                    "stored, but only {acked} of {} replicas confirmed within {:?}; retry with the same idempotency key",
+                    wanted.replicas, wanted.timeout
+                )))
+            }
+            _ => Ok(value),
+        });
+        self.observe(started, &result);
+        result
+    }
+
+    /// Counts appends that wait for their group's next call (negative: taken into a call).
+    fn appends_waiting(&self, change: i64) {
+        if let Some(m) = &self.metrics {
+            m.redis_appends_waiting.inc_by(change);
+        }
+    }
+
+    /// Counts one append call.
+    fn append_call(&self) {
+        if let Some(m) = &self.metrics {
+            m.redis_append_calls.inc();
+        }
     }
 }
 

@@ -61,6 +61,18 @@ impl<'a> Call<'a> {
         self
     }
 
+    /// A key already in bytes, moved in.
+    pub(super) fn key_bytes(&mut self, key: Vec<u8>) -> &mut Self {
+        self.keys.push(key);
+        self
+    }
+
+    /// An argument already in bytes, moved in (event payloads are not copied again).
+    pub(super) fn arg_bytes(&mut self, arg: Vec<u8>) -> &mut Self {
+        self.args.push(arg);
+        self
+    }
+
     fn evalsha(&self) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash())

@@ -1,0 +1,320 @@
+//! Group commit: publish requests waiting for the same Redis call share one round trip and one
+//! script call, as a database's log writer or a Kafka producer amortise their commits.
+//!
+//! One task, the committer, owns every append. Requests are grouped where one script may touch
+//! all their keys: on one Redis every topic is in one place, so all requests form one group; in
+//! a cluster each hash slot is a group. A request whose group has no call in flight goes out at
+//! once, alone, so an idle gateway adds no latency. Requests arriving while their group's call
+//! is in flight wait, in arrival order, and go out together in the group's next call.
+//!
+//! Inside a call the script applies the requests one after another, each on its own: a
+//! request's events are consecutive in its stream, each gets its own ids and idempotency
+//! decision, and a request the script refuses fails alone. A call that fails as a whole (Redis
+//! unreachable, no answer in time, too few replicas confirmed) fails exactly its own requests;
+//! those waiting for the next call are not touched. A timed-out call may still have been
+//! applied: its requests are answered `503`, and a retry with the same idempotency keys gets the
+//! ids they were given.
+
+use std::collections::{HashMap, VecDeque};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use redis::cluster_routing::Slot;
+use redis::{Script, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::connection::Commands;
+use super::reply::{as_array, as_bytes, bad_reply, parse_id};
+use super::scripts::Call;
+use super::Runner;
+use crate::event::StreamId;
+use crate::store::StoreError;
+
+/// Most events one call carries (a single request larger than this still goes, alone): Redis
+/// runs a script to its end, so a call's size bounds how long others wait on that shard.
+const MAX_CALL_EVENTS: usize = 1000;
+/// Most argument bytes one call carries (likewise).
+const MAX_CALL_BYTES: usize = 1 << 20;
+
+/// One publish request's append: one topic, its events in order.
+pub(super) struct AppendRequest {
+    /// Requests of one group may share a call: the topic's slot in a cluster, `None` on one
+    /// Redis (every topic in one place).
+    pub(super) group: Option<Slot>,
+    /// The command connection the request found; calls go out on the first request's.
+    pub(super) conn: Commands,
+    /// The topic's stream key: topics are told apart in a call by it.
+    pub(super) stream: Vec<u8>,
+    /// The topic's tombstone key, for streams recreated after they expired.
+    pub(super) tombstone: Vec<u8>,
+    /// The topic's live channel.
+    pub(super) channel: Vec<u8>,
+    /// The idempotency keys of the events that have one, in event order.
+    pub(super) idempotency_keys: Vec<Vec<u8>>,
+    /// Per event: type, data, and `1` or `0` for whether it has an idempotency key. Built by
+    /// the request's own task, so the committer only moves them.
+    pub(super) event_args: Vec<Vec<u8>>,
+    /// How many events.
+    pub(super) count: usize,
+    /// Where the ids, or the error, go.
+    pub(super) reply: oneshot::Sender<Result<Vec<StreamId>, StoreError>>,
+}
+
+impl AppendRequest {
+    fn bytes(&self) -> usize {
+        self.event_args.iter().map(Vec::len).sum::<usize>()
+            + self.idempotency_keys.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// The script's arguments that are the same for every call.
+#[derive(Clone)]
+pub(super) struct AppendSettings {
+    /// MAXLEN (0 = keep everything).
+    pub(super) max_events: u64,
+    /// `~` or `=`.
+    pub(super) trim_mode: &'static str,
+    pub(super) idempotency_window_ms: u64,
+    pub(super) max_age_ms: u64,
+    pub(super) idle_ttl_ms: u64,
+    /// Largest payload announced with its event.
+    pub(super) announce_inline_max: usize,
+    /// Most payload bytes one call announces.
+    pub(super) announce_call_budget: usize,
+}
+
+/// Starts the committer; it ends once every sender is gone and every request answered.
+pub(super) fn spawn(
+    script: Script,
+    settings: AppendSettings,
+    runner: Runner,
+) -> mpsc::UnboundedSender<AppendRequest> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(commit(rx, script, settings, runner));
+    tx
+}
+
+async fn commit(
+    mut requests: mpsc::UnboundedReceiver<AppendRequest>,
+    script: Script,
+    settings: AppendSettings,
+    runner: Runner,
+) {
+    // Groups with a call in flight, and the requests waiting for their next call.
+    let mut waiting: HashMap<Option<Slot>, VecDeque<AppendRequest>> = HashMap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            request = requests.recv(), if open => match request {
+                Some(request) => match waiting.get_mut(&request.group) {
+                    Some(queue) => {
+                        runner.appends_waiting(1);
+                        queue.push_back(request);
+                    }
+                    None => {
+                        waiting.insert(request.group, VecDeque::new());
+                        in_flight.push(run_call(vec![request], &script, &settings, &runner));
+                    }
+                },
+                None => open = false,
+            },
+            Some(group) = in_flight.next() => {
+                let Some(queue) = waiting.get_mut(&group) else { continue };
+                if queue.is_empty() {
+                    waiting.remove(&group);
+                    continue;
+                }
+                let batch = next_batch(queue);
+                runner.appends_waiting(-(batch.len() as i64));
+                in_flight.push(run_call(batch, &script, &settings, &runner));
+            }
+        }
+    }
+}
+
+/// The waiting requests that go in the next call, in arrival order: at least one, then as many
+/// as fit the call's limits.
+fn next_batch(queue: &mut VecDeque<AppendRequest>) -> Vec<AppendRequest> {
+    let mut batch = Vec::new();
+    let (mut events, mut bytes) = (0, 0);
+    while let Some(next) = queue.front() {
+        let (e, b) = (next.count, next.bytes());
+        if !batch.is_empty() && (events + e > MAX_CALL_EVENTS || bytes + b > MAX_CALL_BYTES) {
+            break;
+        }
+        events += e;
+        bytes += b;
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
+/// Runs one call for `batch` and answers each request; returns the group.
+async fn run_call(
+    batch: Vec<AppendRequest>,
+    script: &Script,
+    settings: &AppendSettings,
+    runner: &Runner,
+) -> Option<Slot> {
+    let group = batch[0].group;
+    let mut conn = batch[0].conn.clone();
+    let (call, shapes, replies) = build(batch, script, settings, conn.is_cluster());
+    runner.append_call();
+    let result = runner
+        .run(&mut conn, &call, runner.replication)
+        .await
+        .and_then(|reply| split_reply(&reply, &shapes));
+    match result {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                // The publisher may have gone; its events are stored all the same.
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+    group
+}
+
+/// One script call for the batch; each request's event count, and where its answer goes.
+#[allow(clippy::type_complexity)]
+fn build<'a>(
+    batch: Vec<AppendRequest>,
+    script: &'a Script,
+    settings: &AppendSettings,
+    cluster: bool,
+) -> (
+    Call<'a>,
+    Vec<usize>,
+    Vec<oneshot::Sender<Result<Vec<StreamId>, StoreError>>>,
+) {
+    let mut call = Call::new(script);
+    // Topics in order of first appearance; their index in the call is 1-based, as in Lua.
+    let mut topic_index: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut channels = Vec::new();
+    let mut indices = Vec::with_capacity(batch.len());
+    for request in &batch {
+        let next = topic_index.len() + 1;
+        let index = *topic_index
+            .entry(request.stream.clone())
+            .or_insert_with(|| {
+                call.key_bytes(request.stream.clone())
+                    .key_bytes(request.tombstone.clone());
+                channels.push(request.channel.clone());
+                next
+            });
+        indices.push(index);
+    }
+    call.arg(settings.max_events)
+        .arg(settings.trim_mode)
+        .arg(settings.idempotency_window_ms)
+        .arg(settings.max_age_ms)
+        .arg(settings.idle_ttl_ms)
+        .arg(settings.announce_inline_max)
+        .arg(settings.announce_call_budget)
+        .arg(if cluster { "SPUBLISH" } else { "PUBLISH" })
+        .arg(channels.len());
+    for channel in channels {
+        call.arg_bytes(channel);
+    }
+    let mut shapes = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for (request, index) in batch.into_iter().zip(indices) {
+        for key in request.idempotency_keys {
+            call.key_bytes(key);
+        }
+        call.arg(index).arg(request.count);
+        for arg in request.event_args {
+            call.arg_bytes(arg);
+        }
+        shapes.push(request.count);
+        replies.push(request.reply);
+    }
+    (call, shapes, replies)
+}
+
+/// Splits the script's reply into one outcome per request: `{'ok', id…}` or `{'err', message}`.
+fn split_reply(
+    reply: &Value,
+    shapes: &[usize],
+) -> Result<Vec<Result<Vec<StreamId>, StoreError>>, StoreError> {
+    let parts = as_array(reply)?;
+    if parts.len() != shapes.len() {
+        return Err(bad_reply("append answered for a wrong number of requests"));
+    }
+    parts
+        .iter()
+        .zip(shapes)
+        .map(|(part, &count)| {
+            let items = as_array(part)?;
+            let (status, rest) = items
+                .split_first()
+                .ok_or_else(|| bad_reply("an empty append answer"))?;
+            match as_bytes(status)? {
+                b"ok" => {
+                    let ids = rest.iter().map(parse_id).collect::<Result<Vec<_>, _>>()?;
+                    if ids.len() != count {
+                        return Err(bad_reply("append returned a wrong number of ids"));
+                    }
+                    Ok(Ok(ids))
+                }
+                b"err" => {
+                    let message = rest
+                        .first()
+                        .and_then(|m| as_bytes(m).ok())
+                        .map(|m| String::from_utf8_lossy(m).into_owned())
+                        .unwrap_or_default();
+                    Ok(Err(StoreError::Internal(format!(
+                        "redis refused the append: {message}"
+                    ))))
+                }
+                _ => Err(bad_reply("an append answer that is neither ok nor err")),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn each_request_gets_its_own_outcome() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![bulk("ok"), bulk("1-0"), bulk("1-1")]),
+            Value::Array(vec![bulk("err"), bulk("WRONGTYPE no stream")]),
+            Value::Array(vec![bulk("ok"), bulk("2-0")]),
+        ]);
+        let outcomes = split_reply(&reply, &[2, 1, 1]).expect("well-formed");
+        assert_eq!(
+            outcomes[0].as_ref().expect("ok"),
+            &vec![StreamId::new(1, 0), StreamId::new(1, 1)]
+        );
+        assert!(
+            matches!(&outcomes[1], Err(StoreError::Internal(m)) if m.contains("WRONGTYPE")),
+            "{:?}",
+            outcomes[1]
+        );
+        assert_eq!(
+            outcomes[2].as_ref().expect("ok"),
+            &vec![StreamId::new(2, 0)]
+        );
+    }
+
+    #[test]
+    fn a_malformed_answer_fails_the_call() {
+        let short = Value::Array(vec![Value::Array(vec![bulk("ok"), bulk("1-0")])]);
+        assert!(split_reply(&short, &[2]).is_err(), "too few ids");
+        assert!(split_reply(&short, &[1, 1]).is_err(), "too few requests");
+        let odd = Value::Array(vec![Value::Array(vec![bulk("maybe")])]);
+        assert!(split_reply(&odd, &[1]).is_err());
+    }
+}

@@ -1,0 +1,303 @@
+//! Group commit on a real Redis: concurrent appends share script calls, yet each request keeps
+//! its own events together, its own ids and idempotency decision, and its own error; a call that
+//! fails or times out fails exactly its own requests, and a timed-out one stays retryable with
+//! its idempotency keys.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::streams::StreamRangeReply;
+use ssegate::config::Settings;
+use ssegate::event::{NewEvent, StreamId, Topic};
+use ssegate::metrics::Metrics;
+use ssegate::shutdown::Shutdown;
+use ssegate::store::{RedisStore, Store, StoreError};
+use tokio::task::JoinHandle;
+
+use crate::helpers::{eventually, RedisCluster, RedisServer};
+
+fn topic(name: &str) -> Topic {
+    Topic::parse(name).unwrap()
+}
+
+fn keyed(data: &str, key: Option<&str>) -> NewEvent {
+    NewEvent {
+        event: None,
+        data: data.to_owned(),
+        idempotency_key: key.map(str::to_owned),
+    }
+}
+
+/// A store on `url` that keeps metrics (to see appends wait for a call), and its shutdown.
+async fn store_on(
+    url: String,
+    response_timeout: Duration,
+) -> (Arc<RedisStore>, Arc<Metrics>, Shutdown) {
+    let mut settings = Settings {
+        redis_url: Some(url),
+        ..Settings::default()
+    };
+    settings.redis.response_timeout = response_timeout;
+    let shutdown = Shutdown::new();
+    let metrics = Arc::new(Metrics::new());
+    let store = RedisStore::connect(&settings, shutdown.clone())
+        .unwrap()
+        .with_metrics(metrics.clone());
+    store.connected().await;
+    (Arc::new(store), metrics, shutdown)
+}
+
+/// `(id, data)` of every entry of a topic's stream, from `XRANGE`.
+async fn entries(conn: &mut impl redis::aio::ConnectionLike, topic: &str) -> Vec<(String, String)> {
+    let reply: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{}:{{{topic}}}", Settings::default().key_prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            let data: String = e.get("data").unwrap();
+            (e.id, data)
+        })
+        .collect()
+}
+
+fn spawn_append(
+    store: &Arc<RedisStore>,
+    t: &str,
+    events: Vec<NewEvent>,
+) -> JoinHandle<Result<Vec<StreamId>, StoreError>> {
+    let (store, t) = (store.clone(), topic(t));
+    tokio::spawn(async move { store.append(&t, &events).await })
+}
+
+/// Waits until `n` appends wait for the call in flight.
+async fn until_waiting(metrics: &Metrics, n: i64) {
+    eventually(&format!("{n} appends wait for a call"), &mut async || {
+        metrics.redis_appends_waiting.get() == n
+    })
+    .await;
+}
+
+/// 300 requests of 3 events each over 5 topics, all at once, some retried concurrently with
+/// the same idempotency keys: far fewer script calls than requests, and in every stream each
+/// request's events sit together, in order, exactly once, with the ids the request was given.
+async fn concurrent_appends_share_calls(
+    store: Arc<RedisStore>,
+    metrics: &Metrics,
+    conn: &mut impl redis::aio::ConnectionLike,
+) {
+    let calls_before = metrics.redis_append_calls.get();
+    let requests = 300;
+    let handles: Vec<_> = (0..requests)
+        .map(|r| {
+            // Every tenth request is sent twice (a retry racing its original).
+            let key = |i: usize| (r % 10 == 0).then(|| format!("r{r}-{i}"));
+            let events: Vec<NewEvent> = (0..3)
+                .map(|i| keyed(&format!("r{r}-e{i}"), key(i).as_deref()))
+                .collect();
+            let t = format!("commit{}", r % 5);
+            let twice = (r % 10 == 0).then(|| spawn_append(&store, &t, events.clone()));
+            (r, t.clone(), spawn_append(&store, &t, events), twice)
+        })
+        .collect();
+    let mut given: HashMap<String, StreamId> = HashMap::new();
+    for (r, _, handle, twice) in handles {
+        let ids = handle.await.unwrap().unwrap();
+        assert_eq!(ids.len(), 3);
+        if let Some(twice) = twice {
+            assert_eq!(
+                twice.await.unwrap().unwrap(),
+                ids,
+                "request {r}: a retry gets the first ids"
+            );
+        }
+        for (i, id) in ids.into_iter().enumerate() {
+            given.insert(format!("r{r}-e{i}"), id);
+        }
+    }
+    let mut seen = 0;
+    for t in 0..5 {
+        let stored = entries(conn, &format!("commit{t}")).await;
+        seen += stored.len();
+        for (id, data) in &stored {
+            assert_eq!(
+                &given[data].to_string(),
+                id,
+                "{data} has the id its request got"
+            );
+        }
+        // Each request's three events are consecutive and in order.
+        for chunk in stored.chunks(3) {
+            let request = chunk[0].1.split('-').next().unwrap();
+            let datas: Vec<&str> = chunk.iter().map(|(_, d)| d.as_str()).collect();
+            assert_eq!(
+                datas,
+                vec![
+                    format!("{request}-e0"),
+                    format!("{request}-e1"),
+                    format!("{request}-e2")
+                ],
+                "a request's events stay together"
+            );
+        }
+    }
+    assert_eq!(seen, requests * 3, "every event exactly once");
+    let calls = metrics.redis_append_calls.get() - calls_before;
+    assert!(
+        calls < requests as u64,
+        "{calls} script calls for {requests} requests: concurrent appends share calls"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_calls_on_one_redis() {
+    let redis = RedisServer::start().await;
+    let (store, metrics, _shutdown) = store_on(redis.url(), Duration::from_secs(3)).await;
+    concurrent_appends_share_calls(store, &metrics, &mut redis.conn().await).await;
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_calls_per_slot_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let (store, metrics, _shutdown) = store_on(cluster.url(), Duration::from_secs(3)).await;
+    concurrent_appends_share_calls(store, &metrics, &mut cluster.conn().await).await;
+}
+
+/// Three requests wait behind a call that Redis holds (`CLIENT PAUSE WRITE`); they go together
+/// in the next call, where the one whose topic key holds a string fails alone.
+#[tokio::test]
+async fn a_refused_request_fails_alone_in_a_shared_call() {
+    let redis = RedisServer::start().await;
+    let (store, metrics, _shutdown) = store_on(redis.url(), Duration::from_secs(10)).await;
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:{{bad}}", Settings::default().key_prefix))
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first = spawn_append(&store, "good1", vec![keyed("first", None)]);
+    eventually("the first call is in flight", &mut async || {
+        metrics.redis_append_calls.get() == 1
+    })
+    .await;
+    let bad = spawn_append(&store, "bad", vec![keyed("refused", None)]);
+    until_waiting(&metrics, 1).await;
+    let second = spawn_append(&store, "good2", vec![keyed("second", None)]);
+    until_waiting(&metrics, 2).await;
+    let third = spawn_append(
+        &store,
+        "good1",
+        vec![keyed("third", None), keyed("fourth", None)],
+    );
+    until_waiting(&metrics, 3).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let first = first.await.unwrap().unwrap();
+    let refused = bad.await.unwrap();
+    let second = second.await.unwrap().unwrap();
+    let third = third.await.unwrap().unwrap();
+    assert!(
+        matches!(&refused, Err(StoreError::Internal(m)) if m.contains("WRONGTYPE")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        metrics.redis_append_calls.get(),
+        2,
+        "the three waiting requests shared one call"
+    );
+    assert_eq!(metrics.redis_appends_waiting.get(), 0);
+    let good1: Vec<(String, String)> = entries(&mut conn, "good1").await;
+    let expected: Vec<(String, String)> = [first[0], third[0], third[1]]
+        .iter()
+        .zip(["first", "third", "fourth"])
+        .map(|(id, d)| (id.to_string(), d.to_owned()))
+        .collect();
+    assert_eq!(good1, expected);
+    assert_eq!(
+        entries(&mut conn, "good2").await,
+        vec![(second[0].to_string(), "second".to_owned())]
+    );
+}
+
+/// A call Redis holds past the deadline fails its own requests (`Unavailable`, so `503`), not
+/// the ones waiting behind it; those go in the next call. Once Redis runs the held calls,
+/// retries with the same idempotency keys get the ids the events were stored under, and every
+/// event is stored once.
+#[tokio::test]
+async fn a_timed_out_call_fails_its_own_requests_and_leaves_them_retryable() {
+    let redis = RedisServer::start().await;
+    // Calls give up after twice the response timeout.
+    let (store, metrics, _shutdown) = store_on(redis.url(), Duration::from_millis(300)).await;
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let a = vec![keyed("a", Some("key-a"))];
+    let b = vec![keyed("b1", Some("key-b1")), keyed("b2", Some("key-b2"))];
+    let c = vec![keyed("c", Some("key-c"))];
+    let first = spawn_append(&store, "held", a.clone());
+    eventually("the first call is in flight", &mut async || {
+        metrics.redis_append_calls.get() == 1
+    })
+    .await;
+    let second = spawn_append(&store, "held", b.clone());
+    let third = spawn_append(&store, "held", c.clone());
+    until_waiting(&metrics, 2).await;
+
+    let failed = first.await.unwrap();
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "{failed:?}"
+    );
+    // The waiting requests were not failed with it: they are in the next call, still held.
+    assert!(!second.is_finished() && !third.is_finished());
+    eventually("the waiting requests' call is in flight", &mut async || {
+        metrics.redis_append_calls.get() == 2
+    })
+    .await;
+    for held in [second.await.unwrap(), third.await.unwrap()] {
+        assert!(matches!(held, Err(StoreError::Unavailable(_))), "{held:?}");
+    }
+
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The retries go out on the same connection, after the held calls: Redis runs those first.
+    let a_ids = store.append(&topic("held"), &a).await.unwrap();
+    let b_ids = store.append(&topic("held"), &b).await.unwrap();
+    let c_ids = store.append(&topic("held"), &c).await.unwrap();
+    let stored = entries(&mut conn, "held").await;
+    let expected: Vec<(String, String)> = [a_ids[0], b_ids[0], b_ids[1], c_ids[0]]
+        .iter()
+        .zip(["a", "b1", "b2", "c"])
+        .map(|(id, d)| (id.to_string(), d.to_owned()))
+        .collect();
+    assert_eq!(
+        stored, expected,
+        "each event once, under the id its retry was given"
+    );
+}
