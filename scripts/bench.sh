@@ -37,6 +37,8 @@ cleanup() {
   [ -f "$DIR/nginx.pid" ] && kill "$(cat "$DIR/nginx.pid")" 2>/dev/null || true
   [ -f "$DIR/b/nginx.pid" ] && kill "$(cat "$DIR/b/nginx.pid")" 2>/dev/null || true
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  pkill -f -- "--listen 127.0.0.1:$((BASE + 20))" 2>/dev/null || true
+  for p in $(seq $((BASE + 10)) $((BASE + 15))); do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done
   rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -132,6 +134,78 @@ fanm_n=$(bench $N fanout --subscribers $mconns --topics $mtopics --per-connectio
 echo "== reconnect storm" >&2
 storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
 
+echo "== Redis Cluster: publish on 1 vs 3 masters" >&2
+# A cluster of `masters` masters, each with one replica, made by hand (redis-cli --cluster create
+# wants 3 masters at least), and one ssegate node on it; publishes over many topics (spread over
+# the slots) with min_replicas_ack 0 and 1. Prints one JSON line per run, with the masters' CPU
+# (INFO cpu, user + sys) per event.
+CLUSTER_BASE=$((BASE + 10)) CLUSTER_SSEGATE_PORT=$((BASE + 20))
+cluster_cpu() { # total CPU seconds of the ports given
+  local port total=0 t
+  for port in "$@"; do
+    t=$(redis-cli -p "$port" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { print s }')
+    total=$(python3 -c "print($total + $t)")
+  done
+  echo "$total"
+}
+cluster_run() { # masters
+  local masters=$1 n port ports=() master_ports=() seeds="" per ack
+  for n in $(seq $((masters * 2))); do
+    port=$((CLUSTER_BASE + n - 1))
+    ports+=("$port")
+    mkdir -p "$DIR/cluster$n"
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$DIR/cluster$n" --save '' --appendonly no \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --daemonize yes --logfile "$DIR/cluster$n.log"
+    until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+    seeds="$seeds${seeds:+,}redis://127.0.0.1:$port/0"
+  done
+  per=$((16384 / masters))
+  for n in $(seq "$masters"); do
+    port=${ports[$((n - 1))]}
+    master_ports+=("$port")
+    local last=$((n * per - 1))
+    [ "$n" -eq "$masters" ] && last=16383
+    redis-cli -p "$port" cluster addslotsrange $(((n - 1) * per)) "$last" >/dev/null
+  done
+  for port in "${ports[@]:1}"; do redis-cli -p "$port" cluster meet 127.0.0.1 "${ports[0]}" >/dev/null; done
+  for n in $(seq "$masters"); do # node masters+n replicates master n
+    local id replica=${ports[$((masters + n - 1))]}
+    id=$(redis-cli -p "${ports[$((n - 1))]}" cluster myid)
+    until redis-cli -p "$replica" cluster nodes | grep -q "^$id"; do sleep 0.05; done
+    redis-cli -p "$replica" cluster replicate "$id" >/dev/null
+  done
+  for port in "${ports[@]}"; do
+    until redis-cli -p "$port" cluster info | grep -q 'cluster_state:ok' \
+      && { redis-cli -p "$port" role | head -1 | grep -q master \
+        || redis-cli -p "$port" info replication | grep -q 'master_link_status:up'; }; do
+      sleep 0.05
+    done
+  done
+  for ack in 0 1; do
+    SSEGATE_REDIS__MIN_REPLICAS_ACK=$ack RUST_LOG=warn target/release/ssegate \
+      --listen "127.0.0.1:$CLUSTER_SSEGATE_PORT" --redis-url "$seeds" >>"$DIR/ssegate-cluster.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$CLUSTER_SSEGATE_PORT/readyz" && break; sleep 0.05; done
+    local C="--url http://127.0.0.1:$CLUSTER_SSEGATE_PORT --target ssegate" kind args before after result
+    for kind in single batched; do
+      args="--concurrency 32 --topics 256"
+      [ $kind = batched ] && args="--concurrency 8 --batch 100 --topics 256"
+      before=$(cluster_cpu "${master_ports[@]}")
+      # shellcheck disable=SC2086
+      result=$(bench $C publish $args --seconds $secs)
+      after=$(cluster_cpu "${master_ports[@]}")
+      python3 -c "import json,sys; r=json.loads(sys.argv[1]); r.update(masters=int(sys.argv[2]), min_replicas_ack=int(sys.argv[3]), kind=sys.argv[4], redis_cpu_us_per_event=(float(sys.argv[6])-float(sys.argv[5]))*1e6/max(r['events'],1)); print(json.dumps(r))" \
+        "$result" "$masters" "$ack" "$kind" "$before" "$after"
+    done
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+  done
+  for port in "${ports[@]}"; do redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; done
+}
+cluster_1=$(cluster_run 1)
+cluster_3=$(cluster_run 3)
+
 field() { python3 -c "import json,sys; v=json.loads(sys.argv[1]); print(round(v$2, 2) if isinstance(v$2, float) else v$2)" "$1"; }
 # One comparison row: label, ssegate's JSON, nchan's JSON, the field compared.
 row() {
@@ -189,6 +263,25 @@ ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); pri
   echo "$(field "$storm_s" '["caught_up"]') caught up in $(field "$storm_s" '["seconds_until_all_caught_up"]') s;"
   echo "Redis commands issued: $(field "$storm_s" '["redis_commands"]["total"]')."
   echo
+  echo "## Redis Cluster: publish on 1 vs 3 masters"
+  echo
+  echo "One ssegate node on a Redis Cluster of 1 or 3 masters, each with one replica, on the same"
+  echo "two cores; publishes spread over 256 topics (single events c=32; arrays of 100 c=8)."
+  echo "Redis CPU is the masters' \`used_cpu_user + used_cpu_sys\` per event published."
+  echo
+  echo "| masters | min_replicas_ack | publish | events/s | request p50 / p99 (ms) | masters' CPU per event (µs) |"
+  echo "|---|---|---|---|---|---|"
+  python3 - "$cluster_1" "$cluster_3" <<'PY'
+import json, sys
+for block in sys.argv[1:]:
+    for line in block.splitlines():
+        r = json.loads(line)
+        print(f"| {r['masters']} | {r['min_replicas_ack']} | {r['kind']} | {r['events_per_sec']:.0f} | "
+              f"{r['request_p50_ms']:.2f} / {r['request_p99_ms']:.2f} | {r['redis_cpu_us_per_event']:.1f} |")
+PY
+  echo
+  cat bench/CLUSTER.md
+  echo
   echo "## Targets"
   echo
   python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" "$idleu_s" "$lat_s" "$lat_n" <<'PY'
@@ -233,16 +326,16 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
   cat "$out"
   rm -f "$out"
   # Every scenario must have done real work, on both hubs.
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$cluster_1" "$cluster_3" <<'PY'
 import json, sys
-pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n, fanm_s, fanm_n, lat_s, lat_n = map(json.loads, sys.argv[1:])
+pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n, fanm_s, fanm_n, lat_s, lat_n = map(json.loads, sys.argv[1:17])
 checks = {
     "ssegate publishes": pub_s["events"] > 0 and pub_s["errors"] == 0,
     "nchan publishes": pub_n["events"] > 0 and pub_n["errors"] == 0,
@@ -262,6 +355,10 @@ checks = {
     "ssegate delivers across nodes below saturation": lat_s["delivered"] == lat_s["expected_deliveries"] > 0,
     "nchan delivers across its two nodes": lat_n["delivered"] > 0,
 }
+for block in sys.argv[17:]:
+    for line in block.splitlines():
+        r = json.loads(line)
+        checks[f"cluster {r['masters']} masters, ack {r['min_replicas_ack']}, {r['kind']} publishes"] = r["events"] > 0 and r["errors"] == 0
 failed = [k for k, ok in checks.items() if not ok]
 if failed:
     sys.exit("bench smoke run failed: " + ", ".join(failed))

@@ -5,7 +5,8 @@
 //! all their keys: on one Redis every topic is in one place, so all requests form one group; in
 //! a cluster each hash slot is a group. A request whose group has no call in flight goes out at
 //! once, alone, so an idle gateway adds no latency. Requests arriving while their group's call
-//! is in flight wait, in arrival order, and go out together in the group's next call.
+//! is in flight wait, in arrival order, and go out together in the group's next call; only when
+//! they add up to a batch's worth of events do they go as a second call beside the first.
 //!
 //! Inside a call the script applies the requests one after another, each on its own: a
 //! request's events are consecutive in its stream, each gets its own ids and idempotency
@@ -29,6 +30,14 @@ use super::Runner;
 use crate::event::StreamId;
 use crate::store::StoreError;
 
+/// Calls a group may have in flight at once. A second keeps Redis busy while the gateway answers
+/// one call and builds the next: with one, batched publishes went 5–10 % slower than with every
+/// request its own call, with two 25 % faster. Calls go out in order on one connection, so Redis
+/// applies them in arrival order.
+const CALLS_IN_FLIGHT: usize = 2;
+/// Waiting events that justify a second call in flight. Fewer wait for the call in flight and
+/// share the next: single events sent as a second call each lost 6 % of throughput.
+const SECOND_CALL_EVENTS: usize = 64;
 /// Most events one call carries (a single request larger than this still goes, alone): Redis
 /// runs a script to its end, so a call's size bounds how long others wait on that shard.
 const MAX_CALL_EVENTS: usize = 1000;
@@ -99,54 +108,84 @@ async fn commit(
     settings: AppendSettings,
     runner: Runner,
 ) {
-    // Groups with a call in flight, and the requests waiting for their next call.
-    let mut waiting: HashMap<Option<Slot>, VecDeque<AppendRequest>> = HashMap::new();
+    // Groups with a call in flight: how many calls, and the requests waiting for the next.
+    let mut groups: HashMap<Option<Slot>, Group> = HashMap::new();
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
-        tokio::select! {
+        let key = tokio::select! {
             request = requests.recv(), if open => match request {
-                Some(request) => match waiting.get_mut(&request.group) {
-                    Some(queue) => {
-                        runner.appends_waiting(1);
-                        queue.push_back(request);
-                    }
-                    None => {
-                        waiting.insert(request.group, VecDeque::new());
-                        in_flight.push(run_call(vec![request], &script, &settings, &runner));
-                    }
-                },
-                None => open = false,
-            },
-            Some(group) = in_flight.next() => {
-                let Some(queue) = waiting.get_mut(&group) else { continue };
-                if queue.is_empty() {
-                    waiting.remove(&group);
+                Some(request) => {
+                    let key = request.group;
+                    let group = groups.entry(key).or_default();
+                    group.events += request.count;
+                    group.waiting.push_back(request);
+                    runner.appends_waiting(1);
+                    key
+                }
+                None => {
+                    open = false;
                     continue;
                 }
-                let batch = next_batch(queue);
-                runner.appends_waiting(-(batch.len() as i64));
-                in_flight.push(run_call(batch, &script, &settings, &runner));
+            },
+            Some(key) = in_flight.next() => {
+                if let Some(group) = groups.get_mut(&key) {
+                    group.calls -= 1;
+                }
+                key
             }
+        };
+        let Some(group) = groups.get_mut(&key) else {
+            continue;
+        };
+        if group.may_send() {
+            let batch = group.next_batch();
+            group.calls += 1;
+            runner.appends_waiting(-(batch.len() as i64));
+            in_flight.push(run_call(batch, &script, &settings, &runner));
+        } else if group.calls == 0 {
+            groups.remove(&key);
         }
     }
 }
 
-/// The waiting requests that go in the next call, in arrival order: at least one, then as many
-/// as fit the call's limits.
-fn next_batch(queue: &mut VecDeque<AppendRequest>) -> Vec<AppendRequest> {
-    let mut batch = Vec::new();
-    let (mut events, mut bytes) = (0, 0);
-    while let Some(next) = queue.front() {
-        let (e, b) = (next.count, next.bytes());
-        if !batch.is_empty() && (events + e > MAX_CALL_EVENTS || bytes + b > MAX_CALL_BYTES) {
-            break;
-        }
-        events += e;
-        bytes += b;
-        batch.extend(queue.pop_front());
+/// A group's calls in flight and the requests waiting for one.
+#[derive(Default)]
+struct Group {
+    calls: usize,
+    waiting: VecDeque<AppendRequest>,
+    /// Events in `waiting`.
+    events: usize,
+}
+
+impl Group {
+    /// Whether the waiting requests go out now: at once when no call is in flight, and beside
+    /// the one in flight when they are many events (a batch), so that Redis works on the next
+    /// call while the gateway answers the last. Single events keep waiting for the one call in
+    /// flight, where they share the next call more.
+    fn may_send(&self) -> bool {
+        !self.waiting.is_empty()
+            && (self.calls == 0
+                || (self.calls < CALLS_IN_FLIGHT && self.events >= SECOND_CALL_EVENTS))
     }
-    batch
+
+    /// The waiting requests that go in the next call, in arrival order: at least one, then as
+    /// many as fit the call's limits.
+    fn next_batch(&mut self) -> Vec<AppendRequest> {
+        let mut batch = Vec::new();
+        let (mut events, mut bytes) = (0, 0);
+        while let Some(next) = self.waiting.front() {
+            let (e, b) = (next.count, next.bytes());
+            if !batch.is_empty() && (events + e > MAX_CALL_EVENTS || bytes + b > MAX_CALL_BYTES) {
+                break;
+            }
+            events += e;
+            bytes += b;
+            batch.extend(self.waiting.pop_front());
+        }
+        self.events -= events;
+        batch
+    }
 }
 
 /// Runs one call for `batch` and answers each request; returns the group.
