@@ -301,3 +301,97 @@ async fn a_timed_out_call_fails_its_own_requests_and_leaves_them_retryable() {
         "each event once, under the id its retry was given"
     );
 }
+
+/// Requests sharing calls get one announcement per topic per call, carrying all its events:
+/// every node sees each event once, in order, with its predecessor, and the script's XADDs are
+/// all matched by announcements (none is taken for a direct XADD and read again), while a real
+/// direct XADD still is.
+#[tokio::test]
+async fn shared_calls_announce_every_event_once_in_order() {
+    let redis = RedisServer::start().await;
+    let (store, _metrics, _shutdown) = store_on(redis.url(), Duration::from_secs(3)).await;
+    let mut signals = store.take_signals().expect("signals");
+    for t in ["ann.a", "ann.b", "ann.c"] {
+        tokio::time::timeout(Duration::from_secs(10), store.watch(&topic(t)))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let handles: Vec<_> = (0..40)
+        .map(|r| {
+            let t = if r % 2 == 0 { "ann.a" } else { "ann.b" };
+            let events = (0..3).map(|i| keyed(&format!("r{r}-{i}"), None)).collect();
+            spawn_append(&store, t, events)
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let mut conn = redis.conn().await;
+    let marker: String = redis::cmd("XADD")
+        .arg(format!("{}:{{ann.c}}", Settings::default().key_prefix))
+        .arg("*")
+        .arg("data")
+        .arg("direct")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut announced: HashMap<String, Vec<(StreamId, StreamId)>> = HashMap::new();
+    let mut pokes = Vec::new();
+    // The direct XADD is read again once it has waited its settling time...
+    while !pokes.contains(&"ann.c".to_owned()) {
+        record(next_signal(&mut signals).await, &mut announced, &mut pokes);
+    }
+    // ...and anything poked with it is in before the next announcement.
+    let last = store
+        .append(&topic("ann.a"), &[keyed("last", None)])
+        .await
+        .unwrap()[0];
+    while announced["ann.a"].last().map(|(_, id)| *id) != Some(last) {
+        record(next_signal(&mut signals).await, &mut announced, &mut pokes);
+    }
+    assert_eq!(
+        pokes,
+        vec!["ann.c".to_owned()],
+        "only the direct XADD ({marker}) is read again"
+    );
+    for t in ["ann.a", "ann.b"] {
+        let stored: Vec<String> = entries(&mut conn, t)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let got = &announced[t];
+        let ids: Vec<String> = got.iter().map(|(_, id)| id.to_string()).collect();
+        assert_eq!(ids, stored, "{t}: every event announced once, in order");
+        let mut prev = StreamId::ZERO;
+        for (p, id) in got {
+            assert_eq!(*p, prev, "{t}: {id} names its predecessor");
+            prev = *id;
+        }
+    }
+}
+
+async fn next_signal(
+    signals: &mut tokio::sync::mpsc::UnboundedReceiver<ssegate::store::Signal>,
+) -> ssegate::store::Signal {
+    tokio::time::timeout(Duration::from_secs(10), signals.recv())
+        .await
+        .expect("signals keep coming")
+        .expect("open")
+}
+
+/// Files an announcement under its topic, or a poke.
+fn record(
+    signal: ssegate::store::Signal,
+    announced: &mut HashMap<String, Vec<(StreamId, StreamId)>>,
+    pokes: &mut Vec<String>,
+) {
+    match signal {
+        ssegate::store::Signal::Appended { topic, prev, event } => {
+            announced.entry(topic).or_default().push((prev, event.id))
+        }
+        ssegate::store::Signal::Poke { topic } => pokes.push(topic),
+        other => panic!("unexpected {other:?}"),
+    }
+}
