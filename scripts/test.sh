@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # chromium (CORS and cookies in a real browser), node with playwright-core (the built-in page); scripts/validate-deploy.sh installs the deploy
 # file validators, scripts/bench.sh nginx with nchan for its smoke run.
 missing=()
-redis_major=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
+# `|| true`: on a fresh machine redis-server is not there yet, and pipefail would end the script.
+redis_major=$( (redis-server --version 2>/dev/null || true) | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
 [ "${redis_major:-0}" -ge 7 ] || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
