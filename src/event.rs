@@ -38,6 +38,13 @@ impl fmt::Display for StreamId {
     }
 }
 
+/// As its text (`<ms>-<seq>`), written straight into the output.
+impl serde::Serialize for StreamId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// Why a string is not a stream id.
 #[derive(Debug, thiserror::Error)]
 #[error("a stream id is `0` or `<ms>-<seq>` with both parts decimal integers")]

@@ -1,5 +1,6 @@
 //! `GET /v1/events` (subscribe) and `POST /v1/events` (publish).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 
@@ -7,14 +8,14 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::future::try_join_all;
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{multi, ApiError, AppState, StreamOnSocket};
 use crate::auth::{Access, AuthError};
@@ -272,12 +273,10 @@ struct PublishItem {
 pub async fn publish(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let result = store_events(&state, &access, raw, headers, body).await;
+    let result = store_events(&state, &access, request).await;
     let metrics = &state.metrics;
     let outcome = match &result {
         Ok((_, stored)) => {
@@ -298,13 +297,16 @@ pub async fn publish(
 }
 
 /// Validates, authorizes and stores a publish: the answer, and the number of events stored.
+///
+/// The request is taken whole and split here, rather than through extractors that copy the
+/// headers and the query: this runs for every publish.
 async fn store_events(
     state: &AppState,
     access: &Access,
-    raw: Option<String>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<(Response, usize), ApiError> {
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     // Without a usable token, the body is not even read.
     state
         .auth
@@ -321,7 +323,7 @@ async fn store_events(
                 ),
             )
         })?;
-    let query = query_params(raw.as_deref())?;
+    let query = PublishQuery::parse(parts.uri.query());
     let limits = Limits {
         max_event_bytes: state.settings.max_event_bytes,
         max_batch_events: state.settings.max_batch_events,
@@ -340,11 +342,12 @@ async fn store_events(
         ),
         None => None,
     };
-    let (events, batch) = if let Some(topic) = query.get("topic") {
-        let data = String::from_utf8(body.to_vec()).map_err(|_| {
+    let (events, batch) = if let Some(topic) = &query.topic {
+        let data = String::from_utf8(Vec::from(body)).map_err(|_| {
             ApiError::bad_request("invalid_data", "the event body must be UTF-8 text")
         })?;
-        let item = limits.check(topic, data, query.get("event").cloned(), header_key, None)?;
+        let event = query.event.map(Cow::into_owned);
+        let item = limits.check(topic, data, event, header_key, None)?;
         (vec![item], false)
     } else {
         parse_json_body(&body, &limits, header_key.as_deref())?
@@ -357,18 +360,48 @@ async fn store_events(
 
     let mut ids: Vec<StreamId> = Vec::with_capacity(events.len());
     for (topic, run) in runs_by_topic(events) {
-        match state.hub.store().append(&topic, &run).await {
+        match state.hub.store().append(&topic, run).await {
             Ok(stored) => ids.extend(stored),
             Err(e) => return Err(ApiError::from_store(e, batch.then_some(ids))),
         }
     }
     let body = if batch {
-        json!({ "ids": ids.iter().map(|id| id.to_string()).collect::<Vec<_>>() })
+        Published::Batch { ids: &ids }
     } else {
-        json!({ "id": ids.first().map(|id| id.to_string()) })
+        Published::One { id: ids.first() }
     };
     let stored = ids.len();
     Ok(((StatusCode::CREATED, Json(body)).into_response(), stored))
+}
+
+/// The answer to a publish: `{"id": …}` for one event, `{"ids": […]}` for an array.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Published<'a> {
+    One { id: Option<&'a StreamId> },
+    Batch { ids: &'a [StreamId] },
+}
+
+/// What a publish reads from the query: `?topic=` (and `?event=`) make the body one event's
+/// data. Borrowed from the query unless percent-encoded; the last of repeated names wins.
+#[derive(Default)]
+struct PublishQuery<'a> {
+    topic: Option<Cow<'a, str>>,
+    event: Option<Cow<'a, str>>,
+}
+
+impl<'a> PublishQuery<'a> {
+    fn parse(raw: Option<&'a str>) -> PublishQuery<'a> {
+        let mut query = PublishQuery::default();
+        for (name, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            match name.as_ref() {
+                "topic" => query.topic = Some(value),
+                "event" => query.event = Some(value),
+                _ => {}
+            }
+        }
+        query
+    }
 }
 
 /// Counts a refusal by its reason, and turns it into the answer.

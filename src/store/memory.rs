@@ -199,7 +199,7 @@ impl Store for MemoryStore {
     async fn append(
         &self,
         topic: &Topic,
-        events: &[NewEvent],
+        events: Vec<NewEvent>,
     ) -> Result<Vec<StreamId>, StoreError> {
         let now = Instant::now();
         let mut logs = self.lock();
@@ -218,14 +218,14 @@ impl Store for MemoryStore {
             let prev = log.entries.back().map_or(StreamId::ZERO, |e| e.id);
             let event = Event {
                 id,
-                event: new.event.clone(),
-                data: new.data.clone(),
+                event: new.event,
+                data: new.data,
             };
             log.entries.push_back(event.clone());
             log.last_generated = id;
-            if let Some(key) = &new.idempotency_key {
+            if let Some(key) = new.idempotency_key {
                 log.idempotency.insert(key.clone(), (id, now));
-                log.idempotency_order.push_back((now, key.clone()));
+                log.idempotency_order.push_back((now, key));
             }
             log.trim(self.max_events, self.max_age);
             // The hub may be gone during shutdown; the event is stored either way.
@@ -349,10 +349,7 @@ mod tests {
         };
         for i in 0..100 {
             let t = Topic::parse(&format!("random.{i}")).unwrap();
-            store
-                .append(&t, std::slice::from_ref(&event))
-                .await
-                .unwrap();
+            store.append(&t, vec![event.clone()]).await.unwrap();
         }
         assert_eq!(store.lock().topics.len(), 100);
         // Idle past the TTL: the topics go, their tombstones stay; later those go too.

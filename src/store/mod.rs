@@ -144,9 +144,13 @@ pub enum Signal {
 pub trait Store: Send + Sync + 'static {
     /// Appends `events` to `topic`, atomically and in order, and announces them. Returns one id
     /// per event; an event whose idempotency key was seen within the window gets the id it got
-    /// then and is not appended again.
-    async fn append(&self, topic: &Topic, events: &[NewEvent])
-        -> Result<Vec<StreamId>, StoreError>;
+    /// then and is not appended again. The events are moved in: their payloads go to the store
+    /// without another copy.
+    async fn append(
+        &self,
+        topic: &Topic,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<StreamId>, StoreError>;
 
     /// Reads up to `count` events after `cursor`, with the gap rule applied.
     async fn read(&self, topic: &Topic, cursor: StreamId, count: usize)

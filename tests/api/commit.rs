@@ -73,7 +73,7 @@ fn spawn_append(
     events: Vec<NewEvent>,
 ) -> JoinHandle<Result<Vec<StreamId>, StoreError>> {
     let (store, t) = (store.clone(), topic(t));
-    tokio::spawn(async move { store.append(&t, &events).await })
+    tokio::spawn(async move { store.append(&t, events).await })
 }
 
 /// Waits until `n` appends wait for the call in flight.
@@ -287,9 +287,9 @@ async fn a_timed_out_call_fails_its_own_requests_and_leaves_them_retryable() {
         .await
         .unwrap();
     // The retries go out on the same connection, after the held calls: Redis runs those first.
-    let a_ids = store.append(&topic("held"), &a).await.unwrap();
-    let b_ids = store.append(&topic("held"), &b).await.unwrap();
-    let c_ids = store.append(&topic("held"), &c).await.unwrap();
+    let a_ids = store.append(&topic("held"), a).await.unwrap();
+    let b_ids = store.append(&topic("held"), b).await.unwrap();
+    let c_ids = store.append(&topic("held"), c).await.unwrap();
     let stored = entries(&mut conn, "held").await;
     let expected: Vec<(String, String)> = [a_ids[0], b_ids[0], b_ids[1], c_ids[0]]
         .iter()
@@ -344,7 +344,7 @@ async fn shared_calls_announce_every_event_once_in_order() {
     }
     // ...and anything poked with it is in before the next announcement.
     let last = store
-        .append(&topic("ann.a"), &[keyed("last", None)])
+        .append(&topic("ann.a"), vec![keyed("last", None)])
         .await
         .unwrap()[0];
     while announced["ann.a"].last().map(|(_, id)| *id) != Some(last) {

@@ -650,7 +650,7 @@ async fn the_connection_limit_refuses_new_connections_and_spares_open_streams() 
         .store()
         .append(
             &topic,
-            &[NewEvent {
+            vec![NewEvent {
                 event: None,
                 data: "still here".into(),
                 idempotency_key: None,

@@ -94,7 +94,7 @@ fn event(data: &str) -> NewEvent {
 
 async fn append_n(store: &dyn Store, t: &Topic, n: usize) -> Vec<StreamId> {
     let events: Vec<NewEvent> = (0..n).map(|i| event(&format!("e{i}"))).collect();
-    store.append(t, &events).await.unwrap()
+    store.append(t, events).await.unwrap()
 }
 
 async fn appends_in_order_and_reads_in_pages(s: Subject) {
@@ -129,7 +129,7 @@ async fn appends_in_order_and_reads_in_pages(s: Subject) {
         data: "a\nb".into(),
         idempotency_key: None,
     };
-    let id = s.store.append(&t, &[typed]).await.unwrap()[0];
+    let id = s.store.append(&t, vec![typed]).await.unwrap()[0];
     let page = s.store.read(&t, ids[11], 10).await.unwrap();
     assert_eq!(page.events.len(), 1);
     assert_eq!(page.events[0].id, id);
@@ -144,12 +144,12 @@ async fn idempotency_keys_return_the_first_id(s: Subject) {
         data: data.into(),
         idempotency_key: Some(key.into()),
     };
-    let first = s.store.append(&t, &[keyed("a", "k1")]).await.unwrap();
+    let first = s.store.append(&t, vec![keyed("a", "k1")]).await.unwrap();
     let again = s
         .store
         .append(
             &t,
-            &[keyed("changed", "k1"), keyed("b", "k2"), keyed("b2", "k2")],
+            vec![keyed("changed", "k1"), keyed("b", "k2"), keyed("b2", "k2")],
         )
         .await
         .unwrap();
@@ -162,7 +162,7 @@ async fn idempotency_keys_return_the_first_id(s: Subject) {
 
     let other = s
         .store
-        .append(&topic("other"), &[keyed("x", "k1")])
+        .append(&topic("other"), vec![keyed("x", "k1")])
         .await
         .unwrap();
     let page = s
@@ -464,10 +464,7 @@ async fn removes_idle_topics(s: Subject) {
         idempotency_key: Some("k".into()),
         ..event("first")
     };
-    let first = store
-        .append(&t, std::slice::from_ref(&keyed))
-        .await
-        .unwrap()[0];
+    let first = store.append(&t, vec![keyed.clone()]).await.unwrap()[0];
     let last = append_n(store, &t, 1).await[0];
     // Removed once idle: a cursor inside the old history is told of the gap.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -500,7 +497,7 @@ async fn removes_idle_topics(s: Subject) {
 
     // Published to again: a new stream whose ids follow the old ones, the idempotency key gone
     // with the topic, and the same answers for old cursors.
-    let again = store.append(&t, &[keyed]).await.unwrap()[0];
+    let again = store.append(&t, vec![keyed]).await.unwrap()[0];
     assert!(again > last, "{again} after {last}");
     let page = store.read(&t, last, 10).await.unwrap();
     assert_eq!(page.gap, None);

@@ -24,10 +24,11 @@ use redis::{Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::connection::Commands;
+use super::keys::{Keys, IDEMPOTENCY, LIVE, TOMBSTONE};
 use super::reply::{as_array, as_bytes, bad_reply, parse_id};
 use super::scripts::Call;
 use super::Runner;
-use crate::event::StreamId;
+use crate::event::{NewEvent, StreamId, Topic};
 use crate::store::StoreError;
 
 /// Calls a group may have in flight at once. A second keeps Redis busy while the gateway answers
@@ -51,27 +52,29 @@ pub(super) struct AppendRequest {
     pub(super) group: Option<Slot>,
     /// The command connection the request found; calls go out on the first request's.
     pub(super) conn: Commands,
-    /// The topic's stream key: topics are told apart in a call by it.
-    pub(super) stream: Vec<u8>,
-    /// The topic's tombstone key, for streams recreated after they expired.
-    pub(super) tombstone: Vec<u8>,
-    /// The topic's live channel.
-    pub(super) channel: Vec<u8>,
-    /// The idempotency keys of the events that have one, in event order.
-    pub(super) idempotency_keys: Vec<Vec<u8>>,
-    /// Per event: type, data, and `1` or `0` for whether it has an idempotency key. Built by
-    /// the request's own task, so the committer only moves them.
-    pub(super) event_args: Vec<Vec<u8>>,
-    /// How many events.
-    pub(super) count: usize,
+    /// The topic: requests of a call are told apart by it, and its key names are written
+    /// straight into the call.
+    pub(super) topic: Topic,
+    /// The events, moved in from the publish request: their payloads are copied once, into the
+    /// call.
+    pub(super) events: Vec<NewEvent>,
     /// Where the ids, or the error, go.
     pub(super) reply: oneshot::Sender<Result<Vec<StreamId>, StoreError>>,
 }
 
 impl AppendRequest {
+    /// What the request adds to a call's arguments.
     fn bytes(&self) -> usize {
-        self.event_args.iter().map(Vec::len).sum::<usize>()
-            + self.idempotency_keys.iter().map(Vec::len).sum::<usize>()
+        self.events
+            .iter()
+            .map(|e| {
+                e.data.len()
+                    + e.event.as_ref().map_or(0, String::len)
+                    + e.idempotency_key
+                        .as_ref()
+                        .map_or(0, |k| k.len() + self.topic.as_str().len() + 32)
+            })
+            .sum()
     }
 }
 
@@ -95,17 +98,30 @@ pub(super) struct AppendSettings {
 pub(super) fn spawn(
     script: Script,
     settings: AppendSettings,
+    keys: Keys,
     runner: Runner,
 ) -> mpsc::UnboundedSender<AppendRequest> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(commit(rx, script, settings, runner));
+    let call = CallParts {
+        script,
+        settings,
+        keys,
+    };
+    tokio::spawn(commit(rx, call, runner));
     tx
+}
+
+/// What every call is made of, besides its requests.
+struct CallParts {
+    script: Script,
+    settings: AppendSettings,
+    /// Key and channel names, written into the call per topic.
+    keys: Keys,
 }
 
 async fn commit(
     mut requests: mpsc::UnboundedReceiver<AppendRequest>,
-    script: Script,
-    settings: AppendSettings,
+    parts: CallParts,
     runner: Runner,
 ) {
     // Groups with a call in flight: how many calls, and the requests waiting for the next.
@@ -118,7 +134,7 @@ async fn commit(
                 Some(request) => {
                     let key = request.group;
                     let group = groups.entry(key).or_default();
-                    group.events += request.count;
+                    group.events += request.events.len();
                     group.waiting.push_back(request);
                     runner.appends_waiting(1);
                     key
@@ -142,7 +158,7 @@ async fn commit(
             let batch = group.next_batch();
             group.calls += 1;
             runner.appends_waiting(-(batch.len() as i64));
-            in_flight.push(run_call(batch, &script, &settings, &runner));
+            in_flight.push(run_call(batch, &parts, &runner));
         } else if group.calls == 0 {
             groups.remove(&key);
         }
@@ -175,7 +191,7 @@ impl Group {
         let mut batch = Vec::new();
         let (mut events, mut bytes) = (0, 0);
         while let Some(next) = self.waiting.front() {
-            let (e, b) = (next.count, next.bytes());
+            let (e, b) = (next.events.len(), next.bytes());
             if !batch.is_empty() && (events + e > MAX_CALL_EVENTS || bytes + b > MAX_CALL_BYTES) {
                 break;
             }
@@ -189,15 +205,10 @@ impl Group {
 }
 
 /// Runs one call for `batch` and answers each request; returns the group.
-async fn run_call(
-    batch: Vec<AppendRequest>,
-    script: &Script,
-    settings: &AppendSettings,
-    runner: &Runner,
-) -> Option<Slot> {
+async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner) -> Option<Slot> {
     let group = batch[0].group;
     let mut conn = batch[0].conn.clone();
-    let (call, shapes, replies) = build(batch, script, settings, conn.is_cluster());
+    let (call, shapes, replies) = build(batch, parts, conn.is_cluster());
     runner.append_call();
     let result = runner
         .run(&mut conn, &call, runner.replication)
@@ -220,34 +231,76 @@ async fn run_call(
 }
 
 /// One script call for the batch; each request's event count, and where its answer goes.
+///
+/// Keys: each topic's stream and tombstone, in order of first appearance, then the idempotency
+/// keys of every request in order. Arguments: the settings, the publish command, the topics'
+/// channels, then per request its topic's index (1-based, as in Lua), its event count and per
+/// event its type, data and whether it has an idempotency key.
 #[allow(clippy::type_complexity)]
 fn build<'a>(
     batch: Vec<AppendRequest>,
-    script: &'a Script,
-    settings: &AppendSettings,
+    parts: &'a CallParts,
     cluster: bool,
 ) -> (
     Call<'a>,
     Vec<usize>,
     Vec<oneshot::Sender<Result<Vec<StreamId>, StoreError>>>,
 ) {
-    let mut call = Call::new(script);
-    // Topics in order of first appearance; their index in the call is 1-based, as in Lua.
-    let mut topic_index: HashMap<Vec<u8>, usize> = HashMap::new();
-    let mut channels = Vec::new();
+    // Topics in order of first appearance; a lone request (the usual case on an idle gateway)
+    // needs no map.
+    let mut topics: Vec<&str> = Vec::new();
+    let mut topic_index: HashMap<&str, usize> = HashMap::new();
     let mut indices = Vec::with_capacity(batch.len());
+    let (mut keyed, mut events, mut bytes) = (0, 0, 0);
     for request in &batch {
-        let next = topic_index.len() + 1;
-        let index = *topic_index
-            .entry(request.stream.clone())
-            .or_insert_with(|| {
-                call.key_bytes(request.stream.clone())
-                    .key_bytes(request.tombstone.clone());
-                channels.push(request.channel.clone());
-                next
-            });
+        let topic = request.topic.as_str();
+        let index = if batch.len() == 1 {
+            topics.push(topic);
+            1
+        } else {
+            *topic_index.entry(topic).or_insert_with(|| {
+                topics.push(topic);
+                topics.len()
+            })
+        };
         indices.push(index);
+        keyed += request
+            .events
+            .iter()
+            .filter(|e| e.idempotency_key.is_some())
+            .count();
+        events += request.events.len();
+        bytes += request.bytes();
     }
+    let names = 3 * topics.len() + keyed;
+    let mut call = Call::with_capacity(
+        &parts.script,
+        2 * topics.len() + keyed,
+        names + 10 + 2 * batch.len() + 3 * events,
+        bytes + names * (parts.keys.prefix.len() + 16) + 16 * batch.len(),
+    );
+    // One buffer for every name in the call.
+    let mut name = String::new();
+    for topic in &topics {
+        parts.keys.write_name(&mut name, topic, "");
+        call.key(name.as_str());
+        parts.keys.write_name(&mut name, topic, TOMBSTONE);
+        call.key(name.as_str());
+    }
+    for request in &batch {
+        for key in request
+            .events
+            .iter()
+            .filter_map(|e| e.idempotency_key.as_deref())
+        {
+            parts
+                .keys
+                .write_name(&mut name, request.topic.as_str(), IDEMPOTENCY);
+            name.push_str(key);
+            call.key(name.as_str());
+        }
+    }
+    let settings = &parts.settings;
     call.arg(settings.max_events)
         .arg(settings.trim_mode)
         .arg(settings.idempotency_window_ms)
@@ -256,21 +309,27 @@ fn build<'a>(
         .arg(settings.announce_inline_max)
         .arg(settings.announce_call_budget)
         .arg(if cluster { "SPUBLISH" } else { "PUBLISH" })
-        .arg(channels.len());
-    for channel in channels {
-        call.arg_bytes(channel);
+        .arg(topics.len());
+    for topic in &topics {
+        parts.keys.write_name(&mut name, topic, LIVE);
+        call.arg(name.as_str());
+    }
+    for (request, index) in batch.iter().zip(indices) {
+        call.arg(index).arg(request.events.len());
+        for event in &request.events {
+            call.arg(event.event.as_deref().unwrap_or(""))
+                .arg(event.data.as_str())
+                .arg(if event.idempotency_key.is_some() {
+                    "1"
+                } else {
+                    "0"
+                });
+        }
     }
     let mut shapes = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
-    for (request, index) in batch.into_iter().zip(indices) {
-        for key in request.idempotency_keys {
-            call.key_bytes(key);
-        }
-        call.arg(index).arg(request.count);
-        for arg in request.event_args {
-            call.arg_bytes(arg);
-        }
-        shapes.push(request.count);
+    for request in batch {
+        shapes.push(request.events.len());
         replies.push(request.reply);
     }
     (call, shapes, replies)

@@ -4,6 +4,13 @@
 //! they all live in the topic's slot: one script touches them together, and the topic's sharded
 //! channel and keyspace notifications come from the node that owns its stream.
 
+/// What follows the topic's hash tag in its live channel's name.
+pub(super) const LIVE: &str = ":live";
+/// … in its tombstone key's name.
+pub(super) const TOMBSTONE: &str = ":last";
+/// … in its idempotency keys' names, before the publisher's key.
+pub(super) const IDEMPOTENCY: &str = ":idem:";
+
 /// Key and channel names for one deployment.
 #[derive(Clone)]
 pub(super) struct Keys {
@@ -27,24 +34,42 @@ impl Keys {
     }
 
     pub(super) fn stream(&self, topic: &str) -> String {
-        format!("{}:{{{}}}", self.prefix, topic)
+        self.name(topic, "")
     }
 
     pub(super) fn live_channel(&self, topic: &str) -> String {
-        format!("{}:{{{}}}:live", self.prefix, topic)
+        self.name(topic, LIVE)
     }
 
     pub(super) fn keyspace_channel(&self, topic: &str) -> String {
-        format!("{}{}}}", self.keyspace_head, topic)
+        let mut name = String::with_capacity(self.keyspace_head.len() + topic.len() + 1);
+        name.push_str(&self.keyspace_head);
+        name.push_str(topic);
+        name.push('}');
+        name
     }
 
     /// An expired stream's last id, kept as long again, for the gap rule.
     pub(super) fn tombstone(&self, topic: &str) -> String {
-        format!("{}:{{{}}}:last", self.prefix, topic)
+        self.name(topic, TOMBSTONE)
     }
 
-    pub(super) fn idempotency(&self, topic: &str, key: &str) -> String {
-        format!("{}:{{{}}}:idem:{}", self.prefix, topic, key)
+    /// `<prefix>:{<topic>}<suffix>`, the shape of every name a topic uses, written into `out`
+    /// (cleared first): the publish path reuses one buffer for all the names of a call.
+    pub(super) fn write_name(&self, out: &mut String, topic: &str, suffix: &str) {
+        out.clear();
+        out.reserve(self.prefix.len() + topic.len() + suffix.len() + 3);
+        out.push_str(&self.prefix);
+        out.push_str(":{");
+        out.push_str(topic);
+        out.push('}');
+        out.push_str(suffix);
+    }
+
+    fn name(&self, topic: &str, suffix: &str) -> String {
+        let mut name = String::new();
+        self.write_name(&mut name, topic, suffix);
+        name
     }
 
     pub(super) fn parse_channel<'a>(&self, channel: &'a str) -> Option<Channel<'a>> {
@@ -54,7 +79,9 @@ impl Keys {
         let rest = channel
             .strip_prefix(self.prefix.as_str())?
             .strip_prefix(":{")?;
-        rest.strip_suffix("}:live").map(Channel::Live)
+        rest.strip_suffix(LIVE)?
+            .strip_suffix('}')
+            .map(Channel::Live)
     }
 }
 
@@ -67,6 +94,10 @@ mod tests {
     fn channels_parse_back_to_topics() {
         let keys = Keys::new("ssegate", 0);
         assert_eq!(keys.stream("a.b"), "ssegate:{a.b}");
+        assert_eq!(keys.tombstone("a.b"), "ssegate:{a.b}:last");
+        let mut name = String::from("left over");
+        keys.write_name(&mut name, "a.b", IDEMPOTENCY);
+        assert_eq!(name, "ssegate:{a.b}:idem:");
         assert!(matches!(
             keys.parse_channel(&keys.live_channel("a:live")),
             Some(Channel::Live("a:live"))
@@ -87,7 +118,12 @@ mod tests {
                 keys.live_channel(topic),
                 keys.keyspace_channel(topic),
                 keys.tombstone(topic),
-                keys.idempotency(topic, "k{1}"),
+                {
+                    let mut name = String::new();
+                    keys.write_name(&mut name, topic, IDEMPOTENCY);
+                    name.push_str("k{1}");
+                    name
+                },
             ] {
                 assert_eq!(Slot::for_key(&name), slot, "{name}");
             }

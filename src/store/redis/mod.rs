@@ -252,41 +252,25 @@ impl Store for RedisStore {
     async fn append(
         &self,
         topic: &Topic,
-        events: &[NewEvent],
+        events: Vec<NewEvent>,
     ) -> Result<Vec<StreamId>, StoreError> {
         let conn = self.link()?.conn;
-        let stream = self.keys.stream(topic.as_str());
-        let group = conn.is_cluster().then(|| Slot::for_key(&stream));
-        let mut event_args = Vec::with_capacity(events.len() * 3);
-        let mut idempotency_keys = Vec::new();
-        for new in events {
-            event_args.push(new.event.as_deref().unwrap_or("").as_bytes().to_vec());
-            event_args.push(new.data.as_bytes().to_vec());
-            event_args.push(if new.idempotency_key.is_some() {
-                b"1".to_vec()
-            } else {
-                b"0".to_vec()
-            });
-            if let Some(key) = &new.idempotency_key {
-                idempotency_keys.push(self.keys.idempotency(topic.as_str(), key).into_bytes());
-            }
-        }
+        let group = conn
+            .is_cluster()
+            .then(|| Slot::for_key(self.keys.stream(topic.as_str())));
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest {
             group,
             conn,
-            stream: stream.into_bytes(),
-            tombstone: self.keys.tombstone(topic.as_str()).into_bytes(),
-            channel: self.keys.live_channel(topic.as_str()).into_bytes(),
-            idempotency_keys,
-            event_args,
-            count: events.len(),
+            topic: topic.clone(),
+            events,
             reply,
         };
         let committer = self.committer.get_or_init(|| {
             commit::spawn(
                 self.scripts.append.clone(),
                 self.append_settings.clone(),
+                self.keys.clone(),
                 self.runner.clone(),
             )
         });
@@ -304,7 +288,7 @@ impl Store for RedisStore {
         cursor: StreamId,
         count: usize,
     ) -> Result<Page, StoreError> {
-        let mut invocation = Call::new(&self.scripts.read);
+        let mut invocation = Call::new(&self.scripts.read, 2);
         invocation
             .key(self.keys.stream(topic.as_str()))
             .key(self.keys.tombstone(topic.as_str()))
@@ -341,7 +325,7 @@ impl Store for RedisStore {
     }
 
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
-        let mut invocation = Call::new(&self.scripts.tail);
+        let mut invocation = Call::new(&self.scripts.tail, 2);
         invocation
             .key(self.keys.stream(topic.as_str()))
             .key(self.keys.tombstone(topic.as_str()));

@@ -65,9 +65,14 @@ pub(super) fn as_text(v: Option<&Value>) -> Result<String, StoreError> {
 }
 
 pub(super) fn parse_id(v: &Value) -> Result<StreamId, StoreError> {
-    as_text(Some(v))?
-        .parse()
-        .map_err(|_| bad_reply("stream id"))
+    let parsed = match v {
+        Value::Int(_) => as_text(Some(v))?.parse().ok(),
+        // Read in place: every publish parses its ids here.
+        other => std::str::from_utf8(as_bytes(other)?)
+            .ok()
+            .and_then(|text| text.parse().ok()),
+    };
+    parsed.ok_or_else(|| bad_reply("stream id"))
 }
 
 /// Parses the stream facts returned by `read.lua`: last generated id, max deleted id, entries

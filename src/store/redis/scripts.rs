@@ -28,11 +28,14 @@ impl Scripts {
     }
 }
 
-/// One script call: its keys (all in one topic's slot) and arguments.
+/// One script call, as the `EVALSHA` command it sends. Keys and arguments are written straight
+/// into the command's one buffer: a publish call carries several per event, and a `Vec` per
+/// argument was a good part of the publish path's allocations.
 pub(super) struct Call<'a> {
     script: &'a Script,
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
+    cmd: Cmd,
+    /// Keys still to come: `EVALSHA` gives their count before them, so they are written first.
+    keys_due: usize,
 }
 
 /// How many replicas must confirm a write, and how long to wait for them.
@@ -43,43 +46,38 @@ pub(super) struct Replication {
 }
 
 impl<'a> Call<'a> {
-    pub(super) fn new(script: &'a Script) -> Call<'a> {
+    /// A call with `keys` keys, which the first `key` calls give (all in one topic's slot).
+    pub(super) fn new(script: &'a Script, keys: usize) -> Call<'a> {
+        Call::with_capacity(script, keys, keys + 8, 256)
+    }
+
+    /// Likewise, with room for `args` keys and arguments of `bytes` bytes in all.
+    pub(super) fn with_capacity(
+        script: &'a Script,
+        keys: usize,
+        args: usize,
+        bytes: usize,
+    ) -> Call<'a> {
+        let mut cmd = Cmd::with_capacity(args + 3, bytes + 64);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
         Call {
             script,
-            keys: Vec::new(),
-            args: Vec::new(),
+            cmd,
+            keys_due: keys,
         }
     }
 
     pub(super) fn key(&mut self, key: impl ToRedisArgs) -> &mut Self {
-        self.keys.extend(key.to_redis_args());
+        debug_assert!(self.keys_due > 0, "more keys than the call was made for");
+        self.keys_due = self.keys_due.saturating_sub(1);
+        self.cmd.arg(key);
         self
     }
 
     pub(super) fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
-        self.args.extend(arg.to_redis_args());
+        debug_assert_eq!(self.keys_due, 0, "an argument before every key was given");
+        self.cmd.arg(arg);
         self
-    }
-
-    /// A key already in bytes, moved in.
-    pub(super) fn key_bytes(&mut self, key: Vec<u8>) -> &mut Self {
-        self.keys.push(key);
-        self
-    }
-
-    /// An argument already in bytes, moved in (event payloads are not copied again).
-    pub(super) fn arg_bytes(&mut self, arg: Vec<u8>) -> &mut Self {
-        self.args.push(arg);
-        self
-    }
-
-    fn evalsha(&self) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
-        cmd
     }
 
     /// Runs the script; with `replication`, also waits until that many replicas have its writes
@@ -90,17 +88,14 @@ impl<'a> Call<'a> {
         conn: &mut Commands,
         replication: Option<Replication>,
     ) -> RedisResult<(Value, Option<u32>)> {
+        debug_assert_eq!(self.keys_due, 0, "a call sent without all its keys");
         let mut loaded = false;
         loop {
             let result = match replication {
-                None => self
-                    .evalsha()
-                    .query_async::<Value>(conn)
-                    .await
-                    .map(|v| (v, None)),
+                None => self.cmd.query_async::<Value>(conn).await.map(|v| (v, None)),
                 Some(r) => {
                     let mut pipe = redis::pipe();
-                    pipe.add_command(self.evalsha())
+                    pipe.add_command(self.cmd.clone())
                         .cmd("WAIT")
                         .arg(r.replicas)
                         .arg(r.timeout.as_millis() as u64);
