@@ -66,7 +66,27 @@ for port in "$SSEGATE_PORT" "$SSEGATE_B_PORT" "$NCHAN_PORT" "$NCHAN_B_PORT"; do
 done
 NCHAN_PID=$(pgrep -P "$(cat "$DIR/nginx.pid")" | head -n 1)
 
-bench() { target/release/ssegate-bench "$@"; }
+# Waits until Redis, the ssegate nodes and the nginx workers are idle: under 10 % of a core all
+# together over half a second, for at most 30 s. A hub still tidying up after a scenario (nchan
+# takes seconds to drop 15,000 idle channels, with Redis busy too) would otherwise slow the next
+# scenario, whichever hub that one measures: ssegate's per-user p99 went from 1.4 ms to 7 ms
+# when it ran right after nchan's idle step.
+REDIS_PID=$(redis-cli -p "$REDIS_PORT" info server | tr -d '\r' | sed -n 's/^process_id://p')
+settle() {
+  local procs="$REDIS_PID ${pids[*]} $(pgrep -P "$(cat "$DIR/nginx.pid")") $(pgrep -P "$(cat "$DIR/b/nginx.pid")")"
+  local hz
+  hz=$(getconf CLK_TCK)
+  ticks() { local t=0 p; for p in $procs; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
+  local before after
+  for _ in $(seq 60); do
+    before=$(ticks)
+    sleep 0.5
+    after=$(ticks)
+    [ $((after - before)) -le $((hz / 20)) ] && return 0
+  done
+  echo "warning: still busy after 30 s; measuring anyway" >&2
+}
+bench() { settle; target/release/ssegate-bench "$@"; }
 S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
 B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
 N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"

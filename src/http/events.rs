@@ -586,4 +586,26 @@ mod tests {
             let _ = parse_json_body(json.as_bytes(), &limits, Some("k"));
         }
     }
+
+    #[test]
+    fn a_publish_query_reads_topic_and_event_in_place_unless_encoded() {
+        let q = PublishQuery::parse(Some("access_token=x&topic=a.b&event=note"));
+        assert!(matches!(q.topic, Some(Cow::Borrowed("a.b"))));
+        assert!(matches!(q.event, Some(Cow::Borrowed("note"))));
+        // Percent-encoded values are decoded; the last of repeated names wins, as a map would.
+        let q = PublishQuery::parse(Some("topic=first&topic=user%2F42&event=a+b"));
+        assert_eq!(q.topic.as_deref(), Some("user/42"));
+        assert_eq!(q.event.as_deref(), Some("a b"));
+        let q = PublishQuery::parse(None);
+        assert!(q.topic.is_none() && q.event.is_none());
+    }
+
+    #[test]
+    fn a_publish_is_answered_with_its_ids_as_text() {
+        let ids = ["5-0".parse().unwrap(), "5-1".parse().unwrap()];
+        let one = serde_json::to_string(&Published::One { id: ids.first() }).unwrap();
+        assert_eq!(one, r#"{"id":"5-0"}"#);
+        let batch = serde_json::to_string(&Published::Batch { ids: &ids }).unwrap();
+        assert_eq!(batch, r#"{"ids":["5-0","5-1"]}"#);
+    }
 }
