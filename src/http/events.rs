@@ -149,23 +149,43 @@ fn event_stream(
     let heartbeat = settings.heartbeat_interval;
     let first = futures_util::stream::once(async move { retry });
     let open = OpenStream::new(metrics);
-    let rest =
-        futures_util::stream::unfold((session, open), move |(mut session, open)| async move {
-            let frames = match session.next(tokio::time::sleep(heartbeat)).await {
-                Output::Live(delivery) => {
-                    open.delivered(1);
-                    delivery.frame.clone()
+    // One timer for the stream's life, moved only when it fires: a heartbeat is due `heartbeat`
+    // after the last frame, which is noted per frame (a clock read) instead of re-arming a
+    // timer per delivery.
+    let idle = Box::pin(tokio::time::sleep(heartbeat));
+    let last_frame = tokio::time::Instant::now();
+    let state = (session, open, idle, last_frame);
+    let rest = futures_util::stream::unfold(
+        state,
+        move |(mut session, open, mut idle, mut last_frame)| async move {
+            let frames = loop {
+                match session.next(idle.as_mut()).await {
+                    Output::Live(delivery) => {
+                        open.delivered(1);
+                        break delivery.frame.clone();
+                    }
+                    Output::Replayed(page) => {
+                        open.delivered(page.events.len());
+                        break page.frames.clone();
+                    }
+                    Output::Farewell(retry) => break retry,
+                    Output::Idle => {
+                        let due = last_frame + heartbeat;
+                        if tokio::time::Instant::now() >= due {
+                            break sse::heartbeat_frame();
+                        }
+                        idle.as_mut().reset(due);
+                    }
+                    Output::End => return None,
                 }
-                Output::Replayed(page) => {
-                    open.delivered(page.events.len());
-                    page.frames.clone()
-                }
-                Output::Farewell(retry) => retry,
-                Output::Idle => sse::heartbeat_frame(),
-                Output::End => return None,
             };
-            Some((frames, (session, open)))
-        });
+            last_frame = tokio::time::Instant::now();
+            if idle.is_elapsed() {
+                idle.as_mut().reset(last_frame + heartbeat);
+            }
+            Some((frames, (session, open, idle, last_frame)))
+        },
+    );
     first.chain(rest).take_until(expiry(expires))
 }
 
@@ -607,5 +627,49 @@ mod tests {
         assert_eq!(one, r#"{"id":"5-0"}"#);
         let batch = serde_json::to_string(&Published::Batch { ids: &ids }).unwrap();
         assert_eq!(batch, r#"{"ids":["5-0","5-1"]}"#);
+    }
+
+    /// Heartbeats come `heartbeat_interval` after the last frame, whatever it was: an event
+    /// postpones the next one. Paused time: the clock moves only when everything waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_comes_an_interval_after_the_last_frame() {
+        use crate::hub::Hub;
+        use crate::shutdown::Shutdown;
+        use crate::store::memory::MemoryStore;
+        use crate::store::Store;
+        use std::time::Duration;
+        use tokio::time::Instant;
+
+        let settings = Settings {
+            heartbeat_interval: Duration::from_secs(10),
+            ..Settings::default()
+        };
+        let store = Arc::new(MemoryStore::new(&settings));
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::start(store.clone(), &settings, Shutdown::new(), metrics.clone());
+        let topic = Topic::parse("hb").unwrap();
+        let session = hub.subscribe(topic.clone(), None).await.unwrap();
+        let mut frames = Box::pin(event_stream(session, &settings, None, metrics));
+        let start = Instant::now();
+        let retry = sse::retry_frame(settings.retry.as_millis() as u64);
+        assert_eq!(frames.next().await, Some(retry));
+
+        assert_eq!(frames.next().await, Some(sse::heartbeat_frame()));
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let event = NewEvent {
+            event: None,
+            data: "x".into(),
+            idempotency_key: None,
+        };
+        store.append(&topic, vec![event]).await.unwrap();
+        let live = frames.next().await.unwrap();
+        assert!(live.starts_with(b"id: "), "{live:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(15));
+
+        // Not at 20 s, when the timer set after the first heartbeat fires: 10 s after the event.
+        assert_eq!(frames.next().await, Some(sse::heartbeat_frame()));
+        assert_eq!(start.elapsed(), Duration::from_secs(25));
     }
 }

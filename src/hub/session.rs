@@ -103,6 +103,9 @@ impl Session {
                 }
             }
             let item = tokio::select! {
+                // In order, not at random (no random number per event): shutdown is also seen
+                // at the top of the loop, and an idle wait only matters when nothing came.
+                biased;
                 item = self.feed.recv() => item,
                 _ = &mut idle => return Output::Idle,
                 _ = self.membership.hub.shutdown.wait() => return self.farewell(),

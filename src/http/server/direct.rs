@@ -99,12 +99,16 @@ pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics:
     let mut frames = body.into_data_stream();
     // The client sends nothing more that matters; reading only tells when it is gone.
     let mut discard = [0u8; 64];
+    // One chunk for the stream's life: its buffers are kept from one write to the next.
+    let mut chunk = Chunk::default();
     loop {
         tokio::select! {
+            // In order, not at random (no random number per frame); the read only ends a
+            // stream whose client went away, which the next write also finds.
+            biased;
             frame = frames.next() => {
                 let Some(Ok(frame)) = frame else { break };
                 // Frames already waiting (a busy topic) go out in the same write.
-                let mut chunk = Chunk::default();
                 chunk.push(frame);
                 let mut ended = false;
                 while chunk.parts.len() < MAX_FRAMES_PER_WRITE {
@@ -117,8 +121,9 @@ pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics:
                         None => break,
                     }
                 }
-                if chunk.len > 0 {
-                    if let Err(e) = io.write_all_buf(&mut chunk.framed()).await {
+                if chunk.has_remaining() {
+                    chunk.frame();
+                    if let Err(e) = io.write_all_buf(&mut chunk).await {
                         if e.kind() == io::ErrorKind::TimedOut {
                             // The client stopped reading for write_timeout.
                             metrics.slow_client_disconnects.inc();
@@ -144,12 +149,25 @@ pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics:
 /// slices a vectored write takes at once.
 const MAX_FRAMES_PER_WRITE: usize = 60;
 
-/// Frames gathered for one HTTP chunk.
+/// Frames gathered for one HTTP chunk, then written with its size line before them and its
+/// line end after. The size line lives in the chunk itself: every delivery writes one, and a
+/// formatted `String` for it was an allocation per delivery.
 #[derive(Default)]
 struct Chunk {
+    /// `<size in hex>\r\n`: at most 16 digits and the line end.
+    size_line: [u8; 18],
+    /// The unwritten part of the size line.
+    size_from: usize,
+    size_to: usize,
+    /// The frames, unwritten.
     parts: VecDeque<Bytes>,
+    /// How much of the `\r\n` after the frames is unwritten (0 until framed).
+    tail: usize,
+    /// Unwritten bytes in all.
     len: usize,
 }
+
+const CRLF: &[u8; 2] = b"\r\n";
 
 impl Chunk {
     fn push(&mut self, frame: Bytes) {
@@ -160,13 +178,32 @@ impl Chunk {
         }
     }
 
-    /// The frames with the chunk's size line before and its line end after.
-    fn framed(mut self) -> Self {
-        let size = Bytes::from(format!("{:x}\r\n", self.len));
-        self.len += size.len() + 2;
-        self.parts.push_front(size);
-        self.parts.push_back(Bytes::from_static(b"\r\n"));
-        self
+    /// Puts the size line before the frames pushed since the last write, and the line end
+    /// after them.
+    fn frame(&mut self) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; 16];
+        let mut first = digits.len();
+        let mut size = self.len;
+        loop {
+            first -= 1;
+            digits[first] = HEX[size & 0xf];
+            size >>= 4;
+            if size == 0 {
+                break;
+            }
+        }
+        let n = digits.len() - first;
+        self.size_line[..n].copy_from_slice(&digits[first..]);
+        self.size_line[n..n + 2].copy_from_slice(CRLF);
+        self.size_from = 0;
+        self.size_to = n + 2;
+        self.tail = CRLF.len();
+        self.len += self.size_to + self.tail;
+    }
+
+    fn unwritten_tail(&self) -> &[u8] {
+        &CRLF[CRLF.len() - self.tail..]
     }
 }
 
@@ -177,13 +214,24 @@ impl Buf for Chunk {
     }
 
     fn chunk(&self) -> &[u8] {
-        self.parts.front().map_or(&[], |p| &p[..])
+        if self.size_from < self.size_to {
+            &self.size_line[self.size_from..self.size_to]
+        } else if let Some(front) = self.parts.front() {
+            front
+        } else {
+            self.unwritten_tail()
+        }
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let size_line = &self.size_line[self.size_from..self.size_to];
+        let slices = std::iter::once(size_line)
+            .chain(self.parts.iter().map(|p| &p[..]))
+            .chain(std::iter::once(self.unwritten_tail()))
+            .filter(|s| !s.is_empty());
         let mut n = 0;
-        for (slot, part) in dst.iter_mut().zip(&self.parts) {
-            *slot = io::IoSlice::new(part);
+        for (slot, slice) in dst.iter_mut().zip(slices) {
+            *slot = io::IoSlice::new(slice);
             n += 1;
         }
         n
@@ -191,9 +239,12 @@ impl Buf for Chunk {
 
     fn advance(&mut self, mut cnt: usize) {
         self.len -= cnt;
+        let from_size_line = cnt.min(self.size_to - self.size_from);
+        self.size_from += from_size_line;
+        cnt -= from_size_line;
         while cnt > 0 {
             let Some(front) = self.parts.front_mut() else {
-                return;
+                break;
             };
             if cnt < front.len() {
                 front.advance(cnt);
@@ -202,6 +253,7 @@ impl Buf for Chunk {
             cnt -= front.len();
             self.parts.pop_front();
         }
+        self.tail -= cnt.min(self.tail);
     }
 }
 
@@ -211,24 +263,47 @@ mod tests {
 
     use super::*;
 
+    /// Writes what the chunk holds as a socket taking `step` bytes at a time would, through
+    /// `chunks_vectored` or `chunk` alone.
+    fn write_out(chunk: &mut Chunk, step: usize, vectored: bool) -> Vec<u8> {
+        let mut written = Vec::new();
+        while chunk.has_remaining() {
+            let flat: Vec<u8> = if vectored {
+                let mut slices = [io::IoSlice::new(&[]); 64];
+                let n = chunk.chunks_vectored(&mut slices);
+                slices[..n].iter().flat_map(|s| s.iter().copied()).collect()
+            } else {
+                chunk.chunk().to_vec()
+            };
+            assert!(!flat.is_empty(), "bytes remain but none are offered");
+            let take = flat.len().min(step);
+            written.extend_from_slice(&flat[..take]);
+            chunk.advance(take);
+        }
+        written
+    }
+
     #[test]
     fn gathered_frames_make_one_chunk_however_the_socket_takes_them() {
-        let mut chunk = Chunk::default();
-        for frame in ["data: a\n\n", "", "data: bc\n\n"] {
-            chunk.push(Bytes::from(frame));
+        for step in [1, 3, 4, 7, 1000] {
+            for vectored in [true, false] {
+                // One chunk serves every write of a stream.
+                let mut chunk = Chunk::default();
+                for frame in ["data: a\n\n", "", "data: bc\n\n"] {
+                    chunk.push(Bytes::from(frame));
+                }
+                chunk.frame();
+                assert_eq!(
+                    write_out(&mut chunk, step, vectored),
+                    b"13\r\ndata: a\n\ndata: bc\n\n\r\n"
+                );
+                let big = "x".repeat(0x1f2e);
+                chunk.push(Bytes::from(big.clone()));
+                chunk.frame();
+                let expected = format!("1f2e\r\n{big}\r\n");
+                assert_eq!(write_out(&mut chunk, step, vectored), expected.as_bytes());
+            }
         }
-        let mut framed = chunk.framed();
-        let mut written = Vec::new();
-        // A socket taking 4 bytes at a time splits parts anywhere.
-        while framed.has_remaining() {
-            let mut slices = [io::IoSlice::new(&[]); 64];
-            let n = framed.chunks_vectored(&mut slices);
-            let flat: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
-            let take = flat.len().min(4);
-            written.extend_from_slice(&flat[..take]);
-            framed.advance(take);
-        }
-        assert_eq!(written, b"13\r\ndata: a\n\ndata: bc\n\n\r\n");
     }
 
     #[test]
