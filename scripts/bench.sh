@@ -87,18 +87,33 @@ settle() {
   echo "warning: still busy after 30 s; measuring anyway" >&2
 }
 bench() { settle; target/release/ssegate-bench "$@"; }
+# Before the scenarios with a topic per subscriber: waits until Redis has had `quiet_secs` (10)
+# quiet seconds in a row (under 200 commands/s), for at most 90 s. After its subscribers leave, nchan tidies
+# their channels in bursts some seconds apart (215k commands in the 40 s after its 15,000 idle
+# subscribers left; Redis at up to 56 % of a core), and `settle` can pass between two bursts.
+settle_redis() {
+  local quiet=0 before after
+  for _ in $(seq 90); do
+    before=$(redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | sed -n 's/^total_commands_processed://p')
+    sleep 1
+    after=$(redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | sed -n 's/^total_commands_processed://p')
+    if [ $((after - before)) -lt 200 ]; then quiet=$((quiet + 1)); else quiet=0; fi
+    [ $quiet -ge "$quiet_secs" ] && return 0
+  done
+  echo "warning: Redis still busy after 90 s; measuring anyway" >&2
+}
 S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
 B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
 N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
 NB="--url http://127.0.0.1:$NCHAN_B_PORT --target nchan"
 if [ $smoke -eq 1 ]; then
-  secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50 users=200 urate=100 hold=2
+  secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50 users=200 urate=100 hold=2 quiet_secs=2
   lsubs=50 lsubs_small=10 lrate=20
   mconns=50 mper=4 mtopics=50 mrate=100
 else
   # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
   # events, each to a tenth of the subscribers (500k/s offered).
-  secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000
+  secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000 quiet_secs=10
   # One topic per user: 10,000 users, 1,000 events/s spread over them.
   users=10000 urate=1000 hold=10
   # Latency below saturation, across nodes: 1,000 subscribers x 100 events/s (100k deliveries/s)
@@ -146,10 +161,14 @@ maxstep=${steps##*,}
 R="redis://127.0.0.1:$REDIS_PORT/0"
 idleu_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
 idleu_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
+settle_redis
 fanu_s=$(bench $S fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
+settle_redis
 fanu_n=$(bench $N fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
 echo "== several topics per connection" >&2
+settle_redis
 fanm_s=$(bench $S fanout --subscribers $mconns --topics $mtopics --per-connection $mper --rate $mrate --seconds $secs)
+settle_redis
 fanm_n=$(bench $N fanout --subscribers $mconns --topics $mtopics --per-connection $mper --rate $mrate --seconds $secs)
 echo "== reconnect storm" >&2
 storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
