@@ -88,20 +88,21 @@ settle() {
   echo "warning: still busy after 30 s; measuring anyway" >&2
 }
 bench() { settle; target/release/ssegate-bench "$@"; }
-# Before the scenarios with a topic per subscriber: waits until Redis has had `quiet_secs` (10)
-# quiet seconds in a row (under 200 commands/s), for at most 90 s. After its subscribers leave, nchan tidies
-# their channels in bursts some seconds apart (215k commands in the 40 s after its 15,000 idle
-# subscribers left; Redis at up to 56 % of a core), and `settle` can pass between two bursts.
+# Before the scenarios with a topic per subscriber: waits until Redis has had `quiet_secs` (30)
+# quiet seconds in a row (under 200 commands/s), for at most 120 s. After its subscribers leave,
+# nchan tidies their channels in bursts: 215k commands in the 40 s after its 15,000 idle
+# subscribers left (Redis at up to 56 % of a core), and after its per-user fan-out, quiet for
+# 17 s, then 60k commands between 18 and 25 s. `settle` passes between such bursts.
 settle_redis() {
   local quiet=0 before after
-  for _ in $(seq 90); do
+  for _ in $(seq 120); do
     before=$(redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | sed -n 's/^total_commands_processed://p')
     sleep 1
     after=$(redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | sed -n 's/^total_commands_processed://p')
     if [ $((after - before)) -lt 200 ]; then quiet=$((quiet + 1)); else quiet=0; fi
     [ $quiet -ge "$quiet_secs" ] && return 0
   done
-  echo "warning: Redis still busy after 90 s; measuring anyway" >&2
+  echo "warning: Redis still busy after 120 s; measuring anyway" >&2
 }
 S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
 B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
@@ -114,7 +115,7 @@ if [ $smoke -eq 1 ]; then
 else
   # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
   # events, each to a tenth of the subscribers (500k/s offered).
-  secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000 quiet_secs=10 wsecs=5
+  secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000 quiet_secs=30 wsecs=5
   # One topic per user: 10,000 users, 1,000 events/s spread over them.
   users=10000 urate=1000 hold=10
   # Latency below saturation, across nodes: 1,000 subscribers x 100 events/s (100k deliveries/s)
