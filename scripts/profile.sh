@@ -3,9 +3,9 @@
 #
 #   - perf (software clock, call graphs) of one ssegate node while it takes single publishes and
 #     while it fans out, turned into flamegraphs (inferno) and a kernel / user-space split;
-#   - callgrind instruction counts per publish, for ssegate and for nchan's nginx worker: counts
-#     stay the same on a busy, noisy machine, so they compare builds and peers where timings
-#     cannot.
+#   - callgrind instruction counts per publish, for ssegate and for nchan's nginx worker, and per
+#     delivery on a node fanning out events published on another: counts stay the same on a
+#     busy, noisy machine, so they compare builds and peers where timings cannot.
 #
 #   scripts/profile.sh        writes target/profile/{publish,fanout}.svg and prints the figures
 #
@@ -123,4 +123,29 @@ valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.nchan.%p" \
   >"$DIR/callgrind-nchan.log" 2>&1 &
 pids+=("$!")
 count nchan "$NCHAN_PORT" "$!" nchan
+
+# --- callgrind: instructions per delivery on the subscribers' node ----------------------------
+# Node A takes the publishes; node B, under callgrind, fans them out to 100 subscribers (20
+# events/s, so that callgrind keeps up). Counts what a delivery costs node B in user space.
+B_PORT=$((BASE + 3)) A_PORT=$((BASE + 4))
+RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$A_PORT" \
+  --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/node-a.log" 2>&1 &
+pids+=("$!")
+valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.deliveries.%p" \
+  target/release/ssegate --listen "127.0.0.1:$B_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
+  >"$DIR/callgrind-deliveries.log" 2>&1 &
+b_pid=$!
+pids+=("$b_pid")
+wait_http "$A_PORT"
+wait_http "$B_PORT"
+across() { bench --url "http://127.0.0.1:$B_PORT" --target ssegate fanout --subscribers 100 --topics 1 \
+  --rate 20 --seconds "$1" --publish-url "http://127.0.0.1:$A_PORT"; }
+across 3 >/dev/null
+callgrind_control -z "$b_pid" >/dev/null 2>&1
+delivered=$(field "$(across 10)" '["delivered"]')
+callgrind_control -d "$b_pid" >/dev/null 2>&1
+file=$(ls -t "$DIR"/callgrind.deliveries.* | grep -v '\.0$' | head -n 1 || true)
+[ -n "$file" ] || file=$(ls -t "$DIR"/callgrind.deliveries.* | head -n 1)
+instructions=$(sed -n 's/^summary: *//p; s/^totals: *//p' "$file" | head -n 1 | awk '{print $1}')
+echo "  deliveries (node B, events published on node A): $delivered, $((instructions / delivered)) instructions each (user space)"
 echo "flamegraphs: $OUT/publish.svg $OUT/fanout.svg"
