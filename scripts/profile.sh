@@ -94,6 +94,12 @@ kill "$node"
 wait "$node" 2>/dev/null || true
 
 # --- callgrind: instructions per publish, ssegate and nchan ----------------------------------
+dumped_instructions() { # name: instructions in the newest callgrind dump (not the start-up part)
+  local file
+  file=$(ls -t "$DIR"/callgrind."$1".* | grep -v '\.0$' | head -n 1 || true)
+  [ -n "$file" ] || file=$(ls -t "$DIR"/callgrind."$1".* | head -n 1)
+  sed -n 's/^summary: *//p; s/^totals: *//p' "$file" | head -n 1 | awk '{print $1}'
+}
 count() { # name, port, pid of the process under callgrind, bench target
   local name=$1 port=$2 pid=$3 target=$4
   wait_http "$port"
@@ -103,12 +109,7 @@ count() { # name, port, pid of the process under callgrind, bench target
   events=$(bench --url "http://127.0.0.1:$port" --target "$target" publish --concurrency 4 --seconds 10)
   callgrind_control -d "$pid" >/dev/null 2>&1
   events=$(field "$events" '["events"]')
-  local file
-  file=$(ls -t "$DIR"/callgrind."$name".* | grep -v '\.0$' | head -n 1 || true)
-  [ -n "$file" ] || file=$(ls -t "$DIR"/callgrind."$name".* | head -n 1)
-  local instructions
-  instructions=$(sed -n 's/^summary: *//p; s/^totals: *//p' "$file" | head -n 1 | awk '{print $1}')
-  echo "  $name: $events publishes, $((instructions / events)) instructions each (user space)"
+  echo "  $name: $events publishes, $(($(dumped_instructions "$name") / events)) instructions each (user space)"
 }
 valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.ssegate.%p" \
   target/release/ssegate --listen "127.0.0.1:$PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
@@ -144,8 +145,5 @@ across 3 >/dev/null
 callgrind_control -z "$b_pid" >/dev/null 2>&1
 delivered=$(field "$(across 10)" '["delivered"]')
 callgrind_control -d "$b_pid" >/dev/null 2>&1
-file=$(ls -t "$DIR"/callgrind.deliveries.* | grep -v '\.0$' | head -n 1 || true)
-[ -n "$file" ] || file=$(ls -t "$DIR"/callgrind.deliveries.* | head -n 1)
-instructions=$(sed -n 's/^summary: *//p; s/^totals: *//p' "$file" | head -n 1 | awk '{print $1}')
-echo "  deliveries (node B, events published on node A): $delivered, $((instructions / delivered)) instructions each (user space)"
+echo "  deliveries (node B, events published on node A): $delivered, $(($(dumped_instructions deliveries) / delivered)) instructions each (user space)"
 echo "flamegraphs: $OUT/publish.svg $OUT/fanout.svg"

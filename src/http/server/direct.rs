@@ -179,7 +179,8 @@ impl Chunk {
     }
 
     /// Puts the size line before the frames pushed since the last write, and the line end
-    /// after them.
+    /// after them. The hex digits are written by hand: `write!` into the array would run the
+    /// formatting machinery once per delivery.
     fn frame(&mut self) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut digits = [0u8; 16];

@@ -63,7 +63,8 @@ pub(super) struct AppendRequest {
 }
 
 impl AppendRequest {
-    /// What the request adds to a call's arguments.
+    /// About what the request adds to a call's arguments (for the call's size bound): payloads,
+    /// types and idempotency keys, each key with its topic and ~32 bytes of prefix around it.
     fn bytes(&self) -> usize {
         self.events
             .iter()

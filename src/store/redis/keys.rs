@@ -42,11 +42,7 @@ impl Keys {
     }
 
     pub(super) fn keyspace_channel(&self, topic: &str) -> String {
-        let mut name = String::with_capacity(self.keyspace_head.len() + topic.len() + 1);
-        name.push_str(&self.keyspace_head);
-        name.push_str(topic);
-        name.push('}');
-        name
+        format!("{}{}}}", self.keyspace_head, topic)
     }
 
     /// An expired stream's last id, kept as long again, for the gap rule.
