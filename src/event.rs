@@ -50,23 +50,38 @@ impl serde::Serialize for StreamId {
 #[error("a stream id is `0` or `<ms>-<seq>` with both parts decimal integers")]
 pub struct BadStreamId;
 
+impl StreamId {
+    /// Reads `0` or `<ms>-<seq>` from ASCII bytes; nothing else (no signs, spaces or missing
+    /// parts). One pass: every publish reads its ids back from Redis, and every announcement
+    /// carries some.
+    pub fn parse_ascii(text: &[u8]) -> Result<StreamId, BadStreamId> {
+        fn decimal(digits: &[u8]) -> Option<u64> {
+            if digits.is_empty() {
+                return None;
+            }
+            digits.iter().try_fold(0u64, |n, &b| {
+                let digit = b.wrapping_sub(b'0');
+                (digit < 10).then_some(())?;
+                n.checked_mul(10)?.checked_add(u64::from(digit))
+            })
+        }
+        if text == b"0" {
+            return Ok(StreamId::ZERO);
+        }
+        let dash = text.iter().position(|&b| b == b'-').ok_or(BadStreamId)?;
+        match (decimal(&text[..dash]), decimal(&text[dash + 1..])) {
+            (Some(ms), Some(seq)) => Ok(StreamId { ms, seq }),
+            _ => Err(BadStreamId),
+        }
+    }
+}
+
 impl FromStr for StreamId {
     type Err = BadStreamId;
 
-    /// Accepts `0` and `<ms>-<seq>`; nothing else (no signs, spaces or missing parts).
+    /// See [`StreamId::parse_ascii`].
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "0" {
-            return Ok(StreamId::ZERO);
-        }
-        let (ms, seq) = s.split_once('-').ok_or(BadStreamId)?;
-        let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-        if !digits(ms) || !digits(seq) {
-            return Err(BadStreamId);
-        }
-        Ok(StreamId {
-            ms: ms.parse().map_err(|_| BadStreamId)?,
-            seq: seq.parse().map_err(|_| BadStreamId)?,
-        })
+        StreamId::parse_ascii(s.as_bytes())
     }
 }
 
@@ -158,6 +173,11 @@ mod tests {
     fn stream_ids_parse_strictly_and_order_like_redis() {
         assert_eq!("0".parse::<StreamId>().unwrap(), StreamId::ZERO);
         assert_eq!("5-3".parse::<StreamId>().unwrap(), StreamId::new(5, 3));
+        let max = "18446744073709551615-18446744073709551615";
+        assert_eq!(
+            max.parse::<StreamId>().unwrap(),
+            StreamId::new(u64::MAX, u64::MAX)
+        );
         for bad in [
             "",
             "-",
@@ -170,6 +190,8 @@ mod tests {
             "1 -2",
             "1-2-3",
             "99999999999999999999-0",
+            "18446744073709551616-0",
+            "0-18446744073709551616",
         ] {
             assert!(bad.parse::<StreamId>().is_err(), "{bad:?} parsed");
         }

@@ -372,6 +372,114 @@ async fn shared_calls_announce_every_event_once_in_order() {
     }
 }
 
+/// A request of several events is announced once, after its last event, carrying the events:
+/// types and payloads arrive as published (newlines and all), each with its predecessor. A
+/// request holding an event too large to announce is announced by ids, and one with repeated
+/// idempotency keys names only the events it appended.
+#[tokio::test]
+async fn a_request_of_several_events_is_announced_once_with_its_events() {
+    let redis = RedisServer::start().await;
+    let (store, _metrics, _shutdown) = store_on(redis.url(), Duration::from_secs(3)).await;
+    let mut signals = store.take_signals().expect("signals");
+    let t = topic("many.a");
+    tokio::time::timeout(Duration::from_secs(10), store.watch(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    let typed = |ty: Option<&str>, data: &str| NewEvent {
+        event: ty.map(str::to_owned),
+        data: data.to_owned(),
+        idempotency_key: None,
+    };
+    let first = store.append(&t, vec![typed(None, "one")]).await.unwrap()[0];
+    let sent = vec![
+        typed(Some("upd"), "a\nb\n"),
+        typed(None, ""),
+        typed(Some("x"), "*\n1-0\n9\nnot an announcement"),
+    ];
+    redis.reset_stats().await;
+    let ids = store.append(&t, sent.clone()).await.unwrap();
+    assert_eq!(
+        redis.calls("publish").await,
+        1,
+        "one announcement for the request"
+    );
+    let mut got = Vec::new();
+    while got.len() < 1 + sent.len() {
+        match next_signal(&mut signals).await {
+            ssegate::store::Signal::Appended { prev, event, .. } => got.push((prev, event)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut prev = StreamId::ZERO;
+    for ((p, event), (id, new)) in got.iter().zip(
+        [first]
+            .iter()
+            .chain(&ids)
+            .zip(std::iter::once(&typed(None, "one")).chain(&sent)),
+    ) {
+        assert_eq!(
+            (*p, event.id),
+            (prev, *id),
+            "each event with its predecessor"
+        );
+        assert_eq!((&event.event, &event.data), (&new.event, &new.data));
+        prev = *id;
+    }
+
+    // Too large to announce with its payload: every event of the request by id.
+    let large = "y".repeat(17 * 1024);
+    let ids = store
+        .append(&t, vec![typed(None, "small"), typed(None, &large)])
+        .await
+        .unwrap();
+    for id in &ids {
+        match next_signal(&mut signals).await {
+            ssegate::store::Signal::AppendedId { id: got, .. } => assert_eq!(got, *id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // A repeated key appends nothing and is not announced; the rest are, by id.
+    let before = store
+        .append(&t, vec![keyed("k", Some("k2"))])
+        .await
+        .unwrap()[0];
+    match next_signal(&mut signals).await {
+        ssegate::store::Signal::Appended { event, .. } => assert_eq!(event.id, before),
+        other => panic!("unexpected {other:?}"),
+    }
+    let ids = store
+        .append(
+            &t,
+            vec![
+                keyed("1", Some("k1")),
+                keyed("2", Some("k2")),
+                keyed("3", Some("k3")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids[1], before, "the repeated key keeps its first id");
+    for id in [ids[0], ids[2]] {
+        match next_signal(&mut signals).await {
+            ssegate::store::Signal::AppendedId { id: got, .. } => assert_eq!(got, id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let last = store.append(&t, vec![typed(None, "last")]).await.unwrap()[0];
+    match next_signal(&mut signals).await {
+        ssegate::store::Signal::Appended { prev, event, .. } => {
+            assert_eq!(
+                (prev, event.id),
+                (ids[2], last),
+                "nothing else was announced"
+            )
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 async fn next_signal(
     signals: &mut tokio::sync::mpsc::UnboundedReceiver<ssegate::store::Signal>,
 ) -> ssegate::store::Signal {

@@ -15,20 +15,33 @@
 --             channel, whose name shares the topic's hash slot)
 -- ARGV[9]     T, the number of topics
 -- ARGV[9+t]   topic t's live channel
--- then, per request in arrival order: its topic's index t, its event count n, and per event:
---             type ('' = message), data, '1' if it has an idempotency key else '0'
+-- then, per request in arrival order: its topic's index t; its event count n; its flags: '' when
+--             no event has a type or an idempotency key, else per event '1' if it has a key, '0'
+--             if not; when n > 1 its events as announced (see below; '' when one is too large to
+--             announce); and per event its data, after its type ('' = message) when the flags
+--             are not ''
 --
 -- Requests are applied in order, each on its own: one request's events are consecutive in its
 -- stream, and a request that fails (say, its key holds something other than a stream) fails
--- alone. Returns per request {'ok', id, ...} (one id per event; a repeated idempotency key
--- returns the first id and appends nothing) or {'err', message}.
+-- alone. Returns per request {'ok', "<id>\n<id>…"} (one id per event, in one string: a reply
+-- element per event cost the gateway more to read than the rest of the event; a repeated
+-- idempotency key returns the first id and appends nothing) or {'err', message}.
 --
--- Each announcement is "<prev id>\n<id>\n<type>\n<data>": prev is the stream's newest entry before
--- this one, so a node can tell whether it saw every entry in between (direct XADDs included).
--- A large event, or any event once the call has announced its share of bytes, is announced as
--- "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed to the topic
--- receives every announcement, and Redis drops a subscriber whose pending output passes its
--- pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to them all.
+-- A request of one event is announced as "<prev id>\n<id>\n<type>\n<data>": prev is the stream's
+-- newest entry before this one, so a node can tell whether it saw every entry in between (direct
+-- XADDs included). A large event, or any event once the call has announced its share of bytes, is
+-- announced as "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed
+-- to the topic receives every announcement, and Redis drops a subscriber whose pending output
+-- passes its pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to
+-- them all.
+--
+-- A request of several events is announced once, after its last event, as
+-- "*\n<prev id>\n<count>\n<id>\n…<id>\n<events>": the ids appended, then the events as the
+-- gateway wrote them ("<type>\n<bytes>\n<data>" each), or nothing when they are announced by id
+-- only (too large, over the call's share, or some of the request was not appended). Built here
+-- event by event, the announcement cost Redis what a PUBLISH per event does: every string and
+-- table slot made in Lua is an allocation its garbage collector then walks. The leading "*" is
+-- not an id, so a node that knows only the one-event form reads the stream instead.
 --
 -- The newest entry is looked up, and the stream trimmed and its TTL renewed, once per topic per
 -- call, not per event: those are most of a lone event's cost.
@@ -74,22 +87,35 @@ local function older(a, b)
   return ams and (tonumber(ams) < tonumber(bms) or (ams == bms and tonumber(aseq) < tonumber(bseq)))
 end
 
--- Applies one request; returns its ids. `at` is its first argument, `keyed` the number of
--- idempotency keys used before it.
-local function apply(t, n, at, keyed)
+-- Applies one request, adding its ids to `ids`. `at` is its first event's argument, `keyed` the
+-- number of idempotency keys used before it. A request of several events is announced by the
+-- caller (even when it fails after appending some): `many` gets the newest id before it and the
+-- positions in `ids` of events already there (repeated idempotency keys), which were not appended.
+local function apply(t, n, flags, at, keyed, ids, many)
   local s = topic_state(t)
   local stream, channel = KEYS[2 * t - 1], ARGV[9 + t]
-  local ids = {'ok'}
+  if many then
+    many.prev = s.prev
+  end
+  local plain = flags == ''
   for i = 0, n - 1 do
-    local etype, data, has_key = ARGV[at + 3 * i], ARGV[at + 3 * i + 1], ARGV[at + 3 * i + 2] == '1'
+    local etype, data
+    if plain then
+      etype, data = '', ARGV[at + i]
+    else
+      etype, data = ARGV[at + 2 * i], ARGV[at + 2 * i + 1]
+    end
     local key, existing = nil, false
-    if has_key then
+    if not plain and string.byte(flags, i + 1) == 49 then
       keyed = keyed + 1
       key = KEYS[2 * topics + keyed]
       existing = redis.call('GET', key)
     end
     if existing then
       ids[#ids + 1] = existing
+      if many then
+        many.repeated[#ids] = true
+      end
     else
       local id
       if etype ~= '' then
@@ -107,7 +133,9 @@ local function apply(t, n, at, keyed)
       if key then
         redis.call('SET', key, id, 'PX', window)
       end
-      if #data <= inline_max and #data <= budget then
+      if many then
+        -- announced by the caller
+      elseif #data <= inline_max and #data <= budget then
         budget = budget - #data
         redis.call(publish, channel, s.prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
       else
@@ -118,30 +146,64 @@ local function apply(t, n, at, keyed)
       ids[#ids + 1] = id
     end
   end
-  return ids
+end
+
+-- Announces what a request of n events appended (see the header): `joined` is its ids as
+-- replied, `events` the events as the gateway wrote them.
+local function announce_many(t, n, ids, joined, many, events)
+  if not many.prev then
+    return
+  end
+  local count = #ids - 1
+  if next(many.repeated) then
+    local appended = {}
+    for i = 2, #ids do
+      if not many.repeated[i] then
+        appended[#appended + 1] = ids[i]
+      end
+    end
+    count, joined = #appended, table.concat(appended, '\n')
+  end
+  if count == 0 then
+    return
+  end
+  if count < n or #events == 0 or #events > budget then
+    events = ''
+  else
+    budget = budget - #events
+  end
+  redis.call(publish, ARGV[9 + t], '*\n' .. many.prev .. '\n' .. count .. '\n' .. joined .. '\n' .. events)
 end
 
 local replies = {}
 local at = 10 + topics
 local keyed = 0
 while at <= #ARGV do
-  local t, n = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
-  local first = at + 2
-  local keys_used = 0
-  for i = 0, n - 1 do
-    if ARGV[first + 3 * i + 2] == '1' then
-      keys_used = keys_used + 1
-    end
+  local t, n, flags = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), ARGV[at + 2]
+  local first = at + 3
+  local events, many = nil, nil
+  if n > 1 then
+    events, many = ARGV[first], {repeated = {}}
+    first = first + 1
   end
-  local ok, result = pcall(apply, t, n, first, keyed)
+  local keys_used, stride = 0, 1
+  if flags ~= '' then
+    keys_used, stride = #string.gsub(flags, '0', ''), 2
+  end
+  local ids = {'ok'}
+  local ok, result = pcall(apply, t, n, flags, first, keyed, ids, many)
+  local joined = #ids == 2 and ids[2] or table.concat(ids, '\n', 2)
+  if many then
+    announce_many(t, n, ids, joined, many, events)
+  end
   if ok then
-    replies[#replies + 1] = result
+    replies[#replies + 1] = {'ok', joined}
   else
     local message = type(result) == 'table' and result.err or tostring(result)
     replies[#replies + 1] = {'err', message}
   end
   keyed = keyed + keys_used
-  at = first + 3 * n
+  at = first + stride * n
 end
 
 for t, s in pairs(state) do

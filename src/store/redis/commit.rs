@@ -17,6 +17,7 @@
 //! ids they were given.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::cluster_routing::Slot;
@@ -25,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::connection::Commands;
 use super::keys::{Keys, IDEMPOTENCY, LIVE, TOMBSTONE};
-use super::reply::{as_array, as_bytes, bad_reply, parse_id};
+use super::reply::{as_array, as_bytes, bad_reply};
 use super::scripts::Call;
 use super::Runner;
 use crate::event::{NewEvent, StreamId, Topic};
@@ -277,8 +278,9 @@ fn build<'a>(
     let mut call = Call::with_capacity(
         &parts.script,
         2 * topics.len() + keyed,
-        names + 10 + 2 * batch.len() + 3 * events,
-        bytes + names * (parts.keys.prefix.len() + 16) + 16 * batch.len(),
+        names + 10 + 4 * batch.len() + 2 * events,
+        // Requests of several events send their payloads twice: as events, and as announced.
+        2 * bytes + names * (parts.keys.prefix.len() + 16) + 16 * batch.len(),
     );
     // One buffer for every name in the call.
     let mut name = String::new();
@@ -315,16 +317,36 @@ fn build<'a>(
         parts.keys.write_name(&mut name, topic, LIVE);
         call.arg(name.as_str());
     }
+    // One buffer for each request's idempotency flags and for its events as announced.
+    let mut buffer = String::new();
     for (request, index) in batch.iter().zip(indices) {
         call.arg(index).arg(request.events.len());
-        for event in &request.events {
-            call.arg(event.event.as_deref().unwrap_or(""))
-                .arg(event.data.as_str())
-                .arg(if event.idempotency_key.is_some() {
-                    "1"
+        // Events without a type or a key (most) are sent as their data alone: every argument is
+        // a string Redis makes twice, once as it reads the command and once for the script.
+        let plain = request
+            .events
+            .iter()
+            .all(|e| e.event.is_none() && e.idempotency_key.is_none());
+        buffer.clear();
+        if !plain {
+            buffer.extend(request.events.iter().map(|e| {
+                if e.idempotency_key.is_some() {
+                    '1'
                 } else {
-                    "0"
-                });
+                    '0'
+                }
+            }));
+        }
+        call.arg(buffer.as_str());
+        if request.events.len() > 1 {
+            write_announced_events(&mut buffer, &request.events, settings.announce_inline_max);
+            call.arg(buffer.as_str());
+        }
+        for event in &request.events {
+            if !plain {
+                call.arg(event.event.as_deref().unwrap_or(""));
+            }
+            call.arg(event.data.as_str());
         }
     }
     let mut shapes = Vec::with_capacity(batch.len());
@@ -336,7 +358,26 @@ fn build<'a>(
     (call, shapes, replies)
 }
 
-/// Splits the script's reply into one outcome per request: `{'ok', id…}` or `{'err', message}`.
+/// Writes a request's events as `append.lua` announces a request of several:
+/// `<type>\n<bytes>\n<data>` each, or nothing when one is larger than `inline_max` (the request is
+/// then announced by id). Written here, where the events already are: built in Lua, event by
+/// event, it cost Redis what a `PUBLISH` per event did.
+fn write_announced_events(out: &mut String, events: &[NewEvent], inline_max: usize) {
+    out.clear();
+    if events.iter().any(|e| e.data.len() > inline_max) {
+        return;
+    }
+    for event in events {
+        out.push_str(event.event.as_deref().unwrap_or(""));
+        out.push('\n');
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{}", event.data.len());
+        out.push_str(&event.data);
+    }
+}
+
+/// Splits the script's reply into one outcome per request: `{'ok', "<id>\\n<id>…"}` or
+/// `{'err', message}`.
 fn split_reply(
     reply: &Value,
     shapes: &[usize],
@@ -355,7 +396,11 @@ fn split_reply(
                 .ok_or_else(|| bad_reply("an empty append answer"))?;
             match as_bytes(status)? {
                 b"ok" => {
-                    let ids = rest.iter().map(parse_id).collect::<Result<Vec<_>, _>>()?;
+                    let joined = rest.first().ok_or_else(|| bad_reply("no ids"))?;
+                    let ids = as_bytes(joined)?
+                        .split(|&b| b == b'\n')
+                        .map(|id| StreamId::parse_ascii(id).map_err(|_| bad_reply("stream id")))
+                        .collect::<Result<Vec<_>, _>>()?;
                     if ids.len() != count {
                         return Err(bad_reply("append returned a wrong number of ids"));
                     }
@@ -388,7 +433,7 @@ mod tests {
     #[test]
     fn each_request_gets_its_own_outcome() {
         let reply = Value::Array(vec![
-            Value::Array(vec![bulk("ok"), bulk("1-0"), bulk("1-1")]),
+            Value::Array(vec![bulk("ok"), bulk("1-0\n1-1")]),
             Value::Array(vec![bulk("err"), bulk("WRONGTYPE no stream")]),
             Value::Array(vec![bulk("ok"), bulk("2-0")]),
         ]);
@@ -415,5 +460,11 @@ mod tests {
         assert!(split_reply(&short, &[1, 1]).is_err(), "too few requests");
         let odd = Value::Array(vec![Value::Array(vec![bulk("maybe")])]);
         assert!(split_reply(&odd, &[1]).is_err());
+        for ids in ["1-0\n", "1-0\n\n1-1", "1-0 1-1", ""] {
+            let bad = Value::Array(vec![Value::Array(vec![bulk("ok"), bulk(ids)])]);
+            assert!(split_reply(&bad, &[2]).is_err(), "{ids:?}");
+        }
+        let none = Value::Array(vec![Value::Array(vec![bulk("ok")])]);
+        assert!(split_reply(&none, &[1]).is_err(), "no ids");
     }
 }

@@ -68,9 +68,7 @@ pub(super) fn parse_id(v: &Value) -> Result<StreamId, StoreError> {
     let parsed = match v {
         Value::Int(_) => as_text(Some(v))?.parse().ok(),
         // Read in place: every publish parses its ids here.
-        other => std::str::from_utf8(as_bytes(other)?)
-            .ok()
-            .and_then(|text| text.parse().ok()),
+        other => StreamId::parse_ascii(as_bytes(other)?).ok(),
     };
     parsed.ok_or_else(|| bad_reply("stream id"))
 }

@@ -266,6 +266,9 @@ pub(super) async fn translate_pushes(
                 let channel = String::from_utf8_lossy(channel);
                 match keys.parse_channel(&channel) {
                     Some(Channel::Keyspace(topic)) => match payload {
+                        // A request of several events brings one per event, then its one
+                        // announcement.
+                        b"xadd" if unmatched_xadd.as_deref() == Some(topic) => {}
                         b"xadd" => {
                             if let Some(previous) = unmatched_xadd.replace(topic.to_owned()) {
                                 let _ = signals.send(Signal::Poke { topic: previous });
@@ -286,24 +289,25 @@ pub(super) async fn translate_pushes(
                         } else if let Some(previous) = unmatched_xadd.take() {
                             let _ = signals.send(Signal::Poke { topic: previous });
                         }
-                        let signal = match parse_announcement(payload) {
-                            Some(Announcement::Event(prev, event)) => Signal::Appended {
-                                topic: topic.to_owned(),
-                                prev,
-                                event,
-                            },
-                            Some(Announcement::Id(id)) => Signal::AppendedId {
-                                topic: topic.to_owned(),
-                                id,
-                            },
-                            None => {
-                                debug!(topic, "unreadable announcement; reading the stream");
-                                Signal::Poke {
+                        let readable = read_announcement(payload, |entry| {
+                            let _ = signals.send(match entry {
+                                Announced::Event(prev, event) => Signal::Appended {
                                     topic: topic.to_owned(),
-                                }
-                            }
-                        };
-                        let _ = signals.send(signal);
+                                    prev,
+                                    event,
+                                },
+                                Announced::Id(id) => Signal::AppendedId {
+                                    topic: topic.to_owned(),
+                                    id,
+                                },
+                            });
+                        });
+                        if !readable {
+                            debug!(topic, "unreadable announcement; reading the stream");
+                            let _ = signals.send(Signal::Poke {
+                                topic: topic.to_owned(),
+                            });
+                        }
                     }
                     None => {}
                 }
@@ -319,50 +323,160 @@ pub(super) const ANNOUNCE_INLINE_MAX: usize = 16 * 1024;
 /// thousand 60 KB events then announces ~300 KB instead of 60 MB to every node.
 pub(super) const ANNOUNCE_CALL_BUDGET: usize = 256 * 1024;
 
-/// What an announcement says.
-enum Announcement {
-    /// `<prev>\n<id>\n<type>\n<data>`: the event, and the entry before it.
+/// One entry of an announcement.
+enum Announced {
+    /// The event, and the entry before it.
     Event(StreamId, Event),
-    /// `<prev>\n<id>`: an entry to read from the stream.
+    /// An entry to read from the stream (announced without its payload).
     Id(StreamId),
 }
 
-fn parse_announcement(payload: &[u8]) -> Option<Announcement> {
-    let text = String::from_utf8_lossy(payload);
-    let mut parts = text.splitn(4, '\n');
-    let prev = parts.next()?.parse().ok()?;
-    let id = parts.next()?.parse().ok()?;
-    let Some(ty) = parts.next() else {
-        return Some(Announcement::Id(id));
+/// Reads an announcement (formats in `append.lua`) and gives its entries to `each`, in order:
+/// `<prev>\n<id>\n<type>\n<data>` or `<prev>\n<id>` for a request of one event;
+/// `*\n<prev>\n<count>\n<id>\n…<id>\n` then `<type>\n<bytes>\n<data>` per event, or nothing
+/// (every entry to be read from the stream), for a request of several. False if some of it cannot
+/// be read; the entries before that part were given.
+fn read_announcement(payload: &[u8], mut each: impl FnMut(Announced)) -> bool {
+    /// The text up to the next LF, and what follows it.
+    fn line(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+        let end = rest.iter().position(|&b| b == b'\n')?;
+        Some((&rest[..end], &rest[end + 1..]))
+    }
+    fn number<T: std::str::FromStr>(text: &[u8]) -> Option<T> {
+        std::str::from_utf8(text).ok()?.parse().ok()
+    }
+    fn id(text: &[u8]) -> Option<StreamId> {
+        StreamId::parse_ascii(text).ok()
+    }
+    fn event(id: StreamId, ty: &[u8], data: &[u8]) -> Event {
+        let event = (!ty.is_empty()).then(|| String::from_utf8_lossy(ty).into_owned());
+        let data = String::from_utf8_lossy(data).into_owned();
+        Event { id, event, data }
+    }
+    let read = |each: &mut dyn FnMut(Announced)| -> Option<()> {
+        let (first, rest) = line(payload)?;
+        if first != b"*" {
+            let prev = id(first)?;
+            let Some((entry, rest)) = line(rest) else {
+                each(Announced::Id(id(rest)?));
+                return Some(());
+            };
+            let entry = id(entry)?;
+            let (ty, data) = line(rest)?;
+            each(Announced::Event(prev, event(entry, ty, data)));
+            return Some(());
+        }
+        let (prev, rest) = line(rest)?;
+        let (count, mut ids) = line(rest)?;
+        let (mut prev, count): (StreamId, usize) = (id(prev)?, number(count)?);
+        // The events follow the ids: find where they start before giving any entry.
+        let mut events = ids;
+        for _ in 0..count {
+            events = line(events)?.1;
+        }
+        for _ in 0..count {
+            let (entry, rest) = line(ids)?;
+            ids = rest;
+            let entry = id(entry)?;
+            if events.is_empty() {
+                each(Announced::Id(entry));
+            } else {
+                let (ty, rest) = line(events)?;
+                let (len, rest) = line(rest)?;
+                let data = rest.get(..number(len)?)?;
+                events = &rest[data.len()..];
+                each(Announced::Event(prev, event(entry, ty, data)));
+            }
+            prev = entry;
+        }
+        events.is_empty().then_some(())
     };
-    let data = parts.next()?.to_owned();
-    let event = (!ty.is_empty()).then(|| ty.to_owned());
-    Some(Announcement::Event(prev, Event { id, event, data }))
+    read(&mut each).is_some()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The entries an announcement gives, and whether all of it was readable.
+    fn read(payload: &[u8]) -> (Vec<Announced>, bool) {
+        let mut entries = Vec::new();
+        let readable = read_announcement(payload, |e| entries.push(e));
+        (entries, readable)
+    }
+
     #[test]
     fn announcements_keep_newlines_in_data() {
-        let Some(Announcement::Event(prev, e)) = parse_announcement(b"1-0\n2-0\nupd\nline1\nline2")
-        else {
-            panic!("an event");
+        let (entries, true) = read(b"1-0\n2-0\nupd\nline1\nline2") else {
+            panic!("readable");
         };
-        assert_eq!(prev, StreamId::new(1, 0));
+        let [Announced::Event(prev, e)] = &entries[..] else {
+            panic!("one event");
+        };
+        assert_eq!(*prev, StreamId::new(1, 0));
         assert_eq!(e.id, StreamId::new(2, 0));
         assert_eq!(e.event.as_deref(), Some("upd"));
         assert_eq!(e.data, "line1\nline2");
-        let Some(Announcement::Event(_, e)) = parse_announcement(b"0-0\n2-0\n\n") else {
-            panic!("an event");
+        let (entries, true) = read(b"0-0\n2-0\n\n") else {
+            panic!("readable");
+        };
+        let [Announced::Event(_, e)] = &entries[..] else {
+            panic!("one event");
         };
         assert_eq!(e.event, None);
         assert_eq!(e.data, "");
-        assert!(matches!(
-            parse_announcement(b"1-0\n2-0"),
-            Some(Announcement::Id(id)) if id == StreamId::new(2, 0)
-        ));
-        assert!(parse_announcement(b"garbage").is_none());
+        let (entries, true) = read(b"1-0\n2-0") else {
+            panic!("readable");
+        };
+        assert!(matches!(&entries[..], [Announced::Id(id)] if *id == StreamId::new(2, 0)));
+        assert!(!read(b"garbage").1);
+        assert!(!read(b"1-0\n2-0\nupd").1);
+    }
+
+    #[test]
+    fn a_request_of_several_events_is_read_in_order_with_each_predecessor() {
+        let payload = b"*\n1-0\n3\n2-0\n3-0\n4-0\n\n5\na\nb\ncupd\n0\nx\n1\n\n";
+        let (entries, true) = read(payload) else {
+            panic!("readable");
+        };
+        let [Announced::Event(p1, e1), Announced::Event(p2, e2), Announced::Event(p3, e3)] =
+            &entries[..]
+        else {
+            panic!("three events");
+        };
+        assert_eq!((*p1, e1.id), (StreamId::new(1, 0), StreamId::new(2, 0)));
+        assert_eq!((e1.event.as_deref(), e1.data.as_str()), (None, "a\nb\nc"));
+        assert_eq!((*p2, e2.id), (StreamId::new(2, 0), StreamId::new(3, 0)));
+        assert_eq!((e2.event.as_deref(), e2.data.as_str()), (Some("upd"), ""));
+        assert_eq!((*p3, e3.id), (StreamId::new(3, 0), StreamId::new(4, 0)));
+        assert_eq!((e3.event.as_deref(), e3.data.as_str()), (Some("x"), "\n"));
+        // Announced by id only: every entry is read from the stream.
+        let (entries, true) = read(b"*\n1-0\n2\n2-0\n5-0\n") else {
+            panic!("readable");
+        };
+        let [Announced::Id(a), Announced::Id(b)] = &entries[..] else {
+            panic!("two ids");
+        };
+        assert_eq!((*a, *b), (StreamId::new(2, 0), StreamId::new(5, 0)));
+    }
+
+    #[test]
+    fn a_cut_short_request_gives_what_it_can_and_says_the_rest_is_unreadable() {
+        // The second event claims more bytes than follow.
+        let (entries, readable) = read(b"*\n1-0\n2\n2-0\n3-0\n\n1\na\n9\nab");
+        assert!(!readable);
+        assert!(matches!(&entries[..], [Announced::Event(_, e)] if e.data == "a"));
+        for bad in [
+            &b"*\n"[..],
+            b"*\nx\n1\n2-0\n",
+            b"*\n1-0\n2\n2-0\n",
+            b"*\n1-0\n1\nnope\n",
+            b"*\n1-0\n1\n2-0\n\nz\nq",
+            b"*\n1-0\n1\n2-0\n\n1\nab",
+        ] {
+            assert!(!read(bad).1, "{:?}", String::from_utf8_lossy(bad));
+        }
+        // A node that knows only the one-event form: the leading `*` is not an id.
+        assert!("*".parse::<StreamId>().is_err());
     }
 }
