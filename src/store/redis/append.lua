@@ -1,9 +1,10 @@
 -- Appends the events of several publish requests (a group commit: every topic in one slot) to
--- their topics' streams and announces each event on its topic's channel.
+-- their topics' streams and announces them on each topic's channel. The gateway sends each
+-- topic's requests as one run of events, in arrival order.
 --
 -- KEYS[2t-1]  topic t's stream (t = 1..T)
 -- KEYS[2t]    topic t's tombstone: its last id, kept a while after an idle stream expired
--- KEYS[2T+k]  the idempotency key of the k-th event that has one, in request order
+-- KEYS[2T+k]  the idempotency key of the k-th event that has one, in run order
 -- ARGV[1]     MAXLEN (0 = keep everything)
 -- ARGV[2]     '~' (approximate trimming) or '='
 -- ARGV[3]     idempotency window in milliseconds
@@ -15,19 +16,20 @@
 --             channel, whose name shares the topic's hash slot)
 -- ARGV[9]     T, the number of topics
 -- ARGV[9+t]   topic t's live channel
--- then, per request in arrival order: its topic's index t; its event count n; its flags: '' when
---             no event has a type or an idempotency key, else per event '1' if it has a key, '0'
---             if not; when n > 1 its events as announced (see below; '' when one is too large to
+-- then, per run (one per topic, t = 1..T): t; its event count n; its flags: '' when no event
+--             has a type or an idempotency key, else per event '1' if it has a key, '0' if not;
+--             when n > 1 its events as announced (see below; '' when one is too large to
 --             announce); and per event its data, after its type ('' = message) when the flags
 --             are not ''
 --
--- Requests are applied in order, each on its own: one request's events are consecutive in its
--- stream, and a request that fails (say, its key holds something other than a stream) fails
--- alone. Returns per request {'ok', "<id>\n<id>…"} (one id per event, in one string: a reply
+-- Runs are applied one after the other, each on its own: a run's events are consecutive in its
+-- stream, in order, and a run that fails (say, its key holds something other than a stream)
+-- fails alone. Returns per run {'ok', "<id>\n<id>…"} (one id per event, in one string: a reply
 -- element per event cost the gateway more to read than the rest of the event; a repeated
--- idempotency key returns the first id and appends nothing) or {'err', message}.
+-- idempotency key returns the first id and appends nothing) or, when an append failed,
+-- {'err', "<id>\n…", message} with the ids of the events before it.
 --
--- A request of one event is announced as "<prev id>\n<id>\n<type>\n<data>": prev is the stream's
+-- A run of one event is announced as "<prev id>\n<id>\n<type>\n<data>": prev is the stream's
 -- newest entry before this one, so a node can tell whether it saw every entry in between (direct
 -- XADDs included). A large event, or any event once the call has announced its share of bytes, is
 -- announced as "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed
@@ -35,10 +37,10 @@
 -- passes its pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to
 -- them all.
 --
--- A request of several events is announced once, after its last event, as
+-- A run of several events is announced once, after its last event, as
 -- "*\n<prev id>\n<count>\n<id>\n…<id>\n<events>": the ids appended, then the events as the
 -- gateway wrote them ("<type>\n<bytes>\n<data>" each), or nothing when they are announced by id
--- only (too large, over the call's share, or some of the request was not appended). Built here
+-- only (too large, over the call's share, or some of the run was not appended). Built here
 -- event by event, the announcement cost Redis what a PUBLISH per event does: every string and
 -- table slot made in Lua is an allocation its garbage collector then walks. The leading "*" is
 -- not an id, so a node that knows only the one-event form reads the stream instead.
@@ -87,8 +89,8 @@ local function older(a, b)
   return ams and (tonumber(ams) < tonumber(bms) or (ams == bms and tonumber(aseq) < tonumber(bseq)))
 end
 
--- Applies one request, adding its ids to `ids`. `at` is its first event's argument, `keyed` the
--- number of idempotency keys used before it. A request of several events is announced by the
+-- Applies one run, adding its ids to `ids`. `at` is its first event's argument, `keyed` the
+-- number of idempotency keys used before it. A run of several events is announced by the
 -- caller (even when it fails after appending some): `many` gets the newest id before it and the
 -- positions in `ids` of events already there (repeated idempotency keys), which were not appended.
 local function apply(t, n, flags, at, keyed, ids, many)
@@ -148,7 +150,7 @@ local function apply(t, n, flags, at, keyed, ids, many)
   end
 end
 
--- Announces what a request of n events appended (see the header): `joined` is its ids as
+-- Announces what a run of n events appended (see the header): `joined` is its ids as
 -- replied, `events` the events as the gateway wrote them.
 local function announce_many(t, n, ids, joined, many, events)
   if not many.prev then
@@ -200,7 +202,7 @@ while at <= #ARGV do
     replies[#replies + 1] = {'ok', joined}
   else
     local message = type(result) == 'table' and result.err or tostring(result)
-    replies[#replies + 1] = {'err', message}
+    replies[#replies + 1] = {'err', joined, message}
   end
   keyed = keyed + keys_used
   at = first + stride * n

@@ -232,12 +232,18 @@ async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner)
     group
 }
 
-/// One script call for the batch; each request's event count, and where its answer goes.
+/// One script call for the batch; per run its requests' event counts; and where each request's
+/// answer goes, in run order.
 ///
-/// Keys: each topic's stream and tombstone, in order of first appearance, then the idempotency
-/// keys of every request in order. Arguments: the settings, the publish command, the topics'
-/// channels, then per request its topic's index (1-based, as in Lua), its event count and per
-/// event its type, data and whether it has an idempotency key.
+/// A call's requests are applied topic by topic, each topic's in arrival order, as one run of
+/// events: consecutive events of one topic cost the script one pass and one announcement, not
+/// one per request, which matters when many publishers share a hot topic. Order across topics
+/// does not matter (each has its own stream).
+///
+/// Keys: each run's stream and tombstone, then the idempotency keys of every run in order.
+/// Arguments: the settings, the publish command, the runs' channels, then per run its index
+/// (1-based, as in Lua), its event count, its flags (see `append.lua`), its events as announced
+/// when there are several, and per event its type (unless the flags are empty) and data.
 #[allow(clippy::type_complexity)]
 fn build<'a>(
     batch: Vec<AppendRequest>,
@@ -245,27 +251,24 @@ fn build<'a>(
     cluster: bool,
 ) -> (
     Call<'a>,
-    Vec<usize>,
+    Vec<Vec<usize>>,
     Vec<oneshot::Sender<Result<Vec<StreamId>, StoreError>>>,
 ) {
-    // Topics in order of first appearance; a lone request (the usual case on an idle gateway)
-    // needs no map.
-    let mut topics: Vec<&str> = Vec::new();
-    let mut topic_index: HashMap<&str, usize> = HashMap::new();
-    let mut indices = Vec::with_capacity(batch.len());
+    // Each run's requests (indices into `batch`), in order of their topic's first appearance; a
+    // lone request (the usual case on an idle gateway) needs no map.
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    let mut run_of: HashMap<&str, usize> = HashMap::new();
     let (mut keyed, mut events, mut bytes) = (0, 0, 0);
-    for request in &batch {
-        let topic = request.topic.as_str();
-        let index = if batch.len() == 1 {
-            topics.push(topic);
-            1
+    for (i, request) in batch.iter().enumerate() {
+        let run = if batch.len() == 1 {
+            0
         } else {
-            *topic_index.entry(topic).or_insert_with(|| {
-                topics.push(topic);
-                topics.len()
-            })
+            *run_of.entry(request.topic.as_str()).or_insert(runs.len())
         };
-        indices.push(index);
+        if run == runs.len() {
+            runs.push(Vec::new());
+        }
+        runs[run].push(i);
         keyed += request
             .events
             .iter()
@@ -274,31 +277,27 @@ fn build<'a>(
         events += request.events.len();
         bytes += request.bytes();
     }
-    let names = 3 * topics.len() + keyed;
+    let topic = |run: &[usize]| batch[run[0]].topic.as_str();
+    let run_events = |run| run_events(&batch, run);
+    let names = 3 * runs.len() + keyed;
     let mut call = Call::with_capacity(
         &parts.script,
-        2 * topics.len() + keyed,
-        names + 10 + 4 * batch.len() + 2 * events,
-        // Requests of several events send their payloads twice: as events, and as announced.
-        2 * bytes + names * (parts.keys.prefix.len() + 16) + 16 * batch.len(),
+        2 * runs.len() + keyed,
+        names + 10 + 4 * runs.len() + 2 * events,
+        // Runs of several events send their payloads twice: as events, and as announced.
+        2 * bytes + names * (parts.keys.prefix.len() + 16) + 16 * runs.len(),
     );
     // One buffer for every name in the call.
     let mut name = String::new();
-    for topic in &topics {
-        parts.keys.write_name(&mut name, topic, "");
+    for run in &runs {
+        parts.keys.write_name(&mut name, topic(run), "");
         call.key(name.as_str());
-        parts.keys.write_name(&mut name, topic, TOMBSTONE);
+        parts.keys.write_name(&mut name, topic(run), TOMBSTONE);
         call.key(name.as_str());
     }
-    for request in &batch {
-        for key in request
-            .events
-            .iter()
-            .filter_map(|e| e.idempotency_key.as_deref())
-        {
-            parts
-                .keys
-                .write_name(&mut name, request.topic.as_str(), IDEMPOTENCY);
+    for run in &runs {
+        for key in run_events(run).filter_map(|e| e.idempotency_key.as_deref()) {
+            parts.keys.write_name(&mut name, topic(run), IDEMPOTENCY);
             name.push_str(key);
             call.key(name.as_str());
         }
@@ -312,24 +311,22 @@ fn build<'a>(
         .arg(settings.announce_inline_max)
         .arg(settings.announce_call_budget)
         .arg(if cluster { "SPUBLISH" } else { "PUBLISH" })
-        .arg(topics.len());
-    for topic in &topics {
-        parts.keys.write_name(&mut name, topic, LIVE);
+        .arg(runs.len());
+    for run in &runs {
+        parts.keys.write_name(&mut name, topic(run), LIVE);
         call.arg(name.as_str());
     }
-    // One buffer for each request's idempotency flags and for its events as announced.
+    // One buffer for each run's idempotency flags and for its events as announced.
     let mut buffer = String::new();
-    for (request, index) in batch.iter().zip(indices) {
-        call.arg(index).arg(request.events.len());
+    for (index, run) in runs.iter().enumerate() {
+        let count: usize = run.iter().map(|&i| batch[i].events.len()).sum();
+        call.arg(index + 1).arg(count);
         // Events without a type or a key (most) are sent as their data alone: every argument is
         // a string Redis makes twice, once as it reads the command and once for the script.
-        let plain = request
-            .events
-            .iter()
-            .all(|e| e.event.is_none() && e.idempotency_key.is_none());
+        let plain = run_events(run).all(|e| e.event.is_none() && e.idempotency_key.is_none());
         buffer.clear();
         if !plain {
-            buffer.extend(request.events.iter().map(|e| {
+            buffer.extend(run_events(run).map(|e| {
                 if e.idempotency_key.is_some() {
                     '1'
                 } else {
@@ -338,33 +335,48 @@ fn build<'a>(
             }));
         }
         call.arg(buffer.as_str());
-        if request.events.len() > 1 {
-            write_announced_events(&mut buffer, &request.events, settings.announce_inline_max);
+        if count > 1 {
+            write_announced_events(&mut buffer, run_events(run), settings.announce_inline_max);
             call.arg(buffer.as_str());
         }
-        for event in &request.events {
+        for event in run_events(run) {
             if !plain {
                 call.arg(event.event.as_deref().unwrap_or(""));
             }
             call.arg(event.data.as_str());
         }
     }
-    let mut shapes = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
-    for request in batch {
-        shapes.push(request.events.len());
-        replies.push(request.reply);
-    }
+    let shapes = runs
+        .iter()
+        .map(|run| run.iter().map(|&i| batch[i].events.len()).collect())
+        .collect();
+    let mut senders: Vec<_> = batch.into_iter().map(|r| Some(r.reply)).collect();
+    let replies = runs
+        .iter()
+        .flatten()
+        .filter_map(|&i| senders[i].take())
+        .collect();
     (call, shapes, replies)
 }
 
-/// Writes a request's events as `append.lua` announces a request of several:
-/// `<type>\n<bytes>\n<data>` each, or nothing when one is larger than `inline_max` (the request is
-/// then announced by id). Written here, where the events already are: built in Lua, event by
+/// A run's events, in order.
+fn run_events<'b>(
+    batch: &'b [AppendRequest],
+    run: &'b [usize],
+) -> impl Iterator<Item = &'b NewEvent> + Clone + 'b {
+    run.iter().flat_map(move |&i| &batch[i].events)
+}
+
+/// Writes a run's events as `append.lua` announces a run of several: `<type>\n<bytes>\n<data>`
+/// each, or nothing when one is larger than `inline_max` (the run is then announced by id). Written here, where the events already are: built in Lua, event by
 /// event, it cost Redis what a `PUBLISH` per event did.
-fn write_announced_events(out: &mut String, events: &[NewEvent], inline_max: usize) {
+fn write_announced_events<'e>(
+    out: &mut String,
+    events: impl Iterator<Item = &'e NewEvent> + Clone,
+    inline_max: usize,
+) {
     out.clear();
-    if events.iter().any(|e| e.data.len() > inline_max) {
+    if events.clone().any(|e| e.data.len() > inline_max) {
         return;
     }
     for event in events {
@@ -376,50 +388,56 @@ fn write_announced_events(out: &mut String, events: &[NewEvent], inline_max: usi
     }
 }
 
-/// Splits the script's reply into one outcome per request: `{'ok', "<id>\\n<id>…"}` or
-/// `{'err', message}`.
+/// Splits the script's reply into one outcome per request, in run order. Per run the script
+/// answers `{'ok', "<id>\n<id>…"}` or, when an append failed, `{'err', "<id>…", message}` with the
+/// ids of the events before it: requests wholly among those succeeded, the rest of the run fails.
 fn split_reply(
     reply: &Value,
-    shapes: &[usize],
+    shapes: &[Vec<usize>],
 ) -> Result<Vec<Result<Vec<StreamId>, StoreError>>, StoreError> {
     let parts = as_array(reply)?;
     if parts.len() != shapes.len() {
-        return Err(bad_reply("append answered for a wrong number of requests"));
+        return Err(bad_reply("append answered for a wrong number of runs"));
     }
-    parts
-        .iter()
-        .zip(shapes)
-        .map(|(part, &count)| {
-            let items = as_array(part)?;
-            let (status, rest) = items
-                .split_first()
-                .ok_or_else(|| bad_reply("an empty append answer"))?;
-            match as_bytes(status)? {
-                b"ok" => {
-                    let joined = rest.first().ok_or_else(|| bad_reply("no ids"))?;
-                    let ids = as_bytes(joined)?
-                        .split(|&b| b == b'\n')
-                        .map(|id| StreamId::parse_ascii(id).map_err(|_| bad_reply("stream id")))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if ids.len() != count {
-                        return Err(bad_reply("append returned a wrong number of ids"));
-                    }
-                    Ok(Ok(ids))
-                }
-                b"err" => {
-                    let message = rest
-                        .first()
-                        .and_then(|m| as_bytes(m).ok())
-                        .map(|m| String::from_utf8_lossy(m).into_owned())
-                        .unwrap_or_default();
-                    Ok(Err(StoreError::Internal(format!(
-                        "redis refused the append: {message}"
-                    ))))
-                }
-                _ => Err(bad_reply("an append answer that is neither ok nor err")),
+    let mut outcomes = Vec::with_capacity(shapes.iter().map(Vec::len).sum());
+    for (part, counts) in parts.iter().zip(shapes) {
+        let items = as_array(part)?;
+        let (status, joined, message) = match items {
+            [status, joined] => (as_bytes(status)?, as_bytes(joined)?, None),
+            [status, joined, message] => (as_bytes(status)?, as_bytes(joined)?, Some(message)),
+            _ => return Err(bad_reply("an append answer of a wrong shape")),
+        };
+        let mut ids = if joined.is_empty() {
+            Vec::new()
+        } else {
+            joined
+                .split(|&b| b == b'\n')
+                .map(|id| StreamId::parse_ascii(id).map_err(|_| bad_reply("stream id")))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let total: usize = counts.iter().sum();
+        let error = match (status, message) {
+            (b"ok", None) if ids.len() == total => None,
+            (b"err", Some(message)) if ids.len() < total => {
+                let message = String::from_utf8_lossy(as_bytes(message)?).into_owned();
+                Some(StoreError::Internal(format!(
+                    "redis refused the append: {message}"
+                )))
             }
-        })
-        .collect()
+            _ => return Err(bad_reply("an append answer that does not add up")),
+        };
+        let mut rest = ids.drain(..);
+        for &count in counts {
+            if rest.len() >= count {
+                outcomes.push(Ok(rest.by_ref().take(count).collect()));
+            } else {
+                // Only with an error: the ids fall short of this request.
+                rest.by_ref().for_each(drop);
+                outcomes.push(Err(error.clone().unwrap_or_else(|| bad_reply("ids"))));
+            }
+        }
+    }
+    Ok(outcomes)
 }
 
 #[cfg(test)]
@@ -433,38 +451,57 @@ mod tests {
     #[test]
     fn each_request_gets_its_own_outcome() {
         let reply = Value::Array(vec![
-            Value::Array(vec![bulk("ok"), bulk("1-0\n1-1")]),
-            Value::Array(vec![bulk("err"), bulk("WRONGTYPE no stream")]),
+            Value::Array(vec![bulk("ok"), bulk("1-0\n1-1\n1-2")]),
+            Value::Array(vec![bulk("err"), bulk(""), bulk("WRONGTYPE no stream")]),
             Value::Array(vec![bulk("ok"), bulk("2-0")]),
+            // Failed at its third event: the request before it stands, the rest fail.
+            Value::Array(vec![bulk("err"), bulk("3-0\n3-1"), bulk("boom")]),
         ]);
-        let outcomes = split_reply(&reply, &[2, 1, 1]).expect("well-formed");
-        assert_eq!(
-            outcomes[0].as_ref().expect("ok"),
-            &vec![StreamId::new(1, 0), StreamId::new(1, 1)]
-        );
+        let shapes = [vec![2, 1], vec![1], vec![1], vec![1, 2, 1]];
+        let outcomes = split_reply(&reply, &shapes).expect("well-formed");
+        let ids = |i: usize| outcomes[i].as_ref().expect("ok").clone();
+        assert_eq!(ids(0), vec![StreamId::new(1, 0), StreamId::new(1, 1)]);
+        assert_eq!(ids(1), vec![StreamId::new(1, 2)]);
         assert!(
-            matches!(&outcomes[1], Err(StoreError::Internal(m)) if m.contains("WRONGTYPE")),
+            matches!(&outcomes[2], Err(StoreError::Internal(m)) if m.contains("WRONGTYPE")),
             "{:?}",
-            outcomes[1]
+            outcomes[2]
         );
-        assert_eq!(
-            outcomes[2].as_ref().expect("ok"),
-            &vec![StreamId::new(2, 0)]
-        );
+        assert_eq!(ids(3), vec![StreamId::new(2, 0)]);
+        assert_eq!(ids(4), vec![StreamId::new(3, 0)]);
+        for failed in &outcomes[5..] {
+            assert!(
+                matches!(failed, Err(StoreError::Internal(m)) if m.contains("boom")),
+                "{failed:?}"
+            );
+        }
+        assert_eq!(outcomes.len(), 7);
     }
 
     #[test]
     fn a_malformed_answer_fails_the_call() {
         let short = Value::Array(vec![Value::Array(vec![bulk("ok"), bulk("1-0")])]);
-        assert!(split_reply(&short, &[2]).is_err(), "too few ids");
-        assert!(split_reply(&short, &[1, 1]).is_err(), "too few requests");
-        let odd = Value::Array(vec![Value::Array(vec![bulk("maybe")])]);
-        assert!(split_reply(&odd, &[1]).is_err());
+        assert!(split_reply(&short, &[vec![2]]).is_err(), "too few ids");
+        assert!(
+            split_reply(&short, &[vec![1], vec![1]]).is_err(),
+            "too few runs"
+        );
+        let odd = Value::Array(vec![Value::Array(vec![bulk("maybe"), bulk("1-0")])]);
+        assert!(split_reply(&odd, &[vec![1]]).is_err());
         for ids in ["1-0\n", "1-0\n\n1-1", "1-0 1-1", ""] {
             let bad = Value::Array(vec![Value::Array(vec![bulk("ok"), bulk(ids)])]);
-            assert!(split_reply(&bad, &[2]).is_err(), "{ids:?}");
+            assert!(split_reply(&bad, &[vec![2]]).is_err(), "{ids:?}");
         }
         let none = Value::Array(vec![Value::Array(vec![bulk("ok")])]);
-        assert!(split_reply(&none, &[1]).is_err(), "no ids");
+        assert!(split_reply(&none, &[vec![1]]).is_err(), "no ids");
+        let all = Value::Array(vec![Value::Array(vec![
+            bulk("err"),
+            bulk("1-0"),
+            bulk("x"),
+        ])]);
+        assert!(
+            split_reply(&all, &[vec![1]]).is_err(),
+            "an error after every id"
+        );
     }
 }
