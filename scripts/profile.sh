@@ -3,9 +3,10 @@
 #
 #   - perf (software clock, call graphs) of one ssegate node while it takes single publishes and
 #     while it fans out, turned into flamegraphs (inferno) and a kernel / user-space split;
-#   - callgrind instruction counts per publish, for ssegate and for nchan's nginx worker, and per
-#     delivery on a node fanning out events published on another: counts stay the same on a
-#     busy, noisy machine, so they compare builds and peers where timings cannot.
+#   - callgrind instruction counts per publish, for ssegate and for nchan's nginx worker, per
+#     event in ssegate's arrays of 100, and per delivery on a node fanning out events published
+#     on another: counts stay the same on a busy, noisy machine, so they compare builds and peers
+#     where timings cannot.
 #
 #   scripts/profile.sh        writes target/profile/{publish,fanout}.svg and prints the figures
 #
@@ -93,37 +94,40 @@ echo "  fan-out: $(field "$(cat "$DIR/fanout.json")" '["deliveries_per_sec"]') d
 kill "$node"
 wait "$node" 2>/dev/null || true
 
-# --- callgrind: instructions per publish, ssegate and nchan ----------------------------------
+# --- callgrind: instructions per publish, ssegate and nchan; per batched event, ssegate -------
 dumped_instructions() { # name: instructions in the newest callgrind dump (not the start-up part)
   local file
   file=$(ls -t "$DIR"/callgrind."$1".* | grep -v '\.0$' | head -n 1 || true)
   [ -n "$file" ] || file=$(ls -t "$DIR"/callgrind."$1".* | head -n 1)
   sed -n 's/^summary: *//p; s/^totals: *//p' "$file" | head -n 1 | awk '{print $1}'
 }
-count() { # name, port, pid of the process under callgrind, bench target
-  local name=$1 port=$2 pid=$3 target=$4
+count() { # name, port, pid of the process under callgrind, bench target, what, publish options
+  local name=$1 port=$2 pid=$3 target=$4 what=$5
+  shift 5
   wait_http "$port"
-  bench --url "http://127.0.0.1:$port" --target "$target" publish --concurrency 4 --seconds 2 >/dev/null
+  bench --url "http://127.0.0.1:$port" --target "$target" publish --concurrency 4 "$@" --seconds 2 >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
   local events
-  events=$(bench --url "http://127.0.0.1:$port" --target "$target" publish --concurrency 4 --seconds 10)
+  events=$(bench --url "http://127.0.0.1:$port" --target "$target" publish --concurrency 4 "$@" --seconds 10)
   callgrind_control -d "$pid" >/dev/null 2>&1
   events=$(field "$events" '["events"]')
-  echo "  $name: $events publishes, $(($(dumped_instructions "$name") / events)) instructions each (user space)"
+  echo "  $name: $events $what, $(($(dumped_instructions "$name") / events)) instructions each (user space)"
 }
 valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.ssegate.%p" \
   target/release/ssegate --listen "127.0.0.1:$PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
   >"$DIR/callgrind-ssegate.log" 2>&1 &
-pids+=("$!")
+ssegate_pid=$!
+pids+=("$ssegate_pid")
 echo "callgrind:"
-count ssegate "$PORT" "$!" ssegate
+count ssegate "$PORT" "$ssegate_pid" ssegate publishes
+count ssegate "$PORT" "$ssegate_pid" ssegate "events in arrays of 100" --batch 100
 sed -e "s/@NCHAN_PORT@/$NCHAN_PORT/" -e "s/@REDIS_PORT@/$REDIS_PORT/" \
   -e 's/^daemon on;/daemon off; master_process off;/' bench/nchan.conf >"$DIR/nchan.conf"
 valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.nchan.%p" \
   nginx -p "$DIR" -c "$DIR/nchan.conf" -g "pid $DIR/nginx.pid; error_log $DIR/nginx-error.log warn;" \
   >"$DIR/callgrind-nchan.log" 2>&1 &
 pids+=("$!")
-count nchan "$NCHAN_PORT" "$!" nchan
+count nchan "$NCHAN_PORT" "$!" nchan publishes
 
 # --- callgrind: instructions per delivery on the subscribers' node ----------------------------
 # Node A takes the publishes; node B, under callgrind, fans them out to 100 subscribers (20
