@@ -10,6 +10,14 @@ use ssegate::config::{Overrides, Settings};
 use ssegate::shutdown::{self, Shutdown};
 use ssegate::startup::Application;
 
+/// mimalloc rather than glibc's malloc: a publish allocates a few dozen short-lived blocks, often
+/// freed on another worker thread than the one that allocated them, and glibc's arenas made that
+/// ~15 % of the node's CPU. With mimalloc: 63k → 58k instructions per single publish (callgrind),
+/// 12–17 % more single publishes a second (wrk, c=32), the same memory per idle stream.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Redis-backed, horizontally scalable Server-Sent Events gateway.
 ///
 /// Every setting can also come from the config file or from `SSEGATE_*` environment variables
