@@ -81,7 +81,8 @@ for line in open(path):
         kernel += n
     if any("writev" in f or "sendmsg" in f for f in frames):
         writev += n
-    if any(f in ("malloc", "_int_malloc", "_int_free", "cfree", "realloc", "malloc_consolidate") for f in frames[-2:]):
+    # mimalloc's functions (the binary's allocator), or glibc's (built without it).
+    if any(f.startswith(("mi_", "_mi_")) or f in ("malloc", "_int_malloc", "_int_free", "cfree", "realloc", "malloc_consolidate") for f in frames[-2:]):
         malloc += n
 pct = lambda x: f"{100 * x / max(total, 1):.0f}%"
 print(f"{name}: kernel {pct(kernel)} of the node's CPU, socket writes {pct(writev)}, malloc/free {pct(malloc)}")
