@@ -489,12 +489,6 @@ fn parse_json_body(
             });
             limits.check(&item.topic, data, item.event, key, index)
         };
-    let not_events = || {
-        ApiError::bad_request(
-            "invalid_event",
-            "the body must be a JSON object or an array of objects",
-        )
-    };
     if text.trim_start().starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| invalid_json(&e))?;
         if items.is_empty() {
@@ -521,7 +515,10 @@ fn parse_json_body(
     }
     let raw: &RawValue = serde_json::from_str(text).map_err(|e| invalid_json(&e))?;
     if !raw.get().starts_with('{') {
-        return Err(not_events());
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            "the body must be a JSON object or an array of objects",
+        ));
     }
     Ok((vec![parse_item(raw, None)?], false))
 }

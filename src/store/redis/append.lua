@@ -174,7 +174,8 @@ local function announce_many(t, n, ids, joined, many, events)
   else
     budget = budget - #events
   end
-  redis.call(publish, ARGV[9 + t], '*\n' .. many.prev .. '\n' .. count .. '\n' .. joined .. '\n' .. events)
+  local head = '*\n' .. many.prev .. '\n' .. count .. '\n'
+  redis.call(publish, ARGV[9 + t], head .. joined .. '\n' .. events)
 end
 
 local replies = {}

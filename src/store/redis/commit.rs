@@ -368,8 +368,9 @@ fn run_events<'b>(
 }
 
 /// Writes a run's events as `append.lua` announces a run of several: `<type>\n<bytes>\n<data>`
-/// each, or nothing when one is larger than `inline_max` (the run is then announced by id). Written here, where the events already are: built in Lua, event by
-/// event, it cost Redis what a `PUBLISH` per event did.
+/// each, or nothing when one is larger than `inline_max` (the run is then announced by id).
+/// Written here, where the events already are: built in Lua, event by event, it cost Redis what
+/// a `PUBLISH` per event did.
 fn write_announced_events<'e>(
     out: &mut String,
     events: impl Iterator<Item = &'e NewEvent> + Clone,
