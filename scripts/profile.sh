@@ -114,11 +114,14 @@ count() { # name, port, pid of the process under callgrind, bench target, what, 
   events=$(field "$events" '["events"]')
   echo "  $name: $events $what, $(($(dumped_instructions "$name") / events)) instructions each (user space)"
 }
-valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.ssegate.%p" \
-  target/release/ssegate --listen "127.0.0.1:$PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
-  >"$DIR/callgrind-ssegate.log" 2>&1 &
+callgrind_node() { # name, port: an ssegate node under callgrind, in the background ($! is its pid)
+  valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.$1.%p" \
+    target/release/ssegate --listen "127.0.0.1:$2" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
+    >"$DIR/callgrind-$1.log" 2>&1 &
+  pids+=("$!")
+}
+callgrind_node ssegate "$PORT"
 ssegate_pid=$!
-pids+=("$ssegate_pid")
 echo "callgrind:"
 count ssegate "$PORT" "$ssegate_pid" ssegate publishes
 count ssegate "$PORT" "$ssegate_pid" ssegate "events in arrays of 100" --batch 100
@@ -137,11 +140,8 @@ B_PORT=$((BASE + 3)) A_PORT=$((BASE + 4))
 RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$A_PORT" \
   --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/node-a.log" 2>&1 &
 pids+=("$!")
-valgrind --tool=callgrind --callgrind-out-file="$DIR/callgrind.deliveries.%p" \
-  target/release/ssegate --listen "127.0.0.1:$B_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
-  >"$DIR/callgrind-deliveries.log" 2>&1 &
+callgrind_node deliveries "$B_PORT"
 b_pid=$!
-pids+=("$b_pid")
 wait_http "$A_PORT"
 wait_http "$B_PORT"
 across() { bench --url "http://127.0.0.1:$B_PORT" --target ssegate fanout --subscribers 100 --topics 1 \

@@ -278,7 +278,7 @@ fn build<'a>(
         bytes += request.bytes();
     }
     let topic = |run: &[usize]| batch[run[0]].topic.as_str();
-    let run_events = |run| run_events(&batch, run);
+    let events_of = |run| run_events(&batch, run);
     let names = 3 * runs.len() + keyed;
     let mut call = Call::with_capacity(
         &parts.script,
@@ -296,7 +296,7 @@ fn build<'a>(
         call.key(name.as_str());
     }
     for run in &runs {
-        for key in run_events(run).filter_map(|e| e.idempotency_key.as_deref()) {
+        for key in events_of(run).filter_map(|e| e.idempotency_key.as_deref()) {
             parts.keys.write_name(&mut name, topic(run), IDEMPOTENCY);
             name.push_str(key);
             call.key(name.as_str());
@@ -323,10 +323,10 @@ fn build<'a>(
         call.arg(index + 1).arg(count);
         // Events without a type or a key (most) are sent as their data alone: every argument is
         // a string Redis makes twice, once as it reads the command and once for the script.
-        let plain = run_events(run).all(|e| e.event.is_none() && e.idempotency_key.is_none());
+        let plain = events_of(run).all(|e| e.event.is_none() && e.idempotency_key.is_none());
         buffer.clear();
         if !plain {
-            buffer.extend(run_events(run).map(|e| {
+            buffer.extend(events_of(run).map(|e| {
                 if e.idempotency_key.is_some() {
                     '1'
                 } else {
@@ -336,10 +336,10 @@ fn build<'a>(
         }
         call.arg(buffer.as_str());
         if count > 1 {
-            write_announced_events(&mut buffer, run_events(run), settings.announce_inline_max);
+            write_announced_events(&mut buffer, events_of(run), settings.announce_inline_max);
             call.arg(buffer.as_str());
         }
-        for event in run_events(run) {
+        for event in events_of(run) {
             if !plain {
                 call.arg(event.event.as_deref().unwrap_or(""));
             }
@@ -408,7 +408,7 @@ fn split_reply(
             [status, joined, message] => (as_bytes(status)?, as_bytes(joined)?, Some(message)),
             _ => return Err(bad_reply("an append answer of a wrong shape")),
         };
-        let mut ids = if joined.is_empty() {
+        let ids = if joined.is_empty() {
             Vec::new()
         } else {
             joined
@@ -427,15 +427,17 @@ fn split_reply(
             }
             _ => return Err(bad_reply("an append answer that does not add up")),
         };
-        let mut rest = ids.drain(..);
+        let mut ids = ids.into_iter();
+        // Once the ids fall short of a request (only with an error), it and the rest of the run
+        // failed.
+        let mut failed = false;
         for &count in counts {
-            if rest.len() >= count {
-                outcomes.push(Ok(rest.by_ref().take(count).collect()));
+            failed = failed || ids.len() < count;
+            outcomes.push(if failed {
+                Err(error.clone().unwrap_or_else(|| bad_reply("ids")))
             } else {
-                // Only with an error: the ids fall short of this request.
-                rest.by_ref().for_each(drop);
-                outcomes.push(Err(error.clone().unwrap_or_else(|| bad_reply("ids"))));
-            }
+                Ok(ids.by_ref().take(count).collect())
+            });
         }
     }
     Ok(outcomes)

@@ -266,7 +266,7 @@ pub(super) async fn translate_pushes(
                 let channel = String::from_utf8_lossy(channel);
                 match keys.parse_channel(&channel) {
                     Some(Channel::Keyspace(topic)) => match payload {
-                        // A request of several events brings one per event, then its one
+                        // A run of several events brings one per event, then its one
                         // announcement.
                         b"xadd" if unmatched_xadd.as_deref() == Some(topic) => {}
                         b"xadd" => {
@@ -332,17 +332,22 @@ enum Announced {
 }
 
 /// Reads an announcement (formats in `append.lua`) and gives its entries to `each`, in order:
-/// `<prev>\n<id>\n<type>\n<data>` or `<prev>\n<id>` for a request of one event;
+/// `<prev>\n<id>\n<type>\n<data>` or `<prev>\n<id>` for a run of one event;
 /// `*\n<prev>\n<count>\n<id>\n…<id>\n` then `<type>\n<bytes>\n<data>` per event, or nothing
-/// (every entry to be read from the stream), for a request of several. False if some of it cannot
-/// be read; the entries before that part were given.
+/// (every entry to be read from the stream), for a run of several. False if some of it cannot be
+/// read; the entries before that part were given.
 fn read_announcement(payload: &[u8], mut each: impl FnMut(Announced)) -> bool {
+    read_entries(payload, &mut each).is_some()
+}
+
+/// [`read_announcement`]'s work; `None` where the payload stops making sense.
+fn read_entries(payload: &[u8], each: &mut impl FnMut(Announced)) -> Option<()> {
     /// The text up to the next LF, and what follows it.
     fn line(rest: &[u8]) -> Option<(&[u8], &[u8])> {
         let end = rest.iter().position(|&b| b == b'\n')?;
         Some((&rest[..end], &rest[end + 1..]))
     }
-    fn number<T: std::str::FromStr>(text: &[u8]) -> Option<T> {
+    fn number(text: &[u8]) -> Option<usize> {
         std::str::from_utf8(text).ok()?.parse().ok()
     }
     fn id(text: &[u8]) -> Option<StreamId> {
@@ -353,45 +358,42 @@ fn read_announcement(payload: &[u8], mut each: impl FnMut(Announced)) -> bool {
         let data = String::from_utf8_lossy(data).into_owned();
         Event { id, event, data }
     }
-    let read = |each: &mut dyn FnMut(Announced)| -> Option<()> {
-        let (first, rest) = line(payload)?;
-        if first != b"*" {
-            let prev = id(first)?;
-            let Some((entry, rest)) = line(rest) else {
-                each(Announced::Id(id(rest)?));
-                return Some(());
-            };
-            let entry = id(entry)?;
-            let (ty, data) = line(rest)?;
-            each(Announced::Event(prev, event(entry, ty, data)));
+    let (first, rest) = line(payload)?;
+    if first != b"*" {
+        let prev = id(first)?;
+        let Some((entry, rest)) = line(rest) else {
+            each(Announced::Id(id(rest)?));
             return Some(());
+        };
+        let entry = id(entry)?;
+        let (ty, data) = line(rest)?;
+        each(Announced::Event(prev, event(entry, ty, data)));
+        return Some(());
+    }
+    let (prev, rest) = line(rest)?;
+    let (count, mut ids) = line(rest)?;
+    let (mut prev, count) = (id(prev)?, number(count)?);
+    // The events follow the ids: find where they start before giving any entry.
+    let mut events = ids;
+    for _ in 0..count {
+        events = line(events)?.1;
+    }
+    for _ in 0..count {
+        let (entry, rest) = line(ids)?;
+        ids = rest;
+        let entry = id(entry)?;
+        if events.is_empty() {
+            each(Announced::Id(entry));
+        } else {
+            let (ty, rest) = line(events)?;
+            let (len, rest) = line(rest)?;
+            let data = rest.get(..number(len)?)?;
+            events = &rest[data.len()..];
+            each(Announced::Event(prev, event(entry, ty, data)));
         }
-        let (prev, rest) = line(rest)?;
-        let (count, mut ids) = line(rest)?;
-        let (mut prev, count): (StreamId, usize) = (id(prev)?, number(count)?);
-        // The events follow the ids: find where they start before giving any entry.
-        let mut events = ids;
-        for _ in 0..count {
-            events = line(events)?.1;
-        }
-        for _ in 0..count {
-            let (entry, rest) = line(ids)?;
-            ids = rest;
-            let entry = id(entry)?;
-            if events.is_empty() {
-                each(Announced::Id(entry));
-            } else {
-                let (ty, rest) = line(events)?;
-                let (len, rest) = line(rest)?;
-                let data = rest.get(..number(len)?)?;
-                events = &rest[data.len()..];
-                each(Announced::Event(prev, event(entry, ty, data)));
-            }
-            prev = entry;
-        }
-        events.is_empty().then_some(())
-    };
-    read(&mut each).is_some()
+        prev = entry;
+    }
+    events.is_empty().then_some(())
 }
 
 #[cfg(test)]
