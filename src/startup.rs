@@ -92,12 +92,12 @@ impl Application {
             .unwrap_or_else(default_max_connections);
         info!(max_connections, "connection limit");
         let settings = Arc::new(settings);
-        let state = AppState {
+        let state = Arc::new(AppState {
             hub: hub.clone(),
             settings: settings.clone(),
             auth: Arc::new(auth),
             metrics: metrics.clone(),
-        };
+        });
         // `/metrics` on its own address, when asked: kept off the public port.
         let metrics_server = match settings.metrics_listen {
             Some(addr) => {

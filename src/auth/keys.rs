@@ -6,12 +6,12 @@
 //! token can never be checked against a public key's bytes as an HMAC secret.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::Mutex;
 
 use super::AuthError;
 
@@ -78,17 +78,36 @@ impl Keys {
         Ok(Keys::Fixed(key))
     }
 
-    /// The key for a token with this header's `kid` and `alg`.
+    /// The key for a token with this header's `kid` and `alg`, fetching the key set first when
+    /// it must be.
     pub async fn find(&self, kid: Option<&str>, alg: Algorithm) -> Result<Key, AuthError> {
         let key = match self {
             Keys::Fixed(key) => key.clone(),
             Keys::Jwks(jwks) => jwks.find(kid, alg).await?,
         };
-        if key.algorithms.contains(&alg) {
-            Ok(key)
-        } else {
-            Err(AuthError::Algorithm)
-        }
+        accepting(key, alg)
+    }
+
+    /// The same without waiting: `None` when the key set must be fetched first (not fetched yet,
+    /// due for a refetch, or without this `kid`).
+    pub fn find_cached(&self, kid: Option<&str>, alg: Algorithm) -> Option<Result<Key, AuthError>> {
+        let key = match self {
+            Keys::Fixed(key) => key.clone(),
+            Keys::Jwks(jwks) => match jwks.lookup(kid, alg) {
+                (Some(key), false) => key,
+                _ => return None,
+            },
+        };
+        Some(accepting(key, alg))
+    }
+}
+
+/// `key` if it verifies `alg`.
+fn accepting(key: Key, alg: Algorithm) -> Result<Key, AuthError> {
+    if key.algorithms.contains(&alg) {
+        Ok(key)
+    } else {
+        Err(AuthError::Algorithm)
     }
 }
 
@@ -105,7 +124,9 @@ const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Jwks {
     url: String,
     http: reqwest::Client,
-    /// The last fetched set; `None` until a fetch succeeds.
+    /// The last fetched set; `None` until a fetch succeeds. A blocking lock: it is held only to
+    /// look a key up or to swap the set, never across an await, so that a request whose key is
+    /// known is verified without waiting.
     keys: RwLock<Option<Fetched>>,
     /// One fetch at a time; holds when the last one started.
     fetching: Mutex<Option<Instant>>,
@@ -132,21 +153,26 @@ impl Jwks {
     }
 
     async fn find(&self, kid: Option<&str>, alg: Algorithm) -> Result<Key, AuthError> {
-        let (found, stale) = self.lookup(kid, alg).await;
-        if let (Some(key), false) = (&found, stale) {
-            return Ok(key.clone());
+        if let (Some(key), false) = self.lookup(kid, alg) {
+            return Ok(key);
         }
         self.refresh().await;
-        match self.lookup(kid, alg).await {
+        match self.lookup(kid, alg) {
             (Some(key), _) => Ok(key),
-            (None, _) if self.keys.read().await.is_none() => Err(AuthError::KeysUnavailable),
+            (None, _) if self.read().is_none() => Err(AuthError::KeysUnavailable),
             (None, _) => Err(AuthError::UnknownKey),
         }
     }
 
+    /// The set as last fetched. A panic elsewhere while holding the lock cannot leave a
+    /// half-written set (it is swapped whole), so a poisoned lock is read all the same.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Option<Fetched>> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The matching key, and whether the set is due for a refetch.
-    async fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> (Option<Key>, bool) {
-        let fetched = self.keys.read().await;
+    fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> (Option<Key>, bool) {
+        let fetched = self.read();
         let Some(Fetched { at, keys }) = &*fetched else {
             return (None, true);
         };
@@ -173,10 +199,11 @@ impl Jwks {
         match self.fetch().await {
             Ok(keys) => {
                 tracing::info!(keys = keys.len(), "fetched the JWKS");
-                *self.keys.write().await = Some(Fetched {
+                let fetched = Some(Fetched {
                     at: Instant::now(),
                     keys,
                 });
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = fetched;
             }
             Err(e) => tracing::warn!(url = %self.url, error = %e, "cannot fetch the JWKS"),
         }

@@ -20,9 +20,26 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use self::keys::{Jwks, Keys};
+use self::keys::{Jwks, Key, Keys};
 use crate::config::Auth as AuthSettings;
 use crate::event::Topic;
+
+/// A request's credentials before any token is verified.
+enum Credentials {
+    /// No token to verify: the access is known.
+    Decided(Access),
+    /// A token to verify.
+    Token(String),
+}
+
+/// A token's header, which names its key and algorithm.
+fn decode_header(token: &str) -> Result<jsonwebtoken::Header, AuthError> {
+    jsonwebtoken::decode_header(token).map_err(|_| {
+        AuthError::Malformed(
+            "the token is malformed, or its header names an algorithm ssegate does not accept",
+        )
+    })
+}
 
 /// Why a request is not allowed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -183,30 +200,67 @@ impl Authenticator {
 
     /// The access a request's credentials give.
     pub async fn authenticate(&self, headers: &HeaderMap, raw_query: Option<&str>) -> Access {
-        if self.keys.is_none() {
-            return Access::Open;
-        }
-        match token::extract(headers, raw_query, &self.cookie_name) {
-            Ok(None) => Access::Anonymous,
-            Ok(Some(token)) => match self.verify(&token).await {
+        match self.credentials(headers, raw_query) {
+            Credentials::Decided(access) => access,
+            Credentials::Token(token) => match self.verify(&token).await {
                 Ok(v) => Access::Token(v),
                 Err(e) => Access::Invalid(e),
             },
-            Err(e) => Access::Invalid(e),
+        }
+    }
+
+    /// The same without waiting, which is the usual case: `None` only when the token's key must
+    /// first be fetched (see [`Authenticator::authenticate`]).
+    pub fn authenticate_now(&self, headers: &HeaderMap, raw_query: Option<&str>) -> Option<Access> {
+        match self.credentials(headers, raw_query) {
+            Credentials::Decided(access) => Some(access),
+            Credentials::Token(token) => Some(match self.verify_now(&token)? {
+                Ok(v) => Access::Token(v),
+                Err(e) => Access::Invalid(e),
+            }),
+        }
+    }
+
+    /// What a request's credentials are, short of verifying a token.
+    fn credentials(&self, headers: &HeaderMap, raw_query: Option<&str>) -> Credentials {
+        if self.keys.is_none() {
+            return Credentials::Decided(Access::Open);
+        }
+        match token::extract(headers, raw_query, &self.cookie_name) {
+            Ok(None) => Credentials::Decided(Access::Anonymous),
+            Ok(Some(token)) => Credentials::Token(token),
+            Err(e) => Credentials::Decided(Access::Invalid(e)),
         }
     }
 
     /// Checks a token's signature and claims.
     pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        if let Some(verified) = self.verify_now(token) {
+            return verified;
+        }
         let keys = self.keys.as_ref().ok_or(AuthError::Missing)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|_| {
-            AuthError::Malformed(
-                "the token is malformed, or its header names an algorithm ssegate does not accept",
-            )
-        })?;
+        let header = decode_header(token)?;
         let key = keys.find(header.kid.as_deref(), header.alg).await?;
+        self.check(token, header.alg, &key)
+    }
+
+    /// The same when the key is at hand: `None` when the key set must be fetched first.
+    fn verify_now(&self, token: &str) -> Option<Result<Verified, AuthError>> {
+        let Some(keys) = &self.keys else {
+            return Some(Err(AuthError::Missing));
+        };
+        let header = match decode_header(token) {
+            Ok(header) => header,
+            Err(e) => return Some(Err(e)),
+        };
+        let key = keys.find_cached(header.kid.as_deref(), header.alg)?;
+        Some(key.and_then(|key| self.check(token, header.alg, &key)))
+    }
+
+    /// Checks a token's signature with `key`, then its claims.
+    fn check(&self, token: &str, alg: Algorithm, key: &Key) -> Result<Verified, AuthError> {
         let mut validation = self.validation.clone();
-        validation.algorithms = vec![header.alg];
+        validation.algorithms = vec![alg];
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
                 match e.kind() {

@@ -7,29 +7,30 @@
 mod error;
 mod events;
 mod health;
+mod layers;
 mod multi;
 mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::State;
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 pub use self::error::{ApiError, ErrorCode};
+use self::layers::{AroundLayer, AuthenticateLayer, CorsFixups, LogRejections};
 pub use self::server::{Server, ServerStats, StreamOnSocket};
 use crate::auth::Authenticator;
 use crate::config::{Cors, Settings};
 use crate::hub::Hub;
 use crate::metrics::{ConnectionLabel, Metrics};
 
-/// What every handler gets.
-#[derive(Clone)]
+/// What every handler gets, behind one `Arc`: each request clones one pointer rather than one
+/// per part, and those clones are contended between worker threads.
 pub struct AppState {
     /// This node's topics; also holds the store.
     pub hub: Hub,
@@ -42,7 +43,7 @@ pub struct AppState {
 }
 
 /// The routes of the public API behind every layer: the one door all requests pass.
-pub fn app(state: AppState) -> Router {
+pub fn app(state: Arc<AppState>) -> Router {
     let cors = cors(&state.settings.cors);
     let mut routes = Router::new()
         .route("/v1/events", get(events::subscribe).post(events::publish))
@@ -57,21 +58,16 @@ pub fn app(state: AppState) -> Router {
     let mut router = routes
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(
-            state.auth.clone(),
-            authenticate,
-        ));
+        .layer(AuthenticateLayer::new(state.auth.clone()));
     if let Some(cors) = cors {
-        router = router.layer(cors).layer(middleware::from_fn(cors_fixups));
+        router = router.layer(cors).layer(AroundLayer(CorsFixups));
     }
-    router
-        .layer(middleware::from_fn(log_rejections))
-        .with_state(state)
+    router.layer(AroundLayer(LogRejections)).with_state(state)
 }
 
 /// `/metrics` in the Prometheus (OpenMetrics) text format. Values other parts keep (connected
 /// Redis connections, active topics) are read now.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     m.active_topics.set(state.hub.active_topics() as i64);
     for (connection, up) in state.hub.store().connections() {
@@ -92,34 +88,6 @@ async fn ui() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("ui.html"))
 }
 
-/// One log line per rejected request (`debug`, target `ssegate::rejected`): status, error code,
-/// method, path and topic. Never the query or the headers, which may carry a token.
-async fn log_rejections(request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let response = next.run(request).await;
-    let status = response.status();
-    if (status.is_client_error() || status.is_server_error())
-        && tracing::enabled!(target: "ssegate::rejected", tracing::Level::DEBUG)
-    {
-        let code = response.extensions().get::<ErrorCode>().map_or("", |c| c.0);
-        let topic = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-            .find(|(name, _)| name == "topic")
-            .map(|(_, value)| value.into_owned())
-            .unwrap_or_default();
-        tracing::debug!(
-            target: "ssegate::rejected",
-            status = status.as_u16(),
-            code,
-            %method,
-            path = uri.path(),
-            topic,
-            "request rejected"
-        );
-    }
-    response
-}
-
 /// The largest request body read: a full batch of maximum-size events, plus room for the JSON
 /// around them.
 fn body_limit(settings: &Settings) -> usize {
@@ -127,24 +95,6 @@ fn body_limit(settings: &Settings) -> usize {
         .max_event_bytes
         .saturating_mul(settings.max_batch_events)
         .saturating_add(1024 * 1024)
-}
-
-/// Puts the request's [`Access`](crate::auth::Access) in its extensions for the handlers, which
-/// decide per topic. The token itself goes no further than this.
-async fn authenticate(
-    State(auth): State<Arc<Authenticator>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let access = auth
-        .authenticate(request.headers(), request.uri().query())
-        .await;
-    if let crate::auth::Access::Invalid(reason) = &access {
-        // The reason only: never the token, the query or the headers that carry it.
-        tracing::debug!(%reason, path = request.uri().path(), "credentials refused");
-    }
-    request.extensions_mut().insert(access);
-    next.run(request).await
 }
 
 /// CORS for the configured origins. Listed origins get themselves back with credentials, so
@@ -176,23 +126,4 @@ fn cors(settings: &Cors) -> Option<CorsLayer> {
             .allow_origin(AllowOrigin::list(origins))
             .allow_credentials(true),
     )
-}
-
-/// Two corrections to tower-http's answers: a preflight has no content, so `204` rather than
-/// `200`; and an origin that is not allowed gets no CORS headers at all, where tower-http still
-/// sends `Access-Control-Allow-Credentials`.
-async fn cors_fixups(request: Request, next: Next) -> Response {
-    let preflight = request.method() == Method::OPTIONS
-        && request
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let mut response = next.run(request).await;
-    if preflight && response.status() == StatusCode::OK {
-        *response.status_mut() = StatusCode::NO_CONTENT;
-    }
-    let headers = response.headers_mut();
-    if !headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
-        headers.remove(header::ACCESS_CONTROL_ALLOW_CREDENTIALS);
-    }
-    response
 }
