@@ -1,11 +1,17 @@
 //! The shutdown signal, passed down to every long-lived task and open stream.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 
 /// Cloneable handle: one `trigger` ends every `wait`.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
+    /// Set with the token. A token answers `is_cancelled` under its lock, which every stream
+    /// asking for every event of a topic with many clients would contend for.
+    triggered: Arc<AtomicBool>,
 }
 
 impl Shutdown {
@@ -15,6 +21,7 @@ impl Shutdown {
 
     /// Starts shutdown everywhere.
     pub fn trigger(&self) {
+        self.triggered.store(true, Ordering::Release);
         self.token.cancel();
     }
 
@@ -24,7 +31,7 @@ impl Shutdown {
     }
 
     pub fn is_triggered(&self) -> bool {
-        self.token.is_cancelled()
+        self.triggered.load(Ordering::Acquire)
     }
 }
 

@@ -14,11 +14,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::{Buf, Bytes, BytesMut};
+
 use clap::{Parser, Subcommand, ValueEnum};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
 #[command(
@@ -315,6 +318,139 @@ async fn open_stream(
     )
 }
 
+/// Opens one SSE subscription on a TCP connection of its own and reads the response itself;
+/// returns once the response head arrived. For the fan-out's readers, which are most of its
+/// load and share the two cores with the hubs: through reqwest every delivery also went from
+/// hyper's connection task to the task reading the body. The events are still parsed by
+/// eventsource-stream.
+async fn open_raw_stream(
+    url: &str,
+) -> Option<impl futures_util::Stream<Item = Result<eventsource_stream::Event, String>>> {
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_at(rest.find('/')?);
+    let mut socket = tokio::net::TcpStream::connect(host).await.ok()?;
+    socket.set_nodelay(true).ok()?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let body = loop {
+        if socket.read_buf(&mut buf).await.ok()? == 0 {
+            return None;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut head = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(len) = head.parse(&buf).ok()? {
+            if head.code != Some(200) {
+                return None;
+            }
+            let chunked = head.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("transfer-encoding")
+                    && h.value.eq_ignore_ascii_case(b"chunked")
+            });
+            buf.advance(len);
+            break if chunked {
+                Framing::Size
+            } else {
+                Framing::Whole
+            };
+        }
+    };
+    let bytes = futures_util::stream::unfold(
+        (socket, buf, body),
+        |(mut socket, mut buf, mut body)| async move {
+            loop {
+                match body.decode(&mut buf) {
+                    Ok(Some(data)) => return Some((Ok::<_, String>(data), (socket, buf, body))),
+                    Ok(None) => {}
+                    Err(e) => return Some((Err(e), (socket, buf, Framing::Ended))),
+                }
+                if matches!(body, Framing::Ended) {
+                    return None;
+                }
+                match socket.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        },
+    );
+    Some(Box::pin(
+        bytes.eventsource().map(|r| r.map_err(|e| e.to_string())),
+    ))
+}
+
+/// Where a response body's reader is.
+enum Framing {
+    /// No framing: the body runs to the connection's end.
+    Whole,
+    /// Chunked, at a size line.
+    Size,
+    /// Chunked, inside a chunk with this much data left.
+    Data(usize),
+    /// Chunked, at the line end after a chunk's data.
+    DataEnd,
+    /// The last chunk was read, or the framing was broken.
+    Ended,
+}
+
+impl Framing {
+    /// The next piece of body data in `buf`; `None` until more is read.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, String> {
+        loop {
+            match self {
+                Framing::Whole => return Ok((!buf.is_empty()).then(|| buf.split().freeze())),
+                Framing::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((len, size))) => {
+                        buf.advance(len);
+                        *self = match size {
+                            0 => Framing::Ended,
+                            n => Framing::Data(n as usize),
+                        };
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(None),
+                    Err(_) => return Err("bad chunk size line".into()),
+                },
+                Framing::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let data = buf.split_to((*left).min(buf.len())).freeze();
+                    *left -= data.len();
+                    if *left == 0 {
+                        *self = Framing::DataEnd;
+                    }
+                    return Ok(Some(data));
+                }
+                Framing::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    buf.advance(2);
+                    *self = Framing::Size;
+                }
+                Framing::Ended => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Rounds of probes before a fan-out's timed run, and how long each waits for the readers.
+const PROBE_ROUNDS: usize = 10;
+const PROBE_WAIT: Duration = Duration::from_millis(300);
+
+/// An event's payload: a multi-topic ssegate stream wraps it in an envelope.
+fn payload(data: String) -> String {
+    if data.starts_with('{') {
+        serde_json::from_str::<Value>(&data)
+            .ok()
+            .and_then(|v| v["data"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    } else {
+        data
+    }
+}
+
 async fn fanout(
     hub: Arc<Hub>,
     subscribers: usize,
@@ -327,9 +463,12 @@ async fn fanout(
     let http = client(64);
     let delivered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(histogram()));
-    // Publishing has ended. A watch, not a timer per event: readers cost the two cores the
-    // hubs also run on, and what they cost shows up in both hubs' latency.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // When publishing ends, told once before it starts. Each reader then arms one timer for it:
+    // waiting on a shared channel beside every read took a lock all readers contend for, and
+    // readers cost the two cores the hubs also run on (it shows in both hubs' latency).
+    let (publishing_ends, ends) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
+    // Readers that saw a probe on each of their topics.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut readers = Vec::with_capacity(subscribers);
     let mut failed = 0;
     for s in 0..subscribers {
@@ -337,18 +476,46 @@ async fn fanout(
             .map(|j| format!("fan{}", (s * per_connection + j) % topics))
             .collect();
         let url = hub.subscribe_many_url(&mine);
-        let Some(mut stream) = open_stream(&http, &url, None).await else {
+        let Some(mut stream) = open_raw_stream(&url).await else {
             failed += 1;
             continue;
         };
-        let (delivered, latencies, mut stopped) =
-            (delivered.clone(), latencies.clone(), stopped.clone());
+        let (delivered, latencies, mut ends, ready) = (
+            delivered.clone(),
+            latencies.clone(),
+            ends.clone(),
+            ready_tx.clone(),
+        );
         readers.push(tokio::spawn(async move {
             // Latencies in µs, into the shared histogram at the end: a histogram per reader is
             // ~200 KB, and a thousand of them made every delivery a cache miss.
             let mut local: Vec<u64> = Vec::new();
+            // First the probes, until one came on each topic (or the timed run began anyway).
+            let mut unprobed: std::collections::HashSet<String> = mine.into_iter().collect();
+            while !unprobed.is_empty() {
+                tokio::select! {
+                    next = stream.next() => match next {
+                        Some(Ok(event)) => {
+                            if let Some(topic) = payload(event.data).strip_prefix("probe ") {
+                                unprobed.remove(topic);
+                            }
+                        }
+                        _ => return,
+                    },
+                    _ = ends.wait_for(Option::is_some) => break,
+                }
+            }
+            if unprobed.is_empty() {
+                let _ = ready.send(());
+            }
+            // Nothing timed is published before the end is known.
+            let Ok(Some(end)) = ends.wait_for(Option::is_some).await.map(|end| *end) else {
+                return;
+            };
+            let publishing = tokio::time::sleep_until(end);
+            tokio::pin!(publishing);
             let mut draining = false;
-            // Read until publishing has stopped and then 500 ms pass without an event.
+            // Read until publishing has ended and then 500 ms pass without an event.
             loop {
                 let next = if draining {
                     tokio::time::timeout(Duration::from_millis(500), stream.next())
@@ -358,7 +525,7 @@ async fn fanout(
                     tokio::select! {
                         biased;
                         next = stream.next() => Some(next),
-                        _ = stopped.wait_for(|stop| *stop) => {
+                        _ = &mut publishing => {
                             draining = true;
                             continue;
                         }
@@ -366,15 +533,7 @@ async fn fanout(
                 };
                 match next {
                     Some(Some(Ok(event))) => {
-                        // A multi-topic ssegate stream wraps the payload in an envelope.
-                        let data = if event.data.starts_with('{') {
-                            serde_json::from_str::<Value>(&event.data)
-                                .ok()
-                                .and_then(|v| v["data"].as_str().map(str::to_owned))
-                                .unwrap_or_default()
-                        } else {
-                            event.data
-                        };
+                        let data = payload(event.data);
                         let sent = data.split(' ').next().and_then(|t| t.parse::<u64>().ok());
                         if let Some(sent) = sent {
                             local.push(now_micros().saturating_sub(sent).max(1));
@@ -390,12 +549,40 @@ async fn fanout(
             }
         }));
     }
+    drop(ready_tx);
     let publisher = Hub {
         target: hub.target,
         base: publish_url.unwrap_or_else(|| hub.base.clone()),
     };
+    // A probe on every topic until every reader saw one on each of its topics: a hub may answer
+    // a subscription before it is subscribed upstream (nchan subscribes to Redis after it
+    // answers), and the timed events must not race that. At most PROBE_ROUNDS rounds.
+    let reading = readers.len();
+    let mut ready = 0;
+    'probing: for _ in 0..PROBE_ROUNDS {
+        let probes = futures_util::stream::iter(0..topics).map(|t| {
+            let topic = format!("fan{t}");
+            http.post(publisher.publish_url(&topic))
+                .body(format!("probe {topic}"))
+                .send()
+        });
+        let _: Vec<_> = probes.buffer_unordered(64).collect().await;
+        let round = tokio::time::sleep(PROBE_WAIT);
+        tokio::pin!(round);
+        while ready < reading {
+            tokio::select! {
+                got = ready_rx.recv() => match got {
+                    Some(()) => ready += 1,
+                    None => break 'probing,
+                },
+                _ = &mut round => continue 'probing,
+            }
+        }
+        break;
+    }
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
+    let _ = publishing_ends.send(Some(deadline.into()));
     let mut published = 0u64;
     let mut publish_errors = 0u64;
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -425,8 +612,7 @@ async fn fanout(
         }
     }
     let publish_secs = started.elapsed().as_secs_f64();
-    // Let the last events arrive; readers stop after 500 ms of silence.
-    let _ = stop.send(true);
+    // Readers stop after 500 ms of silence past the end.
     for r in readers {
         let _ = r.await;
     }
@@ -438,7 +624,8 @@ async fn fanout(
     json!({
         "scenario": "fanout", "subscribers": subscribers, "topics": topics, "rate": rate,
         "topics_per_connection": per_connection,
-        "connect_failures": failed, "published": published, "publish_errors": publish_errors,
+        "connect_failures": failed, "unprobed_readers": reading - ready,
+        "published": published, "publish_errors": publish_errors,
         "delivered": delivered, "expected_deliveries": expected,
         "deliveries_per_sec": delivered as f64 / publish_secs,
         "latency_p50_ms": ms(&h, 0.5), "latency_p99_ms": ms(&h, 0.99), "latency_p999_ms": ms(&h, 0.999),

@@ -10,12 +10,20 @@
 //! At most `capacity` items are kept; a receiver further behind gets [`RecvError::Lagged`] and
 //! goes on from the oldest item kept (the session then reads the store instead).
 //!
+//! Receivers waiting for an item leave their wakers in the queue's state, under the lock they
+//! read items with; a send takes them all and wakes them outside it. A receiver of a topic with
+//! many clients then takes one lock per item it reads, where a `Notify` cost it two turns of
+//! the notifier's lock besides (enabling and dropping its waiter), all contended by the topic's
+//! other receivers.
+//!
 //! The feed also holds its *horizon*: the id of the last event the pump put on it, or where it
 //! started; `None` until the pump knows. It moves under the same lock as the items, so a
 //! receiver subscribing sees exactly the horizon of what it will not receive.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use tokio::sync::Notify;
 
@@ -32,7 +40,7 @@ pub enum RecvError {
 
 pub struct Feed<T> {
     state: Mutex<State<T>>,
-    /// Woken on every send and on close.
+    /// Woken when the horizon is set and on close, for [`Feed::started`].
     changed: Notify,
 }
 
@@ -48,6 +56,15 @@ struct State<T> {
     /// Id of the last item sent, or where the feed starts; `None` until known.
     horizon: Option<StreamId>,
     closed: bool,
+    /// Receivers waiting for the next item, woken (and the list emptied) by the next send or
+    /// the close. At most one entry per receiver: see [`Receiver::waiting`].
+    waiting: Vec<Waker>,
+    /// Entries of `waiting` left by receivers gone, emptied and ready for reuse: clients that
+    /// come and go on a topic with no events do not grow the list, nor keep their tasks.
+    free: Vec<usize>,
+    /// Counts the times `waiting` was emptied, so a receiver can tell whether its entry is
+    /// still there.
+    wakeups: u64,
 }
 
 impl<T> State<T> {
@@ -77,6 +94,9 @@ impl<T: Clone> Feed<T> {
                 capacity: capacity.max(1),
                 horizon: None,
                 closed: false,
+                waiting: Vec::new(),
+                free: Vec::new(),
+                wakeups: 0,
             }),
             changed: Notify::new(),
         })
@@ -93,6 +113,7 @@ impl<T: Clone> Feed<T> {
         let receiver = Receiver {
             next: state.end(),
             feed: self.clone(),
+            waiting: None,
         };
         (receiver, state.horizon)
     }
@@ -127,25 +148,48 @@ impl<T: Clone> Feed<T> {
     /// With no receiver, the item is dropped at once.
     pub fn send(&self, item: T, id: Option<StreamId>) {
         let mut state = self.lock();
+        let started = id.is_some() && state.horizon.is_none();
         if let Some(id) = id {
             state.horizon = Some(id);
         }
-        if state.receivers == 0 {
+        if state.receivers > 0 {
+            let receivers = state.receivers;
+            state.items.push_back((item, receivers));
+            while state.items.len() > state.capacity {
+                state.items.pop_front();
+                state.first += 1;
+            }
+        }
+        self.wake(state);
+        if started {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Wakes the waiting receivers, outside the lock, and keeps the list's memory for the next
+    /// time (one allocation per feed, not one per send).
+    fn wake(&self, mut state: MutexGuard<'_, State<T>>) {
+        if state.waiting.is_empty() {
             return;
         }
-        let receivers = state.receivers;
-        state.items.push_back((item, receivers));
-        while state.items.len() > state.capacity {
-            state.items.pop_front();
-            state.first += 1;
-        }
+        let mut waiting = std::mem::take(&mut state.waiting);
+        state.free.clear();
+        state.wakeups += 1;
         drop(state);
-        self.changed.notify_waiters();
+        for waker in waiting.drain(..) {
+            waker.wake();
+        }
+        let mut state = self.lock();
+        if state.waiting.is_empty() {
+            state.waiting = waiting;
+        }
     }
 
     /// Ends the feed: receivers get what is left, then [`RecvError::Closed`].
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut state = self.lock();
+        state.closed = true;
+        self.wake(state);
         self.changed.notify_waiters();
     }
 
@@ -160,27 +204,50 @@ pub struct Receiver<T: Clone> {
     feed: Arc<Feed<T>>,
     /// Sequence number of the next item to read.
     next: u64,
+    /// Where this receiver's waker is in the feed's waiting list: the list's `wakeups` count
+    /// then, and the index. While the count is unchanged the entry is there, and a receiver
+    /// polled again (after an idle timeout, say) updates it rather than adding another, so the
+    /// list never holds more entries than the feed has receivers.
+    waiting: Option<(u64, usize)>,
 }
 
 impl<T: Clone> Receiver<T> {
     /// The next item, waiting for it.
     pub async fn recv(&mut self) -> Result<T, RecvError> {
-        loop {
-            // Registered before looking, so a send between the look and the wait still wakes us.
-            let changed = self.feed.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if let Some(result) = try_recv(&self.feed, &mut self.next) {
-                return result;
-            }
-            changed.await;
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, RecvError>> {
+        let mut state = self.feed.lock();
+        if let Some(result) = take(&mut state, &mut self.next) {
+            return Poll::Ready(result);
         }
+        // Left under the lock a send takes, so a send after the look wakes this receiver.
+        match self.waiting {
+            Some((wakeups, index)) if wakeups == state.wakeups => {
+                state.waiting[index].clone_from(cx.waker());
+            }
+            _ => {
+                let waker = cx.waker().clone();
+                let index = match state.free.pop() {
+                    Some(index) => {
+                        state.waiting[index] = waker;
+                        index
+                    }
+                    None => {
+                        state.waiting.push(waker);
+                        state.waiting.len() - 1
+                    }
+                };
+                self.waiting = Some((state.wakeups, index));
+            }
+        }
+        Poll::Pending
     }
 }
 
 /// The item numbered `next` if it is there (moving `next` on); `None` when there is nothing yet.
-fn try_recv<T: Clone>(feed: &Feed<T>, next: &mut u64) -> Option<Result<T, RecvError>> {
-    let mut state = feed.lock();
+fn take<T: Clone>(state: &mut State<T>, next: &mut u64) -> Option<Result<T, RecvError>> {
     if *next < state.first {
         let missed = state.first - *next;
         *next = state.first;
@@ -201,6 +268,12 @@ impl<T: Clone> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut state = self.feed.lock();
         state.receivers -= 1;
+        if let Some((wakeups, index)) = self.waiting {
+            if wakeups == state.wakeups {
+                state.waiting[index] = Waker::noop().clone();
+                state.free.push(index);
+            }
+        }
         let from = self.next.saturating_sub(state.first) as usize;
         for (_, unread) in state.items.iter_mut().skip(from) {
             *unread -= 1;
@@ -211,6 +284,8 @@ impl<T: Clone> Drop for Receiver<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
@@ -272,6 +347,48 @@ mod tests {
         let (first, second) = waiting.await.unwrap();
         assert_eq!(first, Ok("x"));
         assert_eq!(second, Err(RecvError::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receiver_polled_again_while_waiting_is_listed_once() {
+        let feed = Feed::new(4);
+        let mut r = feed.subscribe().0;
+        let _other = feed.subscribe().0;
+        for _ in 0..5 {
+            let waited = tokio::time::timeout(Duration::from_secs(1), r.recv()).await;
+            assert!(waited.is_err(), "nothing was sent");
+        }
+        assert_eq!(feed.lock().waiting.len(), 1);
+        feed.send(1, None);
+        assert!(feed.lock().waiting.is_empty(), "a send wakes and unlists");
+        assert_eq!(r.recv().await, Ok(1));
+        // Listed anew after the send, once.
+        for _ in 0..3 {
+            let waited = tokio::time::timeout(Duration::from_secs(1), r.recv()).await;
+            assert!(waited.is_err());
+        }
+        assert_eq!(feed.lock().waiting.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receivers_that_come_and_go_without_events_leave_no_entries_behind() {
+        let feed = Feed::new(4);
+        let mut stays = feed.subscribe().0;
+        let waited = tokio::time::timeout(Duration::from_secs(1), stays.recv()).await;
+        assert!(waited.is_err());
+        for _ in 0..10 {
+            let mut visitor = feed.subscribe().0;
+            let waited = tokio::time::timeout(Duration::from_secs(1), visitor.recv()).await;
+            assert!(waited.is_err());
+            drop(visitor);
+        }
+        assert_eq!(
+            feed.lock().waiting.len(),
+            2,
+            "the visitors took turns in one entry"
+        );
+        feed.send(7, None);
+        assert_eq!(stays.recv().await, Ok(7));
     }
 
     #[tokio::test]

@@ -102,13 +102,15 @@ impl Session {
                     }
                 }
             }
+            // Shutdown is not waited for here: the pump closes the feed on shutdown, and the
+            // session then says goodbye. Waiting on the shutdown token as well cost every
+            // session two turns of the token's lock per event, contended by all of them.
             let item = tokio::select! {
-                // In order, not at random (no random number per event): shutdown is also seen
-                // at the top of the loop, and an idle wait only matters when nothing came.
+                // In order, not at random (no random number per event): an idle wait only
+                // matters when nothing came.
                 biased;
                 item = self.feed.recv() => item,
                 _ = &mut idle => return Output::Idle,
-                _ = self.membership.hub.shutdown.wait() => return self.farewell(),
             };
             match item {
                 Ok(Item::Event(d)) if d.id > self.cursor => {
