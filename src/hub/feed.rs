@@ -10,8 +10,9 @@
 //! At most `capacity` items are kept; a receiver further behind gets [`RecvError::Lagged`] and
 //! goes on from the oldest item kept (the session then reads the store instead).
 //!
-//! Receivers waiting for an item leave their wakers in the queue's state, under the lock they
-//! read items with; a send takes them all and wakes them outside it. A receiver of a topic with
+//! Each receiver has a slot in the queue's state, under the lock it reads items with: its place
+//! in the queue, and its waker while it waits. A send takes the wakers and wakes them outside the
+//! lock. A receiver of a topic with
 //! many clients then takes one lock per item it reads, where a `Notify` cost it two turns of
 //! the notifier's lock besides (enabling and dropping its waiter), all contended by the topic's
 //! other receivers.
@@ -56,16 +57,25 @@ struct State<T> {
     /// Id of the last item sent, or where the feed starts; `None` until known.
     horizon: Option<StreamId>,
     closed: bool,
-    /// Receivers waiting for the next item, woken (and the list emptied) by the next send or
-    /// the close. At most one entry per receiver: see [`Receiver::waiting`].
-    waiting: Vec<Waker>,
-    /// Entries of `waiting` left by receivers gone, emptied and ready for reuse: clients that
-    /// come and go on a topic with no events do not grow the list, nor keep their tasks.
-    free: Vec<usize>,
-    /// Counts the times `waiting` was emptied, so a receiver can tell whether its entry is
-    /// still there.
-    wakeups: u64,
+    /// One per receiver (see [`Receiver::slot`]).
+    slots: Vec<Slot>,
+    /// Slots of receivers gone, for the next ones: clients that come and go do not grow
+    /// `slots`.
+    free_slots: Vec<usize>,
 }
+
+/// A receiver's state, kept in the feed rather than in the receiver: a receiver is part of every
+/// stream's state, and a few bytes more there moved each idle stream to a larger allocation.
+struct Slot {
+    /// Sequence number of the next item to read.
+    next: u64,
+    /// The receiver's waker while it waits for an item; the next send or the close takes it.
+    waker: Option<Waker>,
+}
+
+/// Most wakers a send takes out of the lock at a time (as `tokio::sync::Notify` does), so that
+/// waking a topic's receivers needs no memory of its own.
+const WAKE_BATCH: usize = 32;
 
 impl<T> State<T> {
     fn end(&self) -> u64 {
@@ -94,9 +104,8 @@ impl<T: Clone> Feed<T> {
                 capacity: capacity.max(1),
                 horizon: None,
                 closed: false,
-                waiting: Vec::new(),
-                free: Vec::new(),
-                wakeups: 0,
+                slots: Vec::new(),
+                free_slots: Vec::new(),
             }),
             changed: Notify::new(),
         })
@@ -110,10 +119,27 @@ impl<T: Clone> Feed<T> {
     pub fn subscribe(self: &Arc<Self>) -> (Receiver<T>, Option<StreamId>) {
         let mut state = self.lock();
         state.receivers += 1;
-        let receiver = Receiver {
+        let place = Slot {
             next: state.end(),
+            waker: None,
+        };
+        let slot = match state.free_slots.pop() {
+            Some(slot) => {
+                state.slots[slot] = place;
+                slot
+            }
+            None => {
+                // Most topics have one client (a topic per user): room for one, not four.
+                if state.slots.capacity() == 0 {
+                    state.slots.reserve_exact(1);
+                }
+                state.slots.push(place);
+                state.slots.len() - 1
+            }
+        };
+        let receiver = Receiver {
             feed: self.clone(),
-            waiting: None,
+            slot,
         };
         (receiver, state.horizon)
     }
@@ -166,22 +192,29 @@ impl<T: Clone> Feed<T> {
         }
     }
 
-    /// Wakes the waiting receivers, outside the lock, and keeps the list's memory for the next
-    /// time (one allocation per feed, not one per send).
-    fn wake(&self, mut state: MutexGuard<'_, State<T>>) {
-        if state.waiting.is_empty() {
-            return;
-        }
-        let mut waiting = std::mem::take(&mut state.waiting);
-        state.free.clear();
-        state.wakeups += 1;
-        drop(state);
-        for waker in waiting.drain(..) {
-            waker.wake();
-        }
-        let mut state = self.lock();
-        if state.waiting.is_empty() {
-            state.waiting = waiting;
+    /// Wakes the waiting receivers, outside the lock, a batch at a time. A receiver that
+    /// registers again meanwhile has seen what was sent, so it waits for the next send.
+    fn wake<'a>(&'a self, mut state: MutexGuard<'a, State<T>>) {
+        let mut from = 0;
+        loop {
+            let mut batch: [Option<Waker>; WAKE_BATCH] = Default::default();
+            let mut taken = 0;
+            while from < state.slots.len() && taken < WAKE_BATCH {
+                if let Some(waker) = state.slots[from].waker.take() {
+                    batch[taken] = Some(waker);
+                    taken += 1;
+                }
+                from += 1;
+            }
+            let done = from >= state.slots.len();
+            drop(state);
+            for waker in batch.into_iter().flatten() {
+                waker.wake();
+            }
+            if done {
+                return;
+            }
+            state = self.lock();
         }
     }
 
@@ -202,13 +235,8 @@ impl<T: Clone> Feed<T> {
 
 pub struct Receiver<T: Clone> {
     feed: Arc<Feed<T>>,
-    /// Sequence number of the next item to read.
-    next: u64,
-    /// Where this receiver's waker is in the feed's waiting list: the list's `wakeups` count
-    /// then, and the index. While the count is unchanged the entry is there, and a receiver
-    /// polled again (after an idle timeout, say) updates it rather than adding another, so the
-    /// list never holds more entries than the feed has receivers.
-    waiting: Option<(u64, usize)>,
+    /// Its place in the feed's `slots`.
+    slot: usize,
 }
 
 impl<T: Clone> Receiver<T> {
@@ -219,45 +247,32 @@ impl<T: Clone> Receiver<T> {
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, RecvError>> {
         let mut state = self.feed.lock();
-        if let Some(result) = take(&mut state, &mut self.next) {
+        if let Some(result) = take(&mut state, self.slot) {
             return Poll::Ready(result);
         }
-        // Left under the lock a send takes, so a send after the look wakes this receiver.
-        match self.waiting {
-            Some((wakeups, index)) if wakeups == state.wakeups => {
-                state.waiting[index].clone_from(cx.waker());
-            }
-            _ => {
-                let waker = cx.waker().clone();
-                let index = match state.free.pop() {
-                    Some(index) => {
-                        state.waiting[index] = waker;
-                        index
-                    }
-                    None => {
-                        state.waiting.push(waker);
-                        state.waiting.len() - 1
-                    }
-                };
-                self.waiting = Some((state.wakeups, index));
-            }
+        // Left under the lock a send takes, so a send after the look wakes this receiver. A
+        // receiver polled again while waiting (after an idle timeout, say) replaces its waker.
+        match &mut state.slots[self.slot].waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            empty => *empty = Some(cx.waker().clone()),
         }
         Poll::Pending
     }
 }
 
-/// The item numbered `next` if it is there (moving `next` on); `None` when there is nothing yet.
-fn take<T: Clone>(state: &mut State<T>, next: &mut u64) -> Option<Result<T, RecvError>> {
-    if *next < state.first {
-        let missed = state.first - *next;
-        *next = state.first;
-        return Some(Err(RecvError::Lagged(missed)));
+/// The next item for the receiver in `slot` if it is there (moving it on); `None` when there is
+/// nothing yet.
+fn take<T: Clone>(state: &mut State<T>, slot: usize) -> Option<Result<T, RecvError>> {
+    let next = state.slots[slot].next;
+    if next < state.first {
+        state.slots[slot].next = state.first;
+        return Some(Err(RecvError::Lagged(state.first - next)));
     }
-    let index = (*next - state.first) as usize;
+    let index = (next - state.first) as usize;
     if let Some((item, unread)) = state.items.get_mut(index) {
         *unread -= 1;
         let item = item.clone();
-        *next += 1;
+        state.slots[slot].next += 1;
         state.drop_read();
         return Some(Ok(item));
     }
@@ -268,13 +283,9 @@ impl<T: Clone> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut state = self.feed.lock();
         state.receivers -= 1;
-        if let Some((wakeups, index)) = self.waiting {
-            if wakeups == state.wakeups {
-                state.waiting[index] = Waker::noop().clone();
-                state.free.push(index);
-            }
-        }
-        let from = self.next.saturating_sub(state.first) as usize;
+        state.slots[self.slot].waker = None;
+        state.free_slots.push(self.slot);
+        let from = state.slots[self.slot].next.saturating_sub(state.first) as usize;
         for (_, unread) in state.items.iter_mut().skip(from) {
             *unread -= 1;
         }
@@ -358,20 +369,28 @@ mod tests {
             let waited = tokio::time::timeout(Duration::from_secs(1), r.recv()).await;
             assert!(waited.is_err(), "nothing was sent");
         }
-        assert_eq!(feed.lock().waiting.len(), 1);
+        assert_eq!(waiting(&feed), 1);
         feed.send(1, None);
-        assert!(feed.lock().waiting.is_empty(), "a send wakes and unlists");
+        assert_eq!(waiting(&feed), 0, "a send takes the wakers");
         assert_eq!(r.recv().await, Ok(1));
         // Listed anew after the send, once.
         for _ in 0..3 {
             let waited = tokio::time::timeout(Duration::from_secs(1), r.recv()).await;
             assert!(waited.is_err());
         }
-        assert_eq!(feed.lock().waiting.len(), 1);
+        assert_eq!(waiting(&feed), 1);
+    }
+
+    fn waiting<T: Clone>(feed: &Feed<T>) -> usize {
+        feed.lock()
+            .slots
+            .iter()
+            .filter(|s| s.waker.is_some())
+            .count()
     }
 
     #[tokio::test(start_paused = true)]
-    async fn receivers_that_come_and_go_without_events_leave_no_entries_behind() {
+    async fn receivers_that_come_and_go_without_events_leave_nothing_behind() {
         let feed = Feed::new(4);
         let mut stays = feed.subscribe().0;
         let waited = tokio::time::timeout(Duration::from_secs(1), stays.recv()).await;
@@ -383,10 +402,11 @@ mod tests {
             drop(visitor);
         }
         assert_eq!(
-            feed.lock().waiting.len(),
+            feed.lock().slots.len(),
             2,
-            "the visitors took turns in one entry"
+            "the visitors took turns in one slot"
         );
+        assert_eq!(waiting(&feed), 1, "a visitor gone leaves no waker");
         feed.send(7, None);
         assert_eq!(stays.recv().await, Ok(7));
     }
