@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{Extensions, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use futures_util::future::try_join_all;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -221,22 +221,32 @@ async fn expiry(expires: Option<SystemTime>) {
     }
 }
 
+/// The request's [`Access`], taken rather than cloned (a token's grants are a list of patterns).
+/// The authentication layer puts one in every request; were it ever missing, the request would
+/// be refused.
+fn take_access(extensions: &mut Extensions) -> Access {
+    extensions.remove::<Access>().unwrap_or(Access::Anonymous)
+}
+
 /// Opens an SSE stream (see [`event_stream`]). The response is marked [`StreamOnSocket`]: on a
 /// new connection the server writes it on the socket itself.
+///
+/// The request is taken whole, as in [`publish`]: its access is moved out, its query and headers
+/// read in place rather than copied by extractors (a reconnect storm is thousands of these).
 pub async fn subscribe(
     State(state): State<Arc<AppState>>,
-    Extension(access): Extension<Access>,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let (mut parts, _) = request.into_parts();
+    let access = take_access(&mut parts.extensions);
     state
         .auth
         .may_try_subscribing(&access)
         .map_err(|e| refused(&state, e))?;
-    let last_event_id = headers.get("last-event-id").map(|v| v.as_bytes());
+    let last_event_id = parts.headers.get("last-event-id").map(|v| v.as_bytes());
     let settings = &state.settings;
     let (topics, cursors) = subscription(
-        raw.as_deref(),
+        parts.uri.query(),
         last_event_id,
         settings.max_topics_per_connection,
     )?;
@@ -297,12 +307,7 @@ pub async fn publish(
     mut request: Request,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    // Taken rather than cloned (a token's grants are a list of patterns). The authentication
-    // layer puts it in every request; were it ever missing, the request would be refused.
-    let access = request
-        .extensions_mut()
-        .remove::<Access>()
-        .unwrap_or(Access::Anonymous);
+    let access = take_access(request.extensions_mut());
     let result = store_events(&state, &access, request).await;
     let metrics = &state.metrics;
     let outcome = match &result {
