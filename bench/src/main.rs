@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
-
 use clap::{Parser, Subcommand, ValueEnum};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -321,7 +320,8 @@ async fn open_stream(
 /// Opens one SSE subscription on a TCP connection of its own and reads the response itself;
 /// returns once the response head arrived. For the fan-out's readers, which are most of its
 /// load and share the two cores with the hubs: through reqwest every delivery also went from
-/// hyper's connection task to the task reading the body. The events are still parsed by
+/// hyper's connection task to the task reading the body. httparse reads the head and the chunk
+/// size lines, [`Framing`] keeps the few states around them, and the events are still parsed by
 /// eventsource-stream.
 async fn open_raw_stream(
     url: &str,

@@ -81,11 +81,12 @@ impl Keys {
     /// The key for a token with this header's `kid` and `alg`, fetching the key set first when
     /// it must be.
     pub async fn find(&self, kid: Option<&str>, alg: Algorithm) -> Result<Key, AuthError> {
-        let key = match self {
-            Keys::Fixed(key) => key.clone(),
-            Keys::Jwks(jwks) => jwks.find(kid, alg).await?,
-        };
-        accepting(key, alg)
+        match (self.find_cached(kid, alg), self) {
+            (Some(found), _) => found,
+            (None, Keys::Jwks(jwks)) => accepting(jwks.refresh_and_find(kid, alg).await?, alg),
+            // A fixed key is always at hand.
+            (None, Keys::Fixed(key)) => accepting(key.clone(), alg),
+        }
     }
 
     /// The same without waiting: `None` when the key set must be fetched first (not fetched yet,
@@ -152,10 +153,8 @@ impl Jwks {
         }
     }
 
-    async fn find(&self, kid: Option<&str>, alg: Algorithm) -> Result<Key, AuthError> {
-        if let (Some(key), false) = self.lookup(kid, alg) {
-            return Ok(key);
-        }
+    /// The key once the set was refetched (unless another fetch started recently).
+    async fn refresh_and_find(&self, kid: Option<&str>, alg: Algorithm) -> Result<Key, AuthError> {
         self.refresh().await;
         match self.lookup(kid, alg) {
             (Some(key), _) => Ok(key),

@@ -51,7 +51,6 @@ struct State<T> {
     items: VecDeque<(T, usize)>,
     /// Sequence number of `items[0]`.
     first: u64,
-    receivers: usize,
     /// Most items kept.
     capacity: usize,
     /// Id of the last item sent, or where the feed starts; `None` until known.
@@ -78,6 +77,11 @@ struct Slot {
 const WAKE_BATCH: usize = 32;
 
 impl<T> State<T> {
+    /// Receivers now: every slot not left free.
+    fn receivers(&self) -> usize {
+        self.slots.len() - self.free_slots.len()
+    }
+
     fn end(&self) -> u64 {
         self.first + self.items.len() as u64
     }
@@ -100,7 +104,6 @@ impl<T: Clone> Feed<T> {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 first: 0,
-                receivers: 0,
                 capacity: capacity.max(1),
                 horizon: None,
                 closed: false,
@@ -118,7 +121,6 @@ impl<T: Clone> Feed<T> {
     /// A receiver of everything sent from now on, and the horizon it starts after.
     pub fn subscribe(self: &Arc<Self>) -> (Receiver<T>, Option<StreamId>) {
         let mut state = self.lock();
-        state.receivers += 1;
         let place = Slot {
             next: state.end(),
             waker: None,
@@ -178,8 +180,8 @@ impl<T: Clone> Feed<T> {
         if let Some(id) = id {
             state.horizon = Some(id);
         }
-        if state.receivers > 0 {
-            let receivers = state.receivers;
+        let receivers = state.receivers();
+        if receivers > 0 {
             state.items.push_back((item, receivers));
             while state.items.len() > state.capacity {
                 state.items.pop_front();
@@ -282,7 +284,6 @@ fn take<T: Clone>(state: &mut State<T>, slot: usize) -> Option<Result<T, RecvErr
 impl<T: Clone> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut state = self.feed.lock();
-        state.receivers -= 1;
         state.slots[self.slot].waker = None;
         state.free_slots.push(self.slot);
         let from = state.slots[self.slot].next.saturating_sub(state.first) as usize;

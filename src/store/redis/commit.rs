@@ -316,10 +316,14 @@ fn build<'a>(
         parts.keys.write_name(&mut name, topic(run), LIVE);
         call.arg(name.as_str());
     }
+    let shapes: Vec<Vec<usize>> = runs
+        .iter()
+        .map(|run| run.iter().map(|&i| batch[i].events.len()).collect())
+        .collect();
     // One buffer for each run's idempotency flags and for its events as announced.
     let mut buffer = String::new();
-    for (index, run) in runs.iter().enumerate() {
-        let count: usize = run.iter().map(|&i| batch[i].events.len()).sum();
+    for (index, (run, counts)) in runs.iter().zip(&shapes).enumerate() {
+        let count: usize = counts.iter().sum();
         call.arg(index + 1).arg(count);
         // Events without a type or a key (most) are sent as their data alone: every argument is
         // a string Redis makes twice, once as it reads the command and once for the script.
@@ -346,10 +350,6 @@ fn build<'a>(
             call.arg(event.data.as_str());
         }
     }
-    let shapes = runs
-        .iter()
-        .map(|run| run.iter().map(|&i| batch[i].events.len()).collect())
-        .collect();
     let mut senders: Vec<_> = batch.into_iter().map(|r| Some(r.reply)).collect();
     let replies = runs
         .iter()

@@ -12,9 +12,9 @@
 //!
 //! Appends run as one Lua script (`append.lua`): XADD, then PUBLISH (in a cluster SPUBLISH,
 //! which only the shard owning the topic carries) of the whole event together with the id of the
-//! entry before it (a request of several events: one PUBLISH after its last, carrying them all),
-//! and trimming. Publish requests that arrive while a call is in flight share
-//! the next one (`commit`). A node that sees an announcement whose previous id is not the last
+//! entry before it (a run of several events, a topic's requests in one call: one PUBLISH after
+//! its last, carrying them all), and trimming. Publish requests that arrive while a call is in
+//! flight share the next one (`commit`). A node that sees an announcement whose previous id is not the last
 //! one it delivered knows it missed something and reads the stream. With
 //! `redis.min_replicas_ack`, `WAIT` follows the script in the same pipeline, on the same master.
 //!
