@@ -81,6 +81,31 @@ pub struct Settings {
     pub cors: Cors,
     /// Bounds on what one node accepts from clients.
     pub limits: Limits,
+    /// The Mercure hub at `/.well-known/mercure`.
+    pub mercure: Mercure,
+}
+
+/// The Mercure protocol (0.x, the draft of dunglas/mercure v0.24.2) at `/.well-known/mercure`,
+/// beside `/v1/events`, through the same layers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mercure {
+    /// Serve the hub.
+    pub enabled: bool,
+    /// Subscribers without a token receive public updates (with one, a token is still checked).
+    pub anonymous: bool,
+    /// Subscription events and the subscriptions API. Not served yet: the setting is refused
+    /// when on, rather than silently ignored.
+    pub subscriptions: bool,
+    /// Origins (`https://app.example.com`, or `*`) from which a browser may publish with the
+    /// cookie: a cookie rides along with any request, so the origin is what proves intent.
+    pub publish_origins: Vec<String>,
+    /// Cookie holding a Mercure token.
+    pub cookie_name: String,
+    /// HMAC secret for publishers' tokens; absent: the `auth` key.
+    pub publisher_jwt_key: Option<String>,
+    /// HMAC secret for subscribers' tokens; absent: the `auth` key.
+    pub subscriber_jwt_key: Option<String>,
 }
 
 /// JWT authorization. Any of the three key settings switches it on.
@@ -208,6 +233,21 @@ impl Default for Settings {
             auth: Auth::default(),
             cors: Cors::default(),
             limits: Limits::default(),
+            mercure: Mercure::default(),
+        }
+    }
+}
+
+impl Default for Mercure {
+    fn default() -> Self {
+        Mercure {
+            enabled: true,
+            anonymous: false,
+            subscriptions: false,
+            publish_origins: Vec::new(),
+            cookie_name: "mercureAuthorization".into(),
+            publisher_jwt_key: None,
+            subscriber_jwt_key: None,
         }
     }
 }
@@ -351,7 +391,8 @@ impl Settings {
                 // Lists come comma-separated: SSEGATE_CORS__ALLOWED_ORIGINS=https://a,https://b
                 .list_separator(",")
                 .with_list_parse_key("cors.allowed_origins")
-                .with_list_parse_key("auth.anonymous_subscribe"),
+                .with_list_parse_key("auth.anonymous_subscribe")
+                .with_list_parse_key("mercure.publish_origins"),
         );
         if let Some(listen) = overrides.listen {
             builder = builder.set_override("listen", listen.to_string())?;
@@ -485,26 +526,43 @@ impl Settings {
         if self.auth.leeway > Duration::from_secs(300) {
             return invalid("auth.leeway", "must be at most 5m");
         }
-        let cookie_ok = !self.auth.cookie_name.is_empty()
-            && self
-                .auth
-                .cookie_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !cookie_ok {
+        if !is_cookie_name(&self.auth.cookie_name) {
             return invalid("auth.cookie_name", "must be a valid cookie name");
         }
-        for origin in &self.cors.allowed_origins {
-            let ok = origin == "*"
-                || ((origin.starts_with("http://") || origin.starts_with("https://"))
-                    && !origin.ends_with('/')
-                    && axum::http::HeaderValue::from_str(origin).is_ok());
-            if !ok {
+        if !self.cors.allowed_origins.iter().all(|o| is_origin(o)) {
+            return invalid(
+                "cors.allowed_origins",
+                "takes `*` or origins like https://app.example.com (scheme, host, optional port, no path)",
+            );
+        }
+        if !is_cookie_name(&self.mercure.cookie_name) {
+            return invalid("mercure.cookie_name", "must be a valid cookie name");
+        }
+        if !self.mercure.publish_origins.iter().all(|o| is_origin(o)) {
+            return invalid(
+                "mercure.publish_origins",
+                "takes `*` or origins like https://app.example.com (scheme, host, optional port, no path)",
+            );
+        }
+        for (setting, key) in [
+            ("mercure.publisher_jwt_key", &self.mercure.publisher_jwt_key),
+            (
+                "mercure.subscriber_jwt_key",
+                &self.mercure.subscriber_jwt_key,
+            ),
+        ] {
+            if key.as_ref().is_some_and(|k| k.len() < 32) {
                 return invalid(
-                    "cors.allowed_origins",
-                    "takes `*` or origins like https://app.example.com (scheme, host, optional port, no path)",
+                    setting,
+                    "must be at least 32 bytes (a short HMAC secret can be guessed offline)",
                 );
             }
+        }
+        if self.mercure.subscriptions {
+            return invalid(
+                "mercure.subscriptions",
+                "is not served yet (subscription events and the subscriptions API come with presence); leave it off",
+            );
         }
         if self.limits.max_connections == Some(0) {
             return invalid("limits.max_connections", "must be more than 0");
@@ -514,6 +572,22 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// A cookie name as RFC 6265 allows it (an HTTP token).
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// `*`, or a browser origin: scheme, host and optional port, no path.
+fn is_origin(origin: &str) -> bool {
+    origin == "*"
+        || ((origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin.ends_with('/')
+            && axum::http::HeaderValue::from_str(origin).is_ok())
 }
 
 #[cfg(test)]

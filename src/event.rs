@@ -108,6 +108,13 @@ impl Topic {
         }
     }
 
+    /// A topic of the gateway's own, such as a protocol adapter's stream: its name has a space,
+    /// which no client-given topic can have, so no client can read or write it through `/v1`.
+    pub fn internal(name: &str) -> Topic {
+        debug_assert!(name.contains(' ') && !name.contains(['{', '}']));
+        Topic(name.to_owned())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

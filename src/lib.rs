@@ -17,6 +17,8 @@
 //!   answered them.
 //! - [`auth`]: JWT verification (HMAC, PEM, JWKS), topic patterns, where tokens come from, and
 //!   the publish/subscribe rules.
+//! - [`mercure`]: the Mercure protocol as an adapter over the hub and the store: topic
+//!   selectors, the hub-wide log of updates, resuming from an update's id.
 //! - [`hub`]: the per-node topic hub: one store subscription per active topic, in-memory fan-out,
 //!   and the per-client replay → live state machine that keeps the seam exact.
 //! - [`store`]: the small [`store::Store`] trait and its two implementations, memory and Redis.
@@ -31,6 +33,7 @@ pub mod cursor;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod mercure;
 pub mod metrics;
 pub mod shutdown;
 pub mod sse;

@@ -25,7 +25,22 @@ pub fn event_frame(event: &Event) -> Bytes {
 /// caller makes sure `id` has no line break (stream ids and composite cursors have none).
 pub fn frame(id: Option<&str>, event: Option<&str>, data: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + id.map_or(0, str::len) + 64);
-    if let Some(id) = id {
+    write_frame(&mut out, id, event, None, data);
+    out.freeze()
+}
+
+/// Appends a frame to `out`, with a `retry:` line when given (an event's own reconnection
+/// time, as Mercure publishers may set). `id` as for [`frame`]; one with a CR, LF or NUL is
+/// left out rather than break the framing.
+pub fn write_frame(
+    out: &mut BytesMut,
+    id: Option<&str>,
+    event: Option<&str>,
+    retry: Option<u64>,
+    data: &str,
+) {
+    out.reserve(data.len() + id.map_or(0, str::len) + 64);
+    if let Some(id) = id.filter(|id| !id.contains(['\r', '\n', '\0'])) {
         out.put_slice(b"id: ");
         out.put_slice(id.as_bytes());
         out.put_u8(b'\n');
@@ -37,13 +52,17 @@ pub fn frame(id: Option<&str>, event: Option<&str>, data: &str) -> Bytes {
         out.put_slice(ty.as_bytes());
         out.put_u8(b'\n');
     }
+    if let Some(retry) = retry {
+        out.put_slice(b"retry: ");
+        out.put_slice(retry.to_string().as_bytes());
+        out.put_u8(b'\n');
+    }
     for line in lines(data) {
         out.put_slice(b"data: ");
         out.put_slice(line.as_bytes());
         out.put_u8(b'\n');
     }
     out.put_u8(b'\n');
-    out.freeze()
 }
 
 /// The `retry:` field, telling the browser how long to wait before reconnecting.

@@ -49,7 +49,8 @@ impl Application {
         settings: Settings,
         shutdown: Shutdown,
     ) -> Result<Application, StartupError> {
-        let auth = Authenticator::new(&settings.auth).map_err(StartupError::Auth)?;
+        let auth =
+            Authenticator::new(&settings.auth, &settings.mercure).map_err(StartupError::Auth)?;
         if !auth.enabled() && !settings.listen.ip().is_loopback() {
             warn!(
                 listen = %settings.listen,

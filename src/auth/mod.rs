@@ -1,4 +1,5 @@
-//! Who may publish and subscribe: JWTs whose `ssegate` claim lists topic patterns.
+//! Who may publish and subscribe: JWTs whose `ssegate` claim lists topic patterns, and, at the
+//! Mercure hub, whose `mercure` claim lists topic selectors.
 //!
 //! ```json
 //! {"ssegate": {"publish": ["news.*"], "subscribe": ["user.42", "news.*"]}, "exp": 1767225600}
@@ -7,6 +8,10 @@
 //! [`Authenticator::authenticate`] turns a request's token into an [`Access`] (the HTTP layer does
 //! this for every request, in one place); handlers then ask it about the topics they touch. With no
 //! key configured, every request gets [`Access::Open`] and everything is allowed.
+//!
+//! A request comes through one of several [`Door`]s: the native API, or the Mercure hub (as a
+//! publisher or a subscriber). A door decides where the token is looked for and which key
+//! verifies it; what a verified token grants is read from all its claims at once.
 
 mod keys;
 pub mod pattern;
@@ -21,15 +26,33 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use self::keys::{Jwks, Key, Keys};
-use crate::config::Auth as AuthSettings;
+use crate::config::{Auth as AuthSettings, Mercure as MercureSettings};
 use crate::event::Topic;
 
+/// Which rules read a request's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// `/v1`: `Authorization: Bearer` > the `auth.cookie_name` cookie > `?access_token=`, verified
+    /// with the `auth` key.
+    Native,
+    /// A Mercure publish: `Authorization: Bearer` > `?authorization=` > the
+    /// `mercure.cookie_name` cookie, verified with `mercure.publisher_jwt_key` (else the `auth`
+    /// key).
+    MercurePublish,
+    /// A Mercure subscription: as a publish, with `mercure.subscriber_jwt_key`.
+    MercureSubscribe,
+}
+
 /// A request's credentials before any token is verified.
-enum Credentials {
+enum Credentials<'k> {
     /// No token to verify: the access is known.
     Decided(Access),
-    /// A token to verify.
-    Token(String),
+    /// A token to verify with these keys; whether it came in a cookie.
+    Token {
+        token: String,
+        keys: &'k Keys,
+        from_cookie: bool,
+    },
 }
 
 /// A token's header, which names its key and algorithm.
@@ -45,7 +68,7 @@ fn decode_header(token: &str) -> Result<jsonwebtoken::Header, AuthError> {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     #[error(
-        "a token is required: send `Authorization: Bearer <token>`, the cookie, or ?access_token="
+        "a token is required: send `Authorization: Bearer <token>`, the cookie, or ?access_token= (?authorization= at the Mercure hub)"
     )]
     Missing,
     #[error("{0}")]
@@ -68,6 +91,8 @@ pub enum AuthError {
     KeysUnavailable,
     #[error("the token does not allow {action} to topic `{topic}`")]
     Forbidden { action: &'static str, topic: String },
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl AuthError {
@@ -84,13 +109,13 @@ impl AuthError {
             AuthError::Issuer => "issuer",
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable => "keys_unavailable",
-            AuthError::Forbidden { .. } => "forbidden",
+            AuthError::Forbidden { .. } | AuthError::Refused(_) => "forbidden",
         }
     }
 
     /// `403` rather than `401`: the token is good, it just does not cover the topic.
     pub fn is_forbidden(&self) -> bool {
-        matches!(self, AuthError::Forbidden { .. })
+        matches!(self, AuthError::Forbidden { .. } | AuthError::Refused(_))
     }
 }
 
@@ -126,11 +151,32 @@ pub struct Grants {
     pub subscribe: Vec<String>,
 }
 
+/// What a token's `mercure` claim (or its namespaced form, `https://mercure.rocks/`) holds:
+/// topic selectors for publishing and for receiving private updates, and a payload that is
+/// attached to the token's subscriptions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MercureGrants {
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+}
+
 /// The claims ssegate reads; others are ignored.
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     #[serde(default)]
     ssegate: Grants,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mercure: Option<MercureGrants>,
+    #[serde(
+        default,
+        rename = "https://mercure.rocks/",
+        skip_serializing_if = "Option::is_none"
+    )]
+    mercure_namespaced: Option<MercureGrants>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,14 +187,24 @@ struct Claims {
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub grants: Grants,
+    /// The `mercure` claim, if the token has one.
+    pub mercure: Option<MercureGrants>,
     /// `exp` plus the leeway; `None` if the token has no `exp`.
     pub expires: Option<SystemTime>,
+    /// The token came in a cookie, which a browser sends with any request to the gateway, from
+    /// any page: a Mercure publish with it must also come from an allowed origin.
+    pub from_cookie: bool,
 }
 
 /// Verifies tokens and applies the rules.
 pub struct Authenticator {
     /// `None`: authorization is off.
     keys: Option<Keys>,
+    /// The Mercure hub's own keys, when configured (otherwise `keys` serves it too).
+    mercure_publisher: Option<Keys>,
+    mercure_subscriber: Option<Keys>,
+    /// The cookie a Mercure token comes in.
+    mercure_cookie: String,
     /// `aud`, `iss`, leeway; the algorithm is set per token.
     validation: Validation,
     leeway: Duration,
@@ -158,7 +214,10 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// From the settings; an unreadable key file is an error naming it.
-    pub fn new(settings: &AuthSettings) -> Result<Authenticator, String> {
+    pub fn new(
+        settings: &AuthSettings,
+        mercure: &MercureSettings,
+    ) -> Result<Authenticator, String> {
         let keys = if let Some(secret) = &settings.jwt_key {
             Some(Keys::hmac(secret))
         } else if let Some(path) = &settings.jwt_public_key {
@@ -187,6 +246,9 @@ impl Authenticator {
         }
         Ok(Authenticator {
             keys,
+            mercure_publisher: mercure.publisher_jwt_key.as_deref().map(Keys::hmac),
+            mercure_subscriber: mercure.subscriber_jwt_key.as_deref().map(Keys::hmac),
+            mercure_cookie: mercure.cookie_name.clone(),
             validation,
             leeway: settings.leeway,
             cookie_name: settings.cookie_name.clone(),
@@ -198,54 +260,96 @@ impl Authenticator {
         self.keys.is_some()
     }
 
+    /// Whether a door requires tokens (some key verifies them).
+    pub fn enabled_at(&self, door: Door) -> bool {
+        self.keys_for(door).is_some()
+    }
+
+    /// The keys that verify tokens coming through `door`.
+    fn keys_for(&self, door: Door) -> Option<&Keys> {
+        match door {
+            Door::Native => self.keys.as_ref(),
+            Door::MercurePublish => self.mercure_publisher.as_ref().or(self.keys.as_ref()),
+            Door::MercureSubscribe => self.mercure_subscriber.as_ref().or(self.keys.as_ref()),
+        }
+    }
+
     /// The access a request's credentials give.
-    pub async fn authenticate(&self, headers: &HeaderMap, raw_query: Option<&str>) -> Access {
-        match self.credentials(headers, raw_query) {
+    pub async fn authenticate(
+        &self,
+        door: Door,
+        headers: &HeaderMap,
+        raw_query: Option<&str>,
+    ) -> Access {
+        match self.credentials(door, headers, raw_query) {
             Credentials::Decided(access) => access,
-            Credentials::Token(token) => match self.verify(&token).await {
-                Ok(v) => Access::Token(v),
-                Err(e) => Access::Invalid(e),
-            },
+            Credentials::Token {
+                token,
+                keys,
+                from_cookie,
+            } => verified(self.verify_with(keys, &token).await, from_cookie),
         }
     }
 
     /// The same without waiting, which is the usual case: `None` only when the token's key must
     /// first be fetched (see [`Authenticator::authenticate`]).
-    pub fn authenticate_now(&self, headers: &HeaderMap, raw_query: Option<&str>) -> Option<Access> {
-        match self.credentials(headers, raw_query) {
+    pub fn authenticate_now(
+        &self,
+        door: Door,
+        headers: &HeaderMap,
+        raw_query: Option<&str>,
+    ) -> Option<Access> {
+        match self.credentials(door, headers, raw_query) {
             Credentials::Decided(access) => Some(access),
-            Credentials::Token(token) => Some(match self.verify_now(&token)? {
-                Ok(v) => Access::Token(v),
-                Err(e) => Access::Invalid(e),
-            }),
+            Credentials::Token {
+                token,
+                keys,
+                from_cookie,
+            } => Some(verified(self.verify_now(keys, &token)?, from_cookie)),
         }
     }
 
     /// What a request's credentials are, short of verifying a token.
-    fn credentials(&self, headers: &HeaderMap, raw_query: Option<&str>) -> Credentials {
-        if self.keys.is_none() {
+    fn credentials(
+        &self,
+        door: Door,
+        headers: &HeaderMap,
+        raw_query: Option<&str>,
+    ) -> Credentials<'_> {
+        let Some(keys) = self.keys_for(door) else {
             return Credentials::Decided(Access::Open);
-        }
-        match token::extract(headers, raw_query, &self.cookie_name) {
+        };
+        let found = match door {
+            Door::Native => token::extract(headers, raw_query, &self.cookie_name),
+            Door::MercurePublish | Door::MercureSubscribe => {
+                token::extract_mercure(headers, raw_query, &self.mercure_cookie)
+            }
+        };
+        match found {
             Ok(None) => Credentials::Decided(Access::Anonymous),
-            Ok(Some(token)) => Credentials::Token(token),
+            Ok(Some((token, source))) => Credentials::Token {
+                token,
+                keys,
+                from_cookie: source == token::Source::Cookie,
+            },
             Err(e) => Credentials::Decided(Access::Invalid(e)),
         }
     }
 
-    /// Checks a token's signature and claims.
+    /// Checks a token's signature (with the native door's key) and claims.
     pub async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         let keys = self.keys.as_ref().ok_or(AuthError::Missing)?;
+        self.verify_with(keys, token).await
+    }
+
+    async fn verify_with(&self, keys: &Keys, token: &str) -> Result<Verified, AuthError> {
         let header = decode_header(token)?;
         let key = keys.find(header.kid.as_deref(), header.alg).await?;
         self.check(token, header.alg, &key)
     }
 
     /// The same when the key is at hand: `None` when the key set must be fetched first.
-    fn verify_now(&self, token: &str) -> Option<Result<Verified, AuthError>> {
-        let Some(keys) = &self.keys else {
-            return Some(Err(AuthError::Missing));
-        };
+    fn verify_now(&self, keys: &Keys, token: &str) -> Option<Result<Verified, AuthError>> {
         let header = match decode_header(token) {
             Ok(header) => header,
             Err(e) => return Some(Err(e)),
@@ -285,7 +389,9 @@ impl Authenticator {
         }
         Ok(Verified {
             grants: data.claims.ssegate,
+            mercure: data.claims.mercure.or(data.claims.mercure_namespaced),
             expires,
+            from_cookie: false,
         })
     }
 
@@ -331,6 +437,14 @@ impl Authenticator {
     }
 }
 
+/// An access from a token's verification.
+fn verified(result: Result<Verified, AuthError>, from_cookie: bool) -> Access {
+    match result {
+        Ok(v) => Access::Token(Verified { from_cookie, ..v }),
+        Err(e) => Access::Invalid(e),
+    }
+}
+
 fn check(
     access: &Access,
     topic: &Topic,
@@ -362,6 +476,8 @@ pub fn issue(
         .as_secs();
     let claims = Claims {
         ssegate: Grants { publish, subscribe },
+        mercure: None,
+        mercure_namespaced: None,
         exp: Some(now + ttl.as_secs()),
         iat: Some(now),
     };
@@ -385,7 +501,7 @@ mod tests {
             ..AuthSettings::default()
         };
         f(&mut s);
-        Authenticator::new(&s).unwrap()
+        Authenticator::new(&s, &MercureSettings::default()).unwrap()
     }
 
     fn topic(s: &str) -> Topic {
@@ -456,6 +572,7 @@ mod tests {
                 topic: "t".into(),
             },
         ];
+        assert_eq!(AuthError::Refused("x".into()).code(), "forbidden");
         for e in &all {
             assert!(
                 crate::metrics::AUTH_FAILURE_REASONS.contains(&e.code()),
@@ -468,9 +585,12 @@ mod tests {
 
     #[tokio::test]
     async fn open_access_without_keys() {
-        let auth = Authenticator::new(&AuthSettings::default()).unwrap();
+        let auth =
+            Authenticator::new(&AuthSettings::default(), &MercureSettings::default()).unwrap();
         assert!(!auth.enabled());
-        let access = auth.authenticate(&HeaderMap::new(), None).await;
+        let access = auth
+            .authenticate(Door::Native, &HeaderMap::new(), None)
+            .await;
         assert!(matches!(access, Access::Open));
         assert!(auth.may_publish(&access, [&topic("x")]).is_ok());
     }

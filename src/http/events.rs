@@ -23,7 +23,7 @@ use crate::auth::{Access, AuthError};
 use crate::config::Settings;
 use crate::cursor;
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
-use crate::hub::{Output, Session};
+use crate::hub::{Delivery, Output, ReplayPage, Session};
 use crate::metrics::{Metrics, PublishResult, ReasonLabel, ResultLabel};
 use crate::sse;
 
@@ -117,7 +117,7 @@ fn invalid_cursor() -> ApiError {
 }
 
 /// Headers of every event stream, besides the framing.
-const STREAM_HEADERS: [(&str, &str); 3] = [
+pub(super) const STREAM_HEADERS: [(&str, &str); 3] = [
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
     // nginx and others buffer responses unless told not to.
@@ -137,37 +137,64 @@ fn subscription(
     Ok((topics, cursors))
 }
 
-/// A subscription's body: `retry:`, then the replay after the cursor, then live events, with
-/// heartbeat comments while idle. It ends at `expires` (the token's `exp`): the client comes
-/// back with a fresh token and resumes from its `Last-Event-ID`.
-fn event_stream(
+/// How a stream writes what its session produces. A `/v1` stream of one topic sends the shared,
+/// ready-made frames; a protocol adapter writes its own, and may leave events out.
+pub(super) trait Frames: Send + 'static {
+    /// A live event's frame, or `None` when this stream does not send it.
+    fn live(&mut self, delivery: &Delivery) -> Option<Bytes>;
+    /// A replay page's frames and the number of events in them, or `None` when nothing is sent.
+    fn replayed(&mut self, page: &ReplayPage) -> Option<(Bytes, usize)>;
+}
+
+/// The frames of a `/v1` stream of one topic, encoded once per event for every client.
+struct SharedFrames;
+
+impl Frames for SharedFrames {
+    fn live(&mut self, delivery: &Delivery) -> Option<Bytes> {
+        Some(delivery.frame.clone())
+    }
+
+    fn replayed(&mut self, page: &ReplayPage) -> Option<(Bytes, usize)> {
+        Some((page.frames.clone(), page.events.len()))
+    }
+}
+
+/// A subscription's body: `first` (the `retry:`), then the replay after the cursor, then live
+/// events, with heartbeat comments while idle. It ends at `expires` (the token's `exp`): the
+/// client comes back with a fresh token and resumes from its `Last-Event-ID`.
+pub(super) fn event_stream(
     session: Session,
     settings: &Settings,
     expires: Option<SystemTime>,
     metrics: Arc<Metrics>,
+    first: Bytes,
+    frames: impl Frames,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
-    let retry = sse::retry_frame(settings.retry.as_millis() as u64);
     let heartbeat = settings.heartbeat_interval;
-    let first = futures_util::stream::once(async move { retry });
+    let first = futures_util::stream::once(async move { first });
     let open = OpenStream::new(metrics);
     // One timer for the stream's life, moved only when it fires: a heartbeat is due `heartbeat`
     // after the last frame, which is noted per frame (a clock read) instead of re-arming a
     // timer per delivery.
     let idle = Box::pin(tokio::time::sleep(heartbeat));
     let last_frame = tokio::time::Instant::now();
-    let state = (session, open, idle, last_frame);
+    let state = (session, frames, open, idle, last_frame);
     let rest = futures_util::stream::unfold(
         state,
-        move |(mut session, open, mut idle, mut last_frame)| async move {
-            let frames = loop {
+        move |(mut session, mut frames, open, mut idle, mut last_frame)| async move {
+            let out = loop {
                 match session.next(idle.as_mut()).await {
                     Output::Live(delivery) => {
-                        open.delivered(1);
-                        break delivery.frame.clone();
+                        if let Some(frame) = frames.live(&delivery) {
+                            open.delivered(1);
+                            break frame;
+                        }
                     }
                     Output::Replayed(page) => {
-                        open.delivered(page.events.len());
-                        break page.frames.clone();
+                        if let Some((out, events)) = frames.replayed(&page) {
+                            open.delivered(events);
+                            break out;
+                        }
                     }
                     Output::Farewell(retry) => break retry,
                     Output::Idle => {
@@ -184,7 +211,7 @@ fn event_stream(
             if idle.is_elapsed() {
                 idle.as_mut().reset(last_frame + heartbeat);
             }
-            Some((frames, (session, open, idle, last_frame)))
+            Some((out, (session, frames, open, idle, last_frame)))
         },
     );
     first.chain(rest).take_until(expiry(expires))
@@ -211,7 +238,7 @@ impl Drop for OpenStream {
 }
 
 /// Completes at `expires` (the token's `exp`, plus the leeway); never without.
-async fn expiry(expires: Option<SystemTime>) {
+pub(super) async fn expiry(expires: Option<SystemTime>) {
     match expires {
         Some(at) => {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -224,7 +251,7 @@ async fn expiry(expires: Option<SystemTime>) {
 /// The request's [`Access`], taken rather than cloned (a token's grants are a list of patterns).
 /// The authentication layer puts one in every request; were it ever missing, the request would
 /// be refused.
-fn take_access(extensions: &mut Extensions) -> Access {
+pub(super) fn take_access(extensions: &mut Extensions) -> Access {
     extensions.remove::<Access>().unwrap_or(Access::Anonymous)
 }
 
@@ -266,7 +293,9 @@ pub async fn subscribe(
     let expires = access.expires();
     let body = if topics.len() == 1 {
         let session = sessions.into_iter().next().ok_or(ApiError::NotFound)?;
-        let frames = event_stream(session, settings, expires, state.metrics.clone());
+        let retry = sse::retry_frame(settings.retry.as_millis() as u64);
+        let metrics = state.metrics.clone();
+        let frames = event_stream(session, settings, expires, metrics, retry, SharedFrames);
         Body::from_stream(frames.map(Ok::<_, Infallible>))
     } else {
         let retry = sse::retry_frame(settings.retry.as_millis() as u64);
@@ -309,10 +338,20 @@ pub async fn publish(
     let started = Instant::now();
     let access = take_access(request.extensions_mut());
     let result = store_events(&state, &access, request).await;
-    let metrics = &state.metrics;
-    let outcome = match &result {
-        Ok((_, stored)) => {
-            metrics.events_published.inc_by(*stored as u64);
+    count_publish(
+        &state.metrics,
+        started,
+        result.as_ref().map(|(_, stored)| *stored),
+    );
+    result.map(|(response, _)| response)
+}
+
+/// Counts a publish by its outcome (with the events it stored) and its time, whichever API it
+/// came through.
+pub(super) fn count_publish(metrics: &Metrics, started: Instant, result: Result<usize, &ApiError>) {
+    let outcome = match result {
+        Ok(stored) => {
+            metrics.events_published.inc_by(stored as u64);
             PublishResult::acknowledged
         }
         Err(e) if e.is_server_error() => PublishResult::failed,
@@ -325,7 +364,6 @@ pub async fn publish(
     metrics
         .publish_duration
         .observe(started.elapsed().as_secs_f64());
-    result.map(|(response, _)| response)
 }
 
 /// Validates, authorizes and stores a publish: the answer, and the number of events stored.
@@ -437,7 +475,7 @@ impl<'a> PublishQuery<'a> {
 }
 
 /// Counts a refusal by its reason, and turns it into the answer.
-fn refused(state: &AppState, e: AuthError) -> ApiError {
+pub(super) fn refused(state: &AppState, e: AuthError) -> ApiError {
     let reason = ReasonLabel { reason: e.code() };
     state.metrics.auth_failures.get_or_create(&reason).inc();
     ApiError::Auth(e)
@@ -668,9 +706,17 @@ mod tests {
         let hub = Hub::start(store.clone(), &settings, Shutdown::new(), metrics.clone());
         let topic = Topic::parse("hb").unwrap();
         let session = hub.subscribe(topic.clone(), None).await.unwrap();
-        let mut frames = Box::pin(event_stream(session, &settings, None, metrics));
-        let start = Instant::now();
         let retry = sse::retry_frame(settings.retry.as_millis() as u64);
+        let first = retry.clone();
+        let mut frames = Box::pin(event_stream(
+            session,
+            &settings,
+            None,
+            metrics,
+            first,
+            SharedFrames,
+        ));
+        let start = Instant::now();
         assert_eq!(frames.next().await, Some(retry));
 
         assert_eq!(frames.next().await, Some(sse::heartbeat_frame()));

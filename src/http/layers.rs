@@ -20,7 +20,7 @@ use futures_util::future::{BoxFuture, Either};
 use tower::{Layer, Service};
 
 use super::ErrorCode;
-use crate::auth::{Access, Authenticator};
+use crate::auth::{Access, Authenticator, Door};
 
 /// Puts each request's [`Access`] in its extensions for the handlers, which decide per topic.
 /// The token itself goes no further than this.
@@ -67,9 +67,10 @@ where
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        if let Some(access) = self
-            .auth
-            .authenticate_now(request.headers(), request.uri().query())
+        let door = door(&request);
+        if let Some(access) =
+            self.auth
+                .authenticate_now(door, request.headers(), request.uri().query())
         {
             admit(&mut request, access);
             return Either::Left(self.inner.call(request));
@@ -81,11 +82,22 @@ where
         let auth = self.auth.clone();
         Either::Right(Box::pin(async move {
             let access = auth
-                .authenticate(request.headers(), request.uri().query())
+                .authenticate(door, request.headers(), request.uri().query())
                 .await;
             admit(&mut request, access);
             inner.call(request).await
         }))
+    }
+}
+
+/// Which door a request comes through: the Mercure hub's path has its own token rules.
+fn door(request: &Request) -> Door {
+    if !crate::mercure::is_hub_path(request.uri().path()) {
+        Door::Native
+    } else if request.method() == Method::POST {
+        Door::MercurePublish
+    } else {
+        Door::MercureSubscribe
     }
 }
 

@@ -2,12 +2,14 @@
 //! response mapping, and the server that feeds connections to the router.
 //!
 //! Every request, whichever way the server reads it, goes through [`app`]: the routes behind the
-//! same layers (CORS, authentication, body limit).
+//! same layers (CORS, authentication, body limit). `/v1/events` and the Mercure hub
+//! (`/.well-known/mercure`) are two faces of the same hub and store behind those layers.
 
 mod error;
 mod events;
 mod health;
 mod layers;
+mod mercure;
 mod multi;
 mod server;
 
@@ -49,6 +51,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/events", get(events::subscribe).post(events::publish))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz));
+    if state.settings.mercure.enabled {
+        routes = routes.route(
+            crate::mercure::PATH,
+            get(mercure::subscribe).post(mercure::publish),
+        );
+    }
     if state.settings.metrics_listen.is_none() {
         routes = routes.route("/metrics", get(metrics));
     }

@@ -287,6 +287,17 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {
+        let logs = self.lock();
+        let now = Instant::now();
+        Ok(logs
+            .topics
+            .get(topic.as_str())
+            .and_then(|log| log.idempotency.get(key))
+            .filter(|(_, at)| now.duration_since(*at) < self.idempotency_window)
+            .map(|(id, _)| *id))
+    }
+
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
         let logs = self.lock();
         Ok(match logs.topics.get(topic.as_str()) {

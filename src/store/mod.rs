@@ -156,6 +156,11 @@ pub trait Store: Send + Sync + 'static {
     async fn read(&self, topic: &Topic, cursor: StreamId, count: usize)
         -> Result<Page, StoreError>;
 
+    /// The id an event appended to `topic` with idempotency key `key` got, while the key's
+    /// window holds; `None` if the key was never used there or is forgotten. A protocol whose
+    /// clients resume from ids of their own (Mercure's publisher-chosen ids) finds them with it.
+    async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError>;
+
     /// The position a new reader starts from: the newest entry id, or where the stream ends if it
     /// has no entries (`0-0` if it never existed). Reading after it returns only newer events.
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError>;

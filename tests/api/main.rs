@@ -10,6 +10,7 @@ mod delivery;
 mod failure;
 mod helpers;
 mod input;
+mod mercure;
 mod ops;
 mod process;
 mod raw;

@@ -175,6 +175,16 @@ async fn idempotency_keys_return_the_first_id(s: Subject) {
         other,
         "keys are per topic"
     );
+
+    // A key is looked up to the id it got, per topic, while its window holds.
+    assert_eq!(s.store.keyed(&t, "k1").await.unwrap(), Some(first[0]));
+    assert_eq!(s.store.keyed(&t, "k2").await.unwrap(), Some(again[1]));
+    assert_eq!(
+        s.store.keyed(&topic("other"), "k1").await.unwrap(),
+        Some(other[0])
+    );
+    assert_eq!(s.store.keyed(&t, "k3").await.unwrap(), None);
+    assert_eq!(s.store.keyed(&topic("never"), "k1").await.unwrap(), None);
 }
 
 async fn gap_rule_for_trimmed_history(s: Subject) {

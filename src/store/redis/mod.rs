@@ -59,7 +59,7 @@ use tracing::{info, warn};
 
 use self::commit::{AppendRequest, AppendSettings};
 use self::connection::{open_link, ping, query, Link, Target};
-use self::keys::Keys;
+use self::keys::{Keys, IDEMPOTENCY};
 use self::reply::{as_array, parse_entries, parse_facts, parse_id};
 use self::scripts::{Call, Replication, Scripts};
 use self::subscriptions::{
@@ -323,6 +323,25 @@ impl Store for RedisStore {
             events: events.into_iter().take(count).collect(),
             resume_after,
         })
+    }
+
+    async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {
+        let mut name = String::new();
+        self.keys.write_name(&mut name, topic.as_str(), IDEMPOTENCY);
+        name.push_str(key);
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(name);
+        let started = Instant::now();
+        let reply: Result<Option<String>, StoreError> =
+            query(&mut self.link()?.conn, &cmd, self.runner.response_timeout).await;
+        self.runner.observe(started, &reply);
+        match reply? {
+            None => Ok(None),
+            Some(id) => id
+                .parse()
+                .map(Some)
+                .map_err(|_| StoreError::Internal(format!("idempotency key holds `{id}`"))),
+        }
     }
 
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
