@@ -1,7 +1,8 @@
 //! The chaos run: the multi-node test bed (`scripts/testbed.sh`: Redis with AOF, three nodes,
 //! HAProxy) under a steady publish load, while nodes are SIGKILLed or drained and Redis is
 //! killed and restarted at random. Subscribers and publishers go through the load balancer only.
-//! At the end every subscriber's ids are checked against the stream read from Redis.
+//! At the end every subscriber's ids are checked against the stream read from Redis; Mercure
+//! subscribers (`*`, a template, an exact topic) against the hub's log.
 //!
 //! `CHAOS_SECONDS` sets the length (60 by default; `scripts/chaos.sh --seconds N` for longer).
 
@@ -173,6 +174,88 @@ async fn publish_until(
     retries
 }
 
+/// Topics of the Mercure publisher: `https://example.com/chaos/<n>`.
+const MERCURE_TOPICS: usize = 3;
+/// Selectors of the Mercure subscribers: every topic, a template matching every chaos topic, one
+/// topic exactly.
+const MERCURE_SELECTORS: [&str; 3] = [
+    "*",
+    "https://example.com/chaos/{n}",
+    "https://example.com/chaos/1",
+];
+
+/// Publishes Mercure updates through the load balancer until told to stop, each with its own
+/// id, retrying refused or failed attempts with the same id (which makes the retry safe).
+async fn publish_mercure_until(
+    lb: String,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+) -> usize {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut retries = 0;
+    for i in 0.. {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let id = format!("urn:chaos:{i}");
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair(
+                "topic",
+                &format!("https://example.com/chaos/{}", i % MERCURE_TOPICS),
+            )
+            .append_pair("id", &id)
+            .append_pair("data", &format!("update {i}"))
+            .finish();
+        loop {
+            let reply = http
+                .post(format!("{lb}/.well-known/mercure"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body.clone())
+                .send()
+                .await;
+            if let Ok(r) = reply {
+                if r.status() == 200 {
+                    assert_eq!(r.text().await.unwrap(), id);
+                    acked.lock().unwrap().push(id);
+                    break;
+                }
+            }
+            retries += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    retries
+}
+
+/// The Mercure log as Redis holds it: each update's id and canonical topic, in order.
+async fn mercure_log(redis_url: &str) -> Vec<(String, String)> {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("ssegate:{mercure updates}")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|entry| {
+            let data: String = entry.get("data").expect("an update's data");
+            let update: Value = serde_json::from_str(&data).unwrap();
+            (
+                update["i"].as_str().expect("a publisher's id").to_owned(),
+                update["t"][0].as_str().expect("a topic").to_owned(),
+            )
+        })
+        .collect()
+}
+
 #[derive(Default, Debug)]
 struct Tally {
     lost: usize,
@@ -238,6 +321,27 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
     let both = format!("topic={TOPIC}&topic={SIDE}");
     let mut multi: Vec<ResumingClient> = (0..2)
         .map(|_| ResumingClient::start_query(vec![lb.clone()], &both, Some("0".into()), None))
+        .collect();
+    // A Mercure publisher, and Mercure subscribers with `*`, template and exact selectors.
+    let mercure_acked = Arc::new(Mutex::new(Vec::new()));
+    let mercure_publisher = tokio::spawn(publish_mercure_until(
+        lb.clone(),
+        stop.clone(),
+        mercure_acked.clone(),
+    ));
+    let mut mercure: Vec<(&str, ResumingClient)> = MERCURE_SELECTORS
+        .iter()
+        .map(|selector| {
+            let path = format!(
+                "/.well-known/mercure?{}",
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("topic", selector)
+                    .finish()
+            );
+            let client =
+                ResumingClient::start_path(vec![lb.clone()], &path, Some("earliest".into()), None);
+            (*selector, client)
+        })
         .collect();
     let mut subscribers: Vec<(Option<String>, ResumingClient)> = (0..6)
         .map(|_| {
@@ -315,6 +419,7 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
     for p in publishers {
         retries += p.await.unwrap();
     }
+    retries += mercure_publisher.await.unwrap();
 
     // Ground truth: the streams as Redis holds them.
     let stream = stream_ids(&bed.redis_url(), TOPIC).await;
@@ -395,6 +500,45 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
         }
         total.gaps += gaps;
     }
+    // Mercure: every subscriber gets exactly the log's updates its selector matches, in order.
+    let log = mercure_log(&bed.redis_url()).await;
+    let mercure_acked = mercure_acked.lock().unwrap().clone();
+    let log_position: HashMap<&str, usize> = log
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id.as_str(), i))
+        .collect();
+    let mercure_lost = mercure_acked
+        .iter()
+        .filter(|id| !log_position.contains_key(id.as_str()))
+        .count();
+    assert_eq!(log_position.len(), log.len(), "each update stored once");
+    for (selector, client) in &mut mercure {
+        let expected: Vec<String> = log
+            .iter()
+            .filter(|(_, topic)| *selector != "https://example.com/chaos/1" || topic == *selector)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let last = expected.last().expect("updates were published").clone();
+        let (got, complete) = client.ids_within(&last, Duration::from_secs(30)).await;
+        let t = tally(&got, &expected, &log_position);
+        println!(
+            "mercure subscriber {selector}: {} received, complete: {complete}, {t:?}",
+            got.len()
+        );
+        total.lost += t.lost;
+        total.duplicated += t.duplicated;
+        total.reordered += t.reordered;
+        total.gaps += t.gaps;
+    }
+    println!(
+        "chaos: mercure: {} updates acknowledged, {} in the log, acknowledged but missing {mercure_lost}",
+        mercure_acked.len(),
+        log.len()
+    );
+    assert!(!mercure_acked.is_empty(), "mercure updates were published");
+    assert_eq!(mercure_lost, 0, "acknowledged updates are all in Redis");
+
     let kills: usize = actions.values().sum();
     println!(
         "chaos: {}s, {kills} disruptions {actions:?}, {} events acknowledged ({} publish retries), \

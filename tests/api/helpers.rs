@@ -482,14 +482,24 @@ impl ResumingClient {
         cursor: Option<String>,
         drop_every: Option<usize>,
     ) -> ResumingClient {
+        Self::start_path(nodes, &format!("/v1/events?{query}"), cursor, drop_every)
+    }
+
+    /// The same on any path and query (`/.well-known/mercure?topic=*`).
+    pub fn start_path(
+        nodes: Vec<String>,
+        path: &str,
+        cursor: Option<String>,
+        drop_every: Option<usize>,
+    ) -> ResumingClient {
         let (tx, received) = watch::channel(Vec::new());
         let (connected_tx, connected) = watch::channel(0);
-        let query = query.to_owned();
+        let path = path.to_owned();
         let task = tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut last_id = cursor;
             for attempt in 0usize.. {
-                let url = format!("{}/v1/events?{query}", nodes[attempt % nodes.len()]);
+                let url = format!("{}{path}", nodes[attempt % nodes.len()]);
                 let mut req = http.get(&url);
                 if let Some(id) = &last_id {
                     req = req.header("Last-Event-ID", id);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use ssegate::config::Settings;
 
-use crate::helpers::{settings, spawn_app, RedisServer, Sse, TestApp};
+use crate::helpers::{settings, spawn_app, RedisCluster, RedisServer, Sse, TestApp};
 use crate::security::{hs, SECRET};
 
 const HUB: &str = "/.well-known/mercure";
@@ -111,20 +111,82 @@ async fn stream(app: &TestApp, path: &str, token: Option<&str>, last: Option<&st
     Sse::from_response(response)
 }
 
-/// Two nodes on one Redis, with an HMAC key.
-async fn two_nodes() -> (RedisServer, TestApp, TestApp) {
-    let redis = RedisServer::start().await;
-    let a = spawn_app(keyed(&redis)).await;
-    let b = spawn_app(keyed(&redis)).await;
-    (redis, a, b)
+/// Where the nodes keep their events.
+enum Backend {
+    Redis(RedisServer),
+    /// Three masters: the log's slot is on one of them.
+    Cluster(RedisCluster),
+}
+
+/// Two nodes on one backend, with an HMAC key and whatever `adjust` sets.
+struct Nodes {
+    a: TestApp,
+    b: TestApp,
+    _backend: Backend,
+}
+
+async fn two_nodes(cluster: bool, adjust: impl Fn(&mut Settings)) -> Nodes {
+    let backend = if cluster {
+        Backend::Cluster(RedisCluster::start(3, 0).await)
+    } else {
+        Backend::Redis(RedisServer::start().await)
+    };
+    let mut s = match &backend {
+        Backend::Redis(redis) => keyed(redis),
+        Backend::Cluster(cluster) => {
+            let mut s = settings(None);
+            s.redis_url = Some(cluster.url());
+            s.redis.ping_interval = Duration::from_millis(200);
+            s.auth.jwt_key = Some(SECRET.into());
+            s
+        }
+    };
+    adjust(&mut s);
+    let a = spawn_app(s.clone()).await;
+    let b = spawn_app(s).await;
+    Nodes {
+        a,
+        b,
+        _backend: backend,
+    }
+}
+
+/// Runs each case on two nodes of one Redis, and of a Redis Cluster.
+macro_rules! on_both {
+    ($($case:ident($adjust:expr);)*) => {
+        mod on_redis {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::two_nodes(false, $adjust).await).await
+            })*
+        }
+        mod on_cluster {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::two_nodes(true, $adjust).await).await
+            })*
+        }
+    };
+}
+
+on_both! {
+    conformance_cases_across_nodes(|_| {});
+    every_topic_with_the_star_in_one_order(|_| {});
+    private_updates_live_and_in_replay(|s| s.mercure.anonymous = true);
+    resuming_from_ids_on_the_other_node(|_| {});
+    an_unknown_id_is_told(|_| {});
+    trimmed_history_is_told(|s| {
+        s.retention.max_events = 3;
+        s.retention.approximate = false;
+    });
+    a_repeated_id_is_stored_once(|_| {});
 }
 
 /// The conformance suite's cases (dunglas/mercure `conformance-tests/`, v0.24.2): a publish on
 /// one node reaches a subscriber on the other with its id, its type and its data, lines and
 /// empty lines included; by raw string, several topics, several selectors, URI and URI template.
-#[tokio::test]
-async fn conformance_cases_across_nodes() {
-    let (_redis, a, b) = two_nodes().await;
+async fn conformance_cases_across_nodes(nodes: Nodes) {
+    let Nodes { a, b, .. } = &nodes;
     let token = subscriber(&[]);
     let selectors = [
         "https://example.com/raw string",
@@ -189,9 +251,8 @@ async fn conformance_cases_across_nodes() {
 
 /// `*` receives everything; a subscriber sees updates published through either node, in the
 /// log's order.
-#[tokio::test]
-async fn every_topic_with_the_star_in_one_order() {
-    let (_redis, a, b) = two_nodes().await;
+async fn every_topic_with_the_star_in_one_order(nodes: Nodes) {
+    let Nodes { a, b, .. } = &nodes;
     let token = subscriber(&[]);
     let mut on_a = stream(&a, &query(&["*"], &[]), Some(&token), None).await;
     let mut on_b = stream(&b, &query(&["*"], &[]), Some(&token), None).await;
@@ -207,13 +268,8 @@ async fn every_topic_with_the_star_in_one_order() {
 /// Private updates reach only subscribers whose token's `mercure.subscribe` matches one of
 /// their topics (alternates included), live and in replay; public ones reach everyone whose
 /// selectors match, anonymous subscribers too when allowed.
-#[tokio::test]
-async fn private_updates_live_and_in_replay() {
-    let redis = RedisServer::start().await;
-    let mut s = keyed(&redis);
-    s.mercure.anonymous = true;
-    let a = spawn_app(s.clone()).await;
-    let b = spawn_app(s).await;
+async fn private_updates_live_and_in_replay(nodes: Nodes) {
+    let Nodes { a, b, .. } = &nodes;
 
     let books = "https://example.com/books/{id}";
     let foo = subscriber(&["https://example.com/users/foo/{?topic}"]);
@@ -482,9 +538,8 @@ async fn cookie_publishing_needs_a_listed_origin() {
 
 /// Publishers' ids and generated ones resume exactly on the other node; `earliest` replays all
 /// history; the response's `Last-Event-ID` says where the stream starts.
-#[tokio::test]
-async fn resuming_from_ids_on_the_other_node() {
-    let (_redis, a, b) = two_nodes().await;
+async fn resuming_from_ids_on_the_other_node(nodes: Nodes) {
+    let Nodes { a, b, .. } = &nodes;
     let token = subscriber(&[]);
     let topic = "https://example.com/feed";
     let path = query(&[topic], &[]);
@@ -533,9 +588,8 @@ async fn resuming_from_ids_on_the_other_node() {
 
 /// An id the hub cannot find is answered with `Last-Event-ID: earliest` and an `ssegate.gap`
 /// event before everything retained: never a silent jump to live.
-#[tokio::test]
-async fn an_unknown_id_is_told() {
-    let (_redis, a, b) = two_nodes().await;
+async fn an_unknown_id_is_told(nodes: Nodes) {
+    let Nodes { a, b, .. } = &nodes;
     let token = subscriber(&[]);
     let topic = "urn:told";
     let first = published(&a, &[("topic", topic), ("data", "1")]).await;
@@ -559,14 +613,8 @@ async fn an_unknown_id_is_told() {
 }
 
 /// History trimmed past a client's id: the notice names the id, the header says `earliest`.
-#[tokio::test]
-async fn trimmed_history_is_told() {
-    let redis = RedisServer::start().await;
-    let mut s = keyed(&redis);
-    s.retention.max_events = 3;
-    s.retention.approximate = false;
-    let a = spawn_app(s.clone()).await;
-    let b = spawn_app(s).await;
+async fn trimmed_history_is_told(nodes: Nodes) {
+    let Nodes { a, b, .. } = &nodes;
     let token = subscriber(&[]);
     let old = published(&a, &[("topic", "urn:t"), ("id", "rev-0")]).await;
     let mut kept = Vec::new();
@@ -588,9 +636,8 @@ async fn trimmed_history_is_told() {
 }
 
 /// A repeated publisher id is taken as a retry: answered with the id, stored once.
-#[tokio::test]
-async fn a_repeated_id_is_stored_once() {
-    let (_redis, a, b) = two_nodes().await;
+async fn a_repeated_id_is_stored_once(nodes: Nodes) {
+    let Nodes { a, b, .. } = &nodes;
     let token = subscriber(&[]);
     let mut sse = stream(&b, &query(&["urn:r"], &[]), Some(&token), None).await;
     let fields = [("topic", "urn:r"), ("id", "same"), ("data", "first")];
