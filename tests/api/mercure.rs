@@ -186,7 +186,7 @@ on_both! {
 /// one node reaches a subscriber on the other with its id, its type and its data, lines and
 /// empty lines included; by raw string, several topics, several selectors, URI and URI template.
 async fn conformance_cases_across_nodes(nodes: Nodes) {
-    let Nodes { a, b, .. } = &nodes;
+    let Nodes { a, b, _backend } = nodes;
     let token = subscriber(&[]);
     let selectors = [
         "https://example.com/raw string",
@@ -252,7 +252,7 @@ async fn conformance_cases_across_nodes(nodes: Nodes) {
 /// `*` receives everything; a subscriber sees updates published through either node, in the
 /// log's order.
 async fn every_topic_with_the_star_in_one_order(nodes: Nodes) {
-    let Nodes { a, b, .. } = &nodes;
+    let Nodes { a, b, _backend } = nodes;
     let token = subscriber(&[]);
     let mut on_a = stream(&a, &query(&["*"], &[]), Some(&token), None).await;
     let mut on_b = stream(&b, &query(&["*"], &[]), Some(&token), None).await;
@@ -269,12 +269,12 @@ async fn every_topic_with_the_star_in_one_order(nodes: Nodes) {
 /// their topics (alternates included), live and in replay; public ones reach everyone whose
 /// selectors match, anonymous subscribers too when allowed.
 async fn private_updates_live_and_in_replay(nodes: Nodes) {
-    let Nodes { a, b, .. } = &nodes;
+    let Nodes { a, b, _backend } = nodes;
 
     let books = "https://example.com/books/{id}";
-    let foo = subscriber(&["https://example.com/users/foo/{?topic}"]);
+    let user_foo = subscriber(&["https://example.com/users/foo/{?topic}"]);
     let bar = subscriber(&["https://example.com/users/bar/{?topic}"]);
-    let mut foo_live = stream(&b, &query(&[books], &[]), Some(&foo), None).await;
+    let mut user_foo_live = stream(&b, &query(&[books], &[]), Some(&user_foo), None).await;
     let mut bar_live = stream(&b, &query(&[books], &[]), Some(&bar), None).await;
     let mut anonymous = stream(&a, &query(&[books], &[]), None, None).await;
 
@@ -296,18 +296,18 @@ async fn private_updates_live_and_in_replay(nodes: Nodes) {
     )
     .await;
 
-    let e = foo_live.expect().await;
+    let e = user_foo_live.expect().await;
     assert_eq!(
         (e.id.as_str(), e.data.as_str()),
         (secret.as_str(), "for foo")
     );
-    assert_eq!(foo_live.expect().await.id, public);
+    assert_eq!(user_foo_live.expect().await.id, public);
     assert_eq!(bar_live.expect().await.id, public, "bar skips foo's update");
     assert_eq!(anonymous.expect().await.id, public, "anonymous skips it");
 
     // Replay from before the private update, on the other node.
     for (token, expected) in [
-        (Some(&foo), vec![secret.clone(), public.clone()]),
+        (Some(&user_foo), vec![secret.clone(), public.clone()]),
         (Some(&bar), vec![public.clone()]),
         (None, vec![public.clone()]),
     ] {
@@ -539,7 +539,7 @@ async fn cookie_publishing_needs_a_listed_origin() {
 /// Publishers' ids and generated ones resume exactly on the other node; `earliest` replays all
 /// history; the response's `Last-Event-ID` says where the stream starts.
 async fn resuming_from_ids_on_the_other_node(nodes: Nodes) {
-    let Nodes { a, b, .. } = &nodes;
+    let Nodes { a, b, _backend } = nodes;
     let token = subscriber(&[]);
     let topic = "https://example.com/feed";
     let path = query(&[topic], &[]);
@@ -589,7 +589,7 @@ async fn resuming_from_ids_on_the_other_node(nodes: Nodes) {
 /// An id the hub cannot find is answered with `Last-Event-ID: earliest` and an `ssegate.gap`
 /// event before everything retained: never a silent jump to live.
 async fn an_unknown_id_is_told(nodes: Nodes) {
-    let Nodes { a, b, .. } = &nodes;
+    let Nodes { a, b, _backend } = nodes;
     let token = subscriber(&[]);
     let topic = "urn:told";
     let first = published(&a, &[("topic", topic), ("data", "1")]).await;
@@ -614,7 +614,7 @@ async fn an_unknown_id_is_told(nodes: Nodes) {
 
 /// History trimmed past a client's id: the notice names the id, the header says `earliest`.
 async fn trimmed_history_is_told(nodes: Nodes) {
-    let Nodes { a, b, .. } = &nodes;
+    let Nodes { a, b, _backend } = nodes;
     let token = subscriber(&[]);
     let old = published(&a, &[("topic", "urn:t"), ("id", "rev-0")]).await;
     let mut kept = Vec::new();
@@ -637,7 +637,7 @@ async fn trimmed_history_is_told(nodes: Nodes) {
 
 /// A repeated publisher id is taken as a retry: answered with the id, stored once.
 async fn a_repeated_id_is_stored_once(nodes: Nodes) {
-    let Nodes { a, b, .. } = &nodes;
+    let Nodes { a, b, _backend } = nodes;
     let token = subscriber(&[]);
     let mut sse = stream(&b, &query(&["urn:r"], &[]), Some(&token), None).await;
     let fields = [("topic", "urn:r"), ("id", "same"), ("data", "first")];
