@@ -22,6 +22,9 @@ pub enum ApiError {
     /// The request is wrong; `code` says how, `message` what to fix.
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    /// The request conflicts with what is stored (`409`).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     /// An event, batch or body is larger than allowed.
     #[error("{message}")]
     TooLarge { code: &'static str, message: String },
@@ -51,6 +54,13 @@ pub enum ApiError {
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Conflict {
             code,
             message: message.into(),
         }
@@ -112,6 +122,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code, None),
             ApiError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code, None),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, None),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)

@@ -19,13 +19,13 @@ use futures_util::StreamExt;
 use super::events::{count_publish, event_stream, refused, take_access, Frames};
 use super::{ApiError, AppState, StreamOnSocket};
 use crate::auth::{Access, AuthError};
-use crate::event::{validate_event_type, BadEventType, StreamId};
+use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
 use crate::hub::{Delivery, ReplayPage};
 use crate::mercure::selector::Selector;
 use crate::mercure::update::{generated_id, Stored};
 use crate::mercure::{self, gap_frame, log_topic, Resume, Subscriber, EARLIEST};
 use crate::sse;
-use crate::store::GapReason;
+use crate::store::{GapReason, Store};
 
 /// Longest topic or selector accepted, in bytes: topics are IRIs, which can be long.
 pub const MAX_TOPIC_BYTES: usize = 4096;
@@ -353,11 +353,13 @@ async fn store_update(
         retry: form.retry,
         data: form.data.into(),
     };
-    let ids = state
-        .hub
-        .store()
-        .append(&log_topic(), vec![stored.into_event(form.event_type)])
-        .await?;
+    let event = stored.into_event(form.event_type);
+    let store = state.hub.store();
+    let log = log_topic();
+    if let Some(id) = &id {
+        refuse_reused_id(store.as_ref(), &log, id, &event).await?;
+    }
+    let ids = store.append(&log, vec![event]).await?;
     let id = match (id, ids.first()) {
         (Some(id), _) => id,
         (None, Some(stream_id)) => generated_id(*stream_id),
@@ -374,6 +376,32 @@ async fn store_update(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     Ok(response)
+}
+
+/// An id already given to an update is accepted again only for the same update (a publisher's
+/// retry, which is then not stored twice); another update under it is refused, rather than
+/// acknowledged and dropped. Two different updates racing with one new id are not caught: the
+/// second is answered with the id and not stored.
+async fn refuse_reused_id(
+    store: &dyn Store,
+    log: &Topic,
+    id: &str,
+    event: &NewEvent,
+) -> Result<(), ApiError> {
+    let Some(first) = store.keyed(log, id).await? else {
+        return Ok(());
+    };
+    let same = store
+        .event_at(log, first)
+        .await?
+        .is_some_and(|e| e.data == event.data && e.event == event.event);
+    if same {
+        return Ok(());
+    }
+    Err(ApiError::conflict(
+        "duplicate_id",
+        format!("another update was published with id `{}` within idempotency_window; give each update its own id", id.chars().take(200).collect::<String>()),
+    ))
 }
 
 /// Whether a cookie-authenticated publish comes from an allowed origin: its `Origin`, else the

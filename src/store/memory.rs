@@ -298,6 +298,14 @@ impl Store for MemoryStore {
             .map(|(id, _)| *id))
     }
 
+    async fn event_at(&self, topic: &Topic, id: StreamId) -> Result<Option<Event>, StoreError> {
+        let logs = self.lock();
+        Ok(logs.topics.get(topic.as_str()).and_then(|log| {
+            let at = log.entries.partition_point(|e| e.id < id);
+            log.entries.get(at).filter(|e| e.id == id).cloned()
+        }))
+    }
+
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
         let logs = self.lock();
         Ok(match logs.topics.get(topic.as_str()) {

@@ -161,6 +161,9 @@ pub trait Store: Send + Sync + 'static {
     /// clients resume from ids of their own (Mercure's publisher-chosen ids) finds them with it.
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError>;
 
+    /// The entry with exactly this id, if the stream still has it.
+    async fn event_at(&self, topic: &Topic, id: StreamId) -> Result<Option<Event>, StoreError>;
+
     /// The position a new reader starts from: the newest entry id, or where the stream ends if it
     /// has no entries (`0-0` if it never existed). Reading after it returns only newer events.
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError>;

@@ -635,7 +635,8 @@ async fn trimmed_history_is_told(nodes: Nodes) {
     assert_eq!(sse.take_ids(3).await, kept[2..].to_vec());
 }
 
-/// A repeated publisher id is taken as a retry: answered with the id, stored once.
+/// A repeated publisher id with the same update is a retry: answered with the id, stored once.
+/// Another update under a used id is refused with `409`, not acknowledged and dropped.
 async fn a_repeated_id_is_stored_once(nodes: Nodes) {
     let Nodes { a, b, _backend } = nodes;
     let token = subscriber(&[]);
@@ -643,13 +644,27 @@ async fn a_repeated_id_is_stored_once(nodes: Nodes) {
     let fields = [("topic", "urn:r"), ("id", "same"), ("data", "first")];
     assert_eq!(published(&a, &fields).await, "same");
     assert_eq!(
-        published(&b, &[("topic", "urn:r"), ("id", "same"), ("data", "again")]).await,
-        "same"
+        published(&b, &fields).await,
+        "same",
+        "a retry on another node"
     );
+    let (status, body) = publish(
+        &b,
+        Some(&publisher()),
+        &[("topic", "urn:r"), ("id", "same"), ("data", "other")],
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "duplicate_id");
     let marker = published(&a, &[("topic", "urn:r"), ("data", "marker")]).await;
     let e = sse.expect().await;
     assert_eq!((e.id.as_str(), e.data.as_str()), ("same", "first"));
-    assert_eq!(sse.expect().await.id, marker);
+    assert_eq!(
+        sse.expect().await.id,
+        marker,
+        "stored once, the other refused"
+    );
 }
 
 /// Malformed forms, broken templates, oversized topics and thousands of selectors get a clear

@@ -118,6 +118,23 @@ async fn appends_in_order_and_reads_in_pages(s: Subject) {
     assert_eq!(read.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
     assert_eq!(read[8].data, "e1", "second batch's second event");
 
+    // One entry by its id.
+    let third = s
+        .store
+        .event_at(&t, ids[2])
+        .await
+        .unwrap()
+        .expect("entry 2");
+    assert_eq!((third.id, third.data.as_str()), (ids[2], "e2"));
+    let between = StreamId::new(ids[2].ms, ids[2].seq + 1);
+    if !ids.contains(&between) {
+        assert_eq!(s.store.event_at(&t, between).await.unwrap(), None);
+    }
+    assert_eq!(
+        s.store.event_at(&topic("none"), ids[2]).await.unwrap(),
+        None
+    );
+
     let after = s.store.read(&t, ids[9], 100).await.unwrap();
     assert_eq!(
         after.events.iter().map(|e| e.id).collect::<Vec<_>>(),

@@ -68,7 +68,7 @@ use self::subscriptions::{
 };
 use super::{classify, Page, Signal, Store, StoreError, ADVANCED_BATCH};
 use crate::config::{RedisSettings, Settings};
-use crate::event::{NewEvent, StreamId, Topic};
+use crate::event::{Event, NewEvent, StreamId, Topic};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -342,6 +342,17 @@ impl Store for RedisStore {
                 .map(Some)
                 .map_err(|_| StoreError::Internal(format!("idempotency key holds `{id}`"))),
         }
+    }
+
+    async fn event_at(&self, topic: &Topic, id: StreamId) -> Result<Option<Event>, StoreError> {
+        let id = id.to_string();
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.keys.stream(topic.as_str())).arg(&id).arg(&id);
+        let started = Instant::now();
+        let reply: Result<Value, StoreError> =
+            query(&mut self.link()?.conn, &cmd, self.runner.response_timeout).await;
+        self.runner.observe(started, &reply);
+        Ok(parse_entries(Some(&reply?))?.into_iter().next())
     }
 
     async fn tail(&self, topic: &Topic) -> Result<StreamId, StoreError> {
