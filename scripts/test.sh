@@ -5,8 +5,10 @@ cd "$(dirname "$0")/.."
 
 # Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
 # (integration tests start their own), haproxy and curl (the test bed behind the chaos run),
-# chromium (CORS and cookies in a real browser), node with playwright-core (the built-in page); scripts/validate-deploy.sh installs the deploy
-# file validators, scripts/bench.sh nginx with nchan for its smoke run.
+# chromium (CORS and cookies in a real browser), node with playwright-core (the built-in page)
+# and eventsource, php with Symfony's Mercure component (real Mercure clients);
+# scripts/validate-deploy.sh installs the deploy file validators, scripts/bench.sh nginx with
+# nchan for its smoke run.
 missing=()
 # `|| true`: on a fresh machine redis-server is not there yet, and pipefail would end the script.
 redis_major=$( (redis-server --version 2>/dev/null || true) | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
@@ -15,6 +17,9 @@ command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
+# Symfony's Mercure publisher, a real client of the Mercure hub.
+command -v php >/dev/null 2>&1 || missing+=(php-cli)
+[ -f /usr/share/php/Symfony/Component/Mercure/Hub.php ] || missing+=(php-symfony-mercure)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   sudo=""
@@ -24,8 +29,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 redis-server --version
 haproxy -v | sed -n 1p
-# Playwright (its core only: it drives Debian's chromium) for the built-in page's test.
-[ -d tests/ui/node_modules/playwright-core ] || (cd tests/ui && npm ci --no-audit --no-fund --silent)
+# Playwright (its core only: it drives Debian's chromium) for the built-in page's test, and the
+# npm eventsource client for the Mercure hub's.
+[ -d tests/ui/node_modules/playwright-core ] && [ -d tests/ui/node_modules/eventsource ] \
+  || (cd tests/ui && npm ci --no-audit --no-fund --silent)
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -13,14 +13,14 @@ use crate::security::{grants, hs, secured};
 
 /// A page on its own origin that subscribes to the gateway and reports what happens by posting
 /// to its own server.
-struct Page {
+pub struct Page {
     addr: SocketAddr,
     reports: mpsc::UnboundedReceiver<Value>,
 }
 
 impl Page {
     /// Serves a fixed page.
-    async fn serve_html(html: String) -> Page {
+    pub async fn serve_html(html: String) -> Page {
         Self::serve_with(move || html.clone()).await
     }
 
@@ -57,13 +57,28 @@ source.onerror = () => {{
 
     /// Serves `/page.html` as `page` makes it, and collects what the page reports.
     async fn serve_with(page: impl Fn() -> String + Clone + Send + Sync + 'static) -> Page {
+        Self::serve_with_headers(page, Vec::new).await
+    }
+
+    /// The same, answering the page with the headers `headers` makes too (a `Set-Cookie`, say).
+    pub async fn serve_with_headers(
+        page: impl Fn() -> String + Clone + Send + Sync + 'static,
+        headers: impl Fn() -> Vec<(String, String)> + Clone + Send + Sync + 'static,
+    ) -> Page {
         let (tx, reports) = mpsc::unbounded_channel();
         let router = axum::Router::new()
             .route(
                 "/page.html",
                 axum::routing::get(move || {
                     let page = page();
-                    async move { axum::response::Html(page) }
+                    let mut map = axum::http::HeaderMap::new();
+                    for (name, value) in &headers() {
+                        map.append(
+                            axum::http::HeaderName::try_from(name.as_str()).unwrap(),
+                            axum::http::HeaderValue::try_from(value.as_str()).unwrap(),
+                        );
+                    }
+                    async move { (map, axum::response::Html(page)) }
                 }),
             )
             .route(
@@ -81,11 +96,11 @@ source.onerror = () => {{
         Page { addr, reports }
     }
 
-    fn origin(&self) -> String {
+    pub fn origin(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    async fn next_report(&mut self) -> Value {
+    pub async fn next_report(&mut self) -> Value {
         tokio::time::timeout(PATIENCE * 2, self.reports.recv())
             .await
             .expect("the page reports in time")
@@ -94,13 +109,13 @@ source.onerror = () => {{
 }
 
 /// Headless Chromium showing one page; killed on drop.
-struct Chromium {
+pub struct Chromium {
     child: Child,
     _profile: tempfile::TempDir,
 }
 
 impl Chromium {
-    fn open(url: &str) -> Chromium {
+    pub fn open(url: &str) -> Chromium {
         let profile = tempfile::tempdir().unwrap();
         let binary = ["chromium", "chromium-browser"]
             .into_iter()
@@ -183,10 +198,11 @@ async fn a_listed_origin_streams_with_its_cookie_and_an_unlisted_one_does_not() 
     assert_eq!(report["messages"], 0, "{report}");
 }
 
-/// A TCP proxy between the browser and the gateway that can cut every open connection, and hold
-/// new ones back until released; it keeps each request head it forwarded.
-struct Proxy {
-    addr: SocketAddr,
+/// A TCP proxy between a client and the gateway that can cut every open connection, and hold
+/// new ones back until released; it keeps each request head it forwarded. With several
+/// upstreams it connects to the first that accepts, as a load balancer fails over.
+pub struct Proxy {
+    pub addr: SocketAddr,
     heads: tokio::sync::watch::Receiver<Vec<String>>,
     open: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     /// `true` while new connections may reach the gateway.
@@ -195,6 +211,10 @@ struct Proxy {
 
 impl Proxy {
     async fn start(upstream: SocketAddr) -> Proxy {
+        Self::start_to(vec![upstream]).await
+    }
+
+    pub async fn start_to(upstreams: Vec<SocketAddr>) -> Proxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -206,6 +226,7 @@ impl Proxy {
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let (heads_tx, mut gate_rx) = (heads_tx.clone(), gate_rx.clone());
+                let upstreams = upstreams.clone();
                 let task = tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
@@ -219,7 +240,14 @@ impl Proxy {
                     if gate_rx.wait_for(|open| *open).await.is_err() {
                         return;
                     }
-                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                    let mut server = None;
+                    for upstream in upstreams.iter() {
+                        if let Ok(s) = tokio::net::TcpStream::connect(upstream).await {
+                            server = Some(s);
+                            break;
+                        }
+                    }
+                    let Some(mut server) = server else {
                         return;
                     };
                     if server.write_all(&head).await.is_ok() {
@@ -238,22 +266,22 @@ impl Proxy {
     }
 
     /// Drops every connection open now.
-    fn cut(&self) {
+    pub fn cut(&self) {
         for task in self.open.lock().unwrap().drain(..) {
             task.abort();
         }
     }
 
-    fn hold(&self) {
+    pub fn hold(&self) {
         self.gate.send_replace(false);
     }
 
-    fn release(&self) {
+    pub fn release(&self) {
         self.gate.send_replace(true);
     }
 
     /// Waits until `n` request heads arrived; all of them.
-    async fn heads(&mut self, n: usize) -> Vec<String> {
+    pub async fn heads(&mut self, n: usize) -> Vec<String> {
         tokio::time::timeout(PATIENCE * 2, self.heads.wait_for(|h| h.len() >= n))
             .await
             .expect("the browser reconnects")

@@ -11,6 +11,7 @@ mod failure;
 mod helpers;
 mod input;
 mod mercure;
+mod mercure_clients;
 mod ops;
 mod process;
 mod raw;

@@ -10,10 +10,10 @@ use ssegate::config::Settings;
 use crate::helpers::{settings, spawn_app, RedisCluster, RedisServer, Sse, TestApp};
 use crate::security::{hs, SECRET};
 
-const HUB: &str = "/.well-known/mercure";
+pub const HUB: &str = "/.well-known/mercure";
 
 /// Claims with a `mercure` claim of these selectors, valid for a minute.
-fn mercure_claims(publish: &[&str], subscribe: &[&str]) -> Value {
+pub fn mercure_claims(publish: &[&str], subscribe: &[&str]) -> Value {
     json!({
         "mercure": { "publish": publish, "subscribe": subscribe, "payload": {"user": 1} },
         "exp": exp_in(60),
@@ -29,23 +29,23 @@ fn exp_in(secs: u64) -> u64 {
 }
 
 /// A publisher's token for every topic.
-fn publisher() -> String {
+pub fn publisher() -> String {
     hs(&mercure_claims(&["*"], &[]))
 }
 
 /// A subscriber's token for these private selectors.
-fn subscriber(private: &[&str]) -> String {
+pub fn subscriber(private: &[&str]) -> String {
     hs(&mercure_claims(&[], private))
 }
 
-fn keyed(redis: &RedisServer) -> Settings {
+pub fn keyed(redis: &RedisServer) -> Settings {
     let mut s = settings(Some(redis));
     s.auth.jwt_key = Some(SECRET.into());
     s
 }
 
 /// An `application/x-www-form-urlencoded` body.
-fn form(fields: &[(&str, &str)]) -> String {
+pub fn form(fields: &[(&str, &str)]) -> String {
     let mut body = form_urlencoded::Serializer::new(String::new());
     for (name, value) in fields {
         body.append_pair(name, value);
@@ -54,7 +54,7 @@ fn form(fields: &[(&str, &str)]) -> String {
 }
 
 /// Publishes a form with a bearer token; the status and the body as text.
-async fn publish(app: &TestApp, token: Option<&str>, fields: &[(&str, &str)]) -> (u16, String) {
+pub async fn publish(app: &TestApp, token: Option<&str>, fields: &[(&str, &str)]) -> (u16, String) {
     let mut request = app
         .http
         .post(app.url(HUB))
@@ -69,14 +69,14 @@ async fn publish(app: &TestApp, token: Option<&str>, fields: &[(&str, &str)]) ->
 }
 
 /// Publishes and returns the id, which must be answered `200 text/plain`.
-async fn published(app: &TestApp, fields: &[(&str, &str)]) -> String {
+pub async fn published(app: &TestApp, fields: &[(&str, &str)]) -> String {
     let (status, id) = publish(app, Some(&publisher()), fields).await;
     assert_eq!(status, 200, "publish refused: {id}");
     id
 }
 
 /// The query of a subscription to these selectors, with more parameters.
-fn query(selectors: &[&str], more: &[(&str, &str)]) -> String {
+pub fn query(selectors: &[&str], more: &[(&str, &str)]) -> String {
     let mut fields: Vec<(&str, &str)> = selectors.iter().map(|s| ("topic", *s)).collect();
     fields.extend_from_slice(more);
     format!("{HUB}?{}", form(&fields))

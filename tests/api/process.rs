@@ -38,9 +38,10 @@ fn bad_configuration_fails_at_start_naming_the_setting() {
 }
 
 /// The real binary serving on a free loopback port, its stderr collected line by line.
-struct Binary {
+/// The `ssegate` binary running as its own process on one Redis.
+pub struct Binary {
     child: std::process::Child,
-    base: String,
+    pub base: String,
     /// What it logged up to the "listening" line.
     startup: Vec<String>,
     lines: std::sync::mpsc::Receiver<String>,
@@ -48,7 +49,7 @@ struct Binary {
 
 impl Binary {
     /// Starts it with `env` and waits for its "listening" line.
-    fn start(redis: &RedisServer, env: &[(&str, &str)]) -> Binary {
+    pub fn start(redis: &RedisServer, env: &[(&str, &str)]) -> Binary {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -88,6 +89,12 @@ impl Binary {
         }
     }
 
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn terminate(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -115,8 +122,7 @@ impl Binary {
 
 impl Drop for Binary {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
