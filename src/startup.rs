@@ -98,6 +98,7 @@ impl Application {
             settings: settings.clone(),
             auth: Arc::new(auth),
             metrics: metrics.clone(),
+            mercure: crate::mercure::router::Router::new(hub.clone()),
         });
         // `/metrics` on its own address, when asked: kept off the public port.
         let metrics_server = match settings.metrics_listen {

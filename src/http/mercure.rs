@@ -21,6 +21,7 @@ use super::{ApiError, AppState, StreamOnSocket};
 use crate::auth::{Access, AuthError};
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
 use crate::hub::{Delivery, ReplayPage};
+use crate::mercure::router::Registration;
 use crate::mercure::selector::Selector;
 use crate::mercure::update::{generated_id, Stored};
 use crate::mercure::{self, gap_frame, log_topic, Resume, Subscriber, EARLIEST};
@@ -96,14 +97,16 @@ pub async fn subscribe(
     }
     .map(|value| HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static(EARLIEST)));
 
-    let session = state.hub.subscribe(log, start).await?;
+    let subscriber = Subscriber::new(query.selectors, private);
+    let (session, registration) = state.mercure.subscribe(subscriber.clone(), start).await?;
     let mut first = BytesMut::from(&b":\n\n"[..]);
     first.extend_from_slice(&sse::retry_frame(settings.retry.as_millis() as u64));
     if let (Some(Resume::Unknown), Some(id)) = (resume, &cursor) {
         first.extend_from_slice(&unknown_id_frame(id));
     }
     let frames = MercureFrames {
-        subscriber: Subscriber::new(query.selectors, private),
+        subscriber,
+        _registration: registration,
         cursor: cursor.zip(start),
         from_start: matches!(resume, Some(Resume::Earliest | Resume::Unknown)),
     };
@@ -206,10 +209,12 @@ fn check_topic(topic: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The frames of a Mercure stream: the log's updates this subscription receives, re-encoded
-/// with their own ids; gap notices name the ids the client knows.
+/// The frames of a Mercure stream: the updates the router sends its subscription, encoded once
+/// for every client; replayed updates encoded here; gap notices with the ids the client knows.
 struct MercureFrames {
     subscriber: Subscriber,
+    /// Keeps the subscription routed for as long as the stream lives.
+    _registration: Registration,
     /// The id the client resumed from, and the log position it stands for.
     cursor: Option<(String, StreamId)>,
     /// The stream started from the log's beginning (`earliest`, or an unknown id, whose
@@ -219,10 +224,7 @@ struct MercureFrames {
 
 impl Frames for MercureFrames {
     fn live(&mut self, delivery: &Delivery) -> Option<Bytes> {
-        let mut out = BytesMut::new();
-        self.subscriber
-            .write(&delivery.event, &mut out)
-            .then(|| out.freeze())
+        Some(delivery.frame.clone())
     }
 
     fn replayed(&mut self, page: &ReplayPage) -> Option<(Bytes, usize)> {

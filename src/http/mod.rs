@@ -42,6 +42,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// What `/metrics` shows.
     pub metrics: Arc<Metrics>,
+    /// Routes the Mercure log's updates to this node's Mercure subscriptions.
+    pub mercure: crate::mercure::router::Router,
 }
 
 /// The routes of the public API behind every layer: the one door all requests pass.

@@ -20,10 +20,16 @@
 //! then reads again, from where the page ended, with a read started after it joined. A client
 //! whose cursor already is the horizon, or that gives no cursor, reads nothing at all.
 //!
+//! A [`View`] is a topic seen through a filter: the events of a source topic that a predicate
+//! keeps. It has no stream or pump of its own: its owner feeds it the source's events in order
+//! (a protocol adapter that reads one stream for many subscriptions routes each event to the
+//! views it concerns), and its sessions replay from the source's stream, filtered, with the same
+//! seam as any topic's.
+//!
 //! # Layout
 //!
-//! - this module: the registry of active topics ([`Hub`]) and the dispatcher routing the
-//!   store's announcements to them;
+//! - this module: the registry of active topics ([`Hub`]), views, and the dispatcher routing
+//!   the store's announcements to them;
 //! - `feed`: a topic's in-memory broadcast, which costs nothing while empty;
 //! - `pump`: keeps a topic's feed in step with its stream;
 //! - `replay`: replay pages, shared by sessions resuming from the same cursor;
@@ -94,9 +100,16 @@ struct Slot {
     members: usize,
 }
 
-/// What sessions and the dispatcher hold of an active topic.
+/// Which events of its stream a view keeps.
+pub type Keep = Arc<dyn Fn(&Event) -> bool + Send + Sync>;
+
+/// What sessions and the dispatcher hold of an active topic (or a view).
 struct TopicHandle {
+    /// The topic, or a view's source: replays read its stream.
     name: Topic,
+    /// A view's filter; `None` for a topic. A view is not in the registry: it lives as long as
+    /// its owner and its sessions hold it.
+    keep: Option<Keep>,
     /// The live feed; sessions subscribe to it.
     feed: Arc<Feed<Item>>,
     /// The pump's inbox. Dropping the last handle closes it and ends the pump.
@@ -182,6 +195,42 @@ impl Hub {
         cursor: Option<StreamId>,
     ) -> Result<Session, StoreError> {
         let membership = self.join(&topic);
+        self.open(membership, cursor).await
+    }
+
+    /// Opens a session on a view, resuming after `cursor` (`None`: only new events).
+    pub async fn subscribe_view(
+        &self,
+        view: &View,
+        cursor: Option<StreamId>,
+    ) -> Result<Session, StoreError> {
+        let membership = Membership {
+            topic: view.handle.clone(),
+            hub: self.inner.clone(),
+        };
+        self.open(membership, cursor).await
+    }
+
+    /// A view of `source` keeping what `keep` keeps; its feed starts after `horizon`, the last
+    /// event of the source its owner has fed on (or past) when it makes the view.
+    pub fn view(&self, source: Topic, horizon: StreamId, keep: Keep) -> View {
+        let handle = Arc::new(TopicHandle {
+            name: source,
+            keep: Some(keep),
+            feed: Feed::new(self.inner.fanout_buffer),
+            inbox: Inbox::new(0),
+            replays: Mutex::new(Replays::default()),
+        });
+        handle.feed.set_horizon(horizon);
+        View { handle }
+    }
+
+    async fn open(
+        &self,
+        membership: Membership,
+        cursor: Option<StreamId>,
+    ) -> Result<Session, StoreError> {
+        let topic = membership.topic.name.clone();
         let (feed, horizon) = membership.topic.feed.subscribe();
         let place = membership.topic.place(horizon);
         let cursor = match (cursor, place.horizon) {
@@ -211,6 +260,32 @@ impl Hub {
     }
 }
 
+/// A topic seen through a filter (see the module's documentation). Its owner sends it the
+/// events it keeps, in the source's order; sessions open on it with [`Hub::subscribe_view`].
+#[derive(Clone)]
+pub struct View {
+    handle: Arc<TopicHandle>,
+}
+
+impl View {
+    /// The next event of the source that the view keeps.
+    pub fn send(&self, delivery: Arc<Delivery>) {
+        let id = delivery.id;
+        self.handle.feed.send(Item::Event(delivery), Some(id));
+    }
+
+    /// The owner lost the source's order (history trimmed under it): every session reads again
+    /// from its own place, and tells its client of any gap.
+    pub fn resync(&self) {
+        self.handle.feed.send(Item::Resync, None);
+    }
+
+    /// No more events will come (the owner stopped): sessions say goodbye and end.
+    pub fn close(&self) {
+        self.handle.feed.close();
+    }
+}
+
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
@@ -226,6 +301,7 @@ impl Inner {
         tokio::spawn(pump.run(watching));
         Arc::new(TopicHandle {
             name: topic.clone(),
+            keep: None,
             feed,
             inbox,
             replays: Mutex::new(Replays::default()),
@@ -233,6 +309,9 @@ impl Inner {
     }
 
     fn leave(&self, topic: &TopicHandle) {
+        if topic.keep.is_some() {
+            return;
+        }
         let mut topics = self.lock();
         let Some(slot) = topics.get_mut(topic.name.as_str()) else {
             return;
@@ -374,5 +453,89 @@ async fn safety_net(hub: std::sync::Weak<Inner>, interval: Duration) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::NewEvent;
+    use crate::sse;
+    use crate::store::MemoryStore;
+
+    fn event(data: &str) -> NewEvent {
+        NewEvent {
+            event: None,
+            data: data.into(),
+            idempotency_key: None,
+        }
+    }
+
+    async fn next_events(session: &mut Session) -> Vec<String> {
+        match session.next(std::future::pending()).await {
+            Output::Live(d) => vec![d.event.data.clone()],
+            Output::Replayed(page) => page.events.iter().map(|e| e.data.clone()).collect(),
+            _ => panic!("an event was due"),
+        }
+    }
+
+    /// A view's session replays the source filtered, then takes what its owner sends, with no
+    /// gap and no duplicate at the seam; a client without a cursor gets only what is sent.
+    #[tokio::test(start_paused = true)]
+    async fn a_views_session_replays_filtered_then_goes_live_at_the_seam() {
+        let settings = Settings {
+            replay_page_size: 2,
+            ..Settings::default()
+        };
+        let store = Arc::new(MemoryStore::new(&settings));
+        let hub = Hub::start(
+            store.clone(),
+            &settings,
+            Shutdown::new(),
+            Arc::new(Metrics::new()),
+        );
+        let source = Topic::parse("source").unwrap();
+        let events: Vec<NewEvent> = ["keep 1", "skip", "skip", "keep 2", "skip"]
+            .into_iter()
+            .map(event)
+            .collect();
+        let ids = store.append(&source, events).await.unwrap();
+        let keep: Keep = Arc::new(|e: &Event| e.data.starts_with("keep"));
+        let view = hub.view(source.clone(), ids[4], keep);
+
+        let mut resumed = hub
+            .subscribe_view(&view, Some(StreamId::ZERO))
+            .await
+            .unwrap();
+        let mut fresh = hub.subscribe_view(&view, None).await.unwrap();
+        // Appended after the view was made, before its owner sends it: the replay may read it,
+        // and the live copy is then not sent again.
+        let late = store.append(&source, vec![event("keep 3")]).await.unwrap()[0];
+        let mut replayed = Vec::new();
+        while replayed.len() < 3 {
+            replayed.extend(next_events(&mut resumed).await);
+        }
+        assert_eq!(replayed, ["keep 1", "keep 2", "keep 3"]);
+        let deliver = |id: StreamId, data: &str| {
+            let event = Event {
+                id,
+                event: None,
+                data: data.into(),
+            };
+            view.send(Arc::new(Delivery {
+                id,
+                frame: sse::event_frame(&event),
+                event,
+            }));
+        };
+        deliver(late, "keep 3");
+        let next = store.append(&source, vec![event("keep 4")]).await.unwrap()[0];
+        deliver(next, "keep 4");
+        assert_eq!(next_events(&mut resumed).await, ["keep 4"], "no duplicate");
+        assert_eq!(next_events(&mut fresh).await, ["keep 3"]);
+        assert_eq!(next_events(&mut fresh).await, ["keep 4"]);
+        assert_eq!(hub.active_topics(), 0, "a view is not a registered topic");
+        drop((resumed, fresh));
+        assert_eq!(hub.active_topics(), 0);
     }
 }

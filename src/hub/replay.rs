@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
-use super::{Inner, TopicHandle};
+use super::{Inner, Keep, TopicHandle};
 use crate::event::{Event, StreamId, Topic};
 use crate::metrics::SourceLabel;
 use crate::sse;
@@ -122,7 +122,13 @@ impl TopicHandle {
         hub.metrics.replay_reads.get_or_create(&source).inc();
         replays.last_number += 1;
         let number = replays.last_number;
-        let read = read_replay(hub.store.clone(), self.name.clone(), cursor, hub.page_size);
+        let read = read_replay(
+            hub.store.clone(),
+            self.name.clone(),
+            self.keep.clone(),
+            cursor,
+            hub.page_size,
+        );
         let shared = SharedReplay {
             number,
             started: now,
@@ -134,14 +140,18 @@ impl TopicHandle {
     }
 }
 
-/// Reads and encodes one replay page.
+/// Reads and encodes one replay page; for a view, only the events it keeps (the page still
+/// moves the cursor past the others).
 async fn read_replay(
     store: Arc<dyn Store>,
     topic: Topic,
+    keep: Option<Keep>,
     cursor: StreamId,
     page_size: usize,
 ) -> Result<Arc<ReplayPage>, StoreError> {
-    let page = store.read(&topic, cursor, page_size).await?;
+    let mut page = store.read(&topic, cursor, page_size).await?;
+    let full = page.events.len() >= page_size;
+    let last_read = page.events.last().map(|e| e.id);
     let mut frames = BytesMut::new();
     let mut next = cursor;
     let gap = page.gap.map(|reason| GapNotice {
@@ -157,14 +167,19 @@ async fn read_replay(
             next = end;
         }
     }
+    if let Some(keep) = &keep {
+        page.events.retain(|e| keep(e));
+    }
     for event in &page.events {
         frames.extend_from_slice(&sse::event_frame(event));
-        next = event.id;
+    }
+    if let Some(last) = last_read {
+        next = last;
     }
     Ok(Arc::new(ReplayPage {
         frames: frames.freeze(),
         gap,
-        full: page.events.len() >= page_size,
+        full,
         events: page.events,
         next,
     }))

@@ -16,11 +16,14 @@
 //! # Layout
 //!
 //! - this module: the log, resuming from an id, and what a subscriber receives;
+//! - `router`: reads the log once per node and hands each update to the subscriptions it
+//!   concerns, through an index of their selectors;
 //! - `selector`: topic selectors (`*`, exact, URI templates) and their matching;
 //! - `update`: the log's entries and the ids subscribers see.
 //!
 //! The HTTP side (form publishing, the event stream, authorization) is `http::mercure`.
 
+pub mod router;
 pub mod selector;
 pub mod update;
 
@@ -76,6 +79,7 @@ pub async fn resolve(store: &dyn Store, id: &str) -> Result<Resume, StoreError> 
 
 /// What one subscription receives: updates with a topic its selectors match; private ones only
 /// when a topic also matches a selector of its token's `mercure.subscribe`.
+#[derive(Clone)]
 pub struct Subscriber {
     selectors: Vec<Selector>,
     /// `None`: no private updates (no token, or none is configured).
@@ -96,9 +100,8 @@ impl Subscriber {
                     .is_some_and(|allowed| any_match(allowed, update.topics())))
     }
 
-    /// Appends the update's frame to `out` if the subscriber receives it: `event:`, `retry:`,
-    /// `id:`, `data:` lines, as the reference hub writes them. Entries that are not updates
-    /// (a program's direct `XADD` into the log) are passed over.
+    /// Appends the update's frame to `out` if the subscriber receives it. Entries that are not
+    /// updates (a program's direct `XADD` into the log) are passed over.
     pub fn write(&self, event: &Event, out: &mut BytesMut) -> bool {
         let Some(update) = Stored::read(&event.data) else {
             tracing::debug!(id = %event.id, "an entry of the Mercure log is not an update; skipped");
@@ -107,16 +110,22 @@ impl Subscriber {
         if !self.wants(&update) {
             return false;
         }
-        let id = update.wire_id(event.id);
-        sse::write_frame(
-            out,
-            Some(&id),
-            event.event.as_deref(),
-            update.retry,
-            &update.data,
-        );
+        write_update(out, event, &update);
         true
     }
+}
+
+/// Appends an update's frame: `event:`, `retry:`, `id:`, `data:` lines, as the reference hub
+/// writes them. The same for every subscriber.
+fn write_update(out: &mut BytesMut, event: &Event, update: &Stored) {
+    let id = update.wire_id(event.id);
+    sse::write_frame(
+        out,
+        Some(&id),
+        event.event.as_deref(),
+        update.retry,
+        &update.data,
+    );
 }
 
 /// The gap notice of a Mercure stream: `ssegate.gap` without an `id:` (a browser keeps its last
