@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ssegate::auth::{Grants, MercureGrants};
 use ssegate::config::{Overrides, Settings};
 use ssegate::shutdown::{self, Shutdown};
 use ssegate::startup::Application;
@@ -41,7 +42,8 @@ struct Flags {
 #[derive(Subcommand)]
 enum Command {
     /// Prints a token signed with the configured HMAC key (auth.jwt_key), for development and
-    /// first steps: `ssegate token --publish 'news.*' --subscribe '*' --ttl 1h`.
+    /// first steps: `ssegate token --publish 'news.*' --subscribe '*' --ttl 1h`, or for the
+    /// Mercure hub `ssegate token --mercure-publish '*'`.
     Token {
         /// Topic pattern the token may publish to (repeatable; `*` matches any run).
         #[arg(long)]
@@ -49,6 +51,13 @@ enum Command {
         /// Topic pattern the token may subscribe to (repeatable; `*` matches any run).
         #[arg(long)]
         subscribe: Vec<String>,
+        /// Mercure topic selector the token may publish to (repeatable; `*`, a topic or a URI
+        /// template), in its `mercure` claim.
+        #[arg(long)]
+        mercure_publish: Vec<String>,
+        /// Mercure topic selector whose private updates the token may receive (repeatable).
+        #[arg(long)]
+        mercure_subscribe: Vec<String>,
         /// How long the token is valid, e.g. 90s, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -76,10 +85,19 @@ fn main() -> ExitCode {
     if let Some(Command::Token {
         publish,
         subscribe,
+        mercure_publish,
+        mercure_subscribe,
         ttl,
     }) = flags.command
     {
-        return print_token(&settings, publish, subscribe, ttl);
+        let grants = Grants { publish, subscribe };
+        let wanted = !mercure_publish.is_empty() || !mercure_subscribe.is_empty();
+        let mercure = wanted.then_some(MercureGrants {
+            publish: mercure_publish,
+            subscribe: mercure_subscribe,
+            payload: None,
+        });
+        return print_token(&settings, grants, mercure, ttl);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -117,8 +135,8 @@ fn main() -> ExitCode {
 
 fn print_token(
     settings: &Settings,
-    publish: Vec<String>,
-    subscribe: Vec<String>,
+    grants: Grants,
+    mercure: Option<MercureGrants>,
     ttl: Duration,
 ) -> ExitCode {
     let Some(secret) = &settings.auth.jwt_key else {
@@ -127,11 +145,11 @@ fn print_token(
         );
         return ExitCode::from(2);
     };
-    if publish.is_empty() && subscribe.is_empty() {
-        eprintln!("ssegate: give at least one --publish or --subscribe pattern");
+    if grants.publish.is_empty() && grants.subscribe.is_empty() && mercure.is_none() {
+        eprintln!("ssegate: give at least one --publish, --subscribe, --mercure-publish or --mercure-subscribe");
         return ExitCode::from(2);
     }
-    match ssegate::auth::issue(secret, publish, subscribe, ttl) {
+    match ssegate::auth::issue(secret, grants, mercure, ttl) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

@@ -9,7 +9,12 @@
 //! - `idle`: open connections in steps and read the hub's resident memory from /proc.
 //! - `storm`: clients all resuming the same range at once; time until all caught up, and the
 //!   Redis commands that cost.
+//! - `resume`: Mercure subscribers resuming from an id far back in the log versus near.
+//!
+//! `--target mercure` runs them against ssegate's Mercure hub (form publishes, topic selectors);
+//! `--token` sends a bearer token with every request.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,6 +39,12 @@ struct Args {
     /// Which API the hub speaks.
     #[arg(long, global = true, value_enum, default_value = "ssegate")]
     target: Target,
+    /// A bearer token sent with every request (subscriptions and publishes).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Mercure: publish updates as private.
+    #[arg(long, global = true)]
+    private: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -44,6 +55,9 @@ enum Target {
     Ssegate,
     /// `POST /pub/T`, `GET /sub/T` (nchan's publisher and EventSource subscriber locations)
     Nchan,
+    /// ssegate's Mercure hub: form `POST /.well-known/mercure` of topic
+    /// `https://example.com/t/T`, `GET /.well-known/mercure?topic=…`
+    Mercure,
 }
 
 #[derive(Subcommand)]
@@ -82,6 +96,19 @@ enum Scenario {
         /// channel). Subscriber s reads topics s·K … s·K+K−1, modulo `topics`.
         #[arg(long, default_value_t = 1)]
         per_connection: usize,
+        /// Mercure: subscriber s's selector instead of its topic, `%s` standing for s (e.g. a
+        /// template of its own, `https://example.com/t/{id}{?u%s}`).
+        #[arg(long)]
+        selector: Option<String>,
+        /// Mercure: this many more subscribers that receive nothing, each with the selector
+        /// `bystander_selector` (`%s` standing for its number): what matching costs them.
+        #[arg(long, default_value_t = 0)]
+        bystanders: usize,
+        #[arg(long, default_value = "https://example.com/bystander/%s/{id}")]
+        bystander_selector: String,
+        /// The hub's process id: its CPU time per published event is reported.
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// Idle connections in steps; the hub's RSS read from /proc/<pid>/status.
     Idle {
@@ -101,6 +128,23 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         hold: f64,
     },
+    /// Mercure: resuming from an id `behind` updates back in the log versus from one a few
+    /// back, the same `replay` updates replayed either way (the rest are on other topics).
+    Resume {
+        #[arg(long, default_value_t = 1_000_000)]
+        behind: usize,
+        #[arg(long, default_value_t = 10)]
+        replay: usize,
+        /// Resumes of each kind, alternating; the medians are reported.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The hub's Redis, where the updates in between are written straight into the log.
+        #[arg(long)]
+        redis_url: String,
+        /// The hub's key prefix.
+        #[arg(long, default_value = "ssegate")]
+        key_prefix: String,
+    },
     /// Clients resuming the same range at the same moment.
     Storm {
         #[arg(long, default_value_t = 1000)]
@@ -117,13 +161,68 @@ enum Scenario {
 struct Hub {
     target: Target,
     base: String,
+    token: Option<String>,
+    private: bool,
+}
+
+/// A Mercure topic: an IRI.
+fn iri(topic: &str) -> String {
+    format!("https://example.com/t/{topic}")
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (name, value) in pairs {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.push_str(name);
+        out.push('=');
+        out.push_str(&percent(value));
+    }
+    out
+}
+
+/// Percent-encodes everything but unreserved characters (for forms and queries).
+fn percent(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl Hub {
-    fn publish_url(&self, topic: &str) -> String {
-        match self.target {
-            Target::Ssegate => format!("{}/v1/events?topic={topic}", self.base),
-            Target::Nchan => format!("{}/pub/{topic}", self.base),
+    /// A request publishing `body` to `topic`.
+    fn publish(
+        &self,
+        http: &reqwest::Client,
+        topic: &str,
+        body: String,
+    ) -> reqwest::RequestBuilder {
+        let request = match self.target {
+            Target::Ssegate => http
+                .post(format!("{}/v1/events?topic={topic}", self.base))
+                .body(body),
+            Target::Nchan => http.post(format!("{}/pub/{topic}", self.base)).body(body),
+            Target::Mercure => {
+                let topic = iri(topic);
+                let mut fields = vec![("topic", topic.as_str()), ("data", body.as_str())];
+                if self.private {
+                    fields.push(("private", "on"));
+                }
+                http.post(format!("{}/.well-known/mercure", self.base))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(form(&fields))
+            }
+        };
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         }
     }
 
@@ -138,6 +237,13 @@ impl Hub {
                 format!("{}/v1/events?{}", self.base, query.join("&"))
             }
             Target::Nchan => format!("{}/sub/multi/{}", self.base, topics.join(",")),
+            Target::Mercure => {
+                let query: Vec<String> = topics
+                    .iter()
+                    .map(|t| format!("topic={}", percent(&iri(t))))
+                    .collect();
+                format!("{}/.well-known/mercure?{}", self.base, query.join("&"))
+            }
         }
     }
 
@@ -145,8 +251,34 @@ impl Hub {
         match self.target {
             Target::Ssegate => format!("{}/v1/events?topic={topic}", self.base),
             Target::Nchan => format!("{}/sub/{topic}", self.base),
+            Target::Mercure => self.selector_url(&iri(topic)),
         }
     }
+
+    /// A Mercure subscription to one selector.
+    fn selector_url(&self, selector: &str) -> String {
+        format!(
+            "{}/.well-known/mercure?topic={}",
+            self.base,
+            percent(selector)
+        )
+    }
+}
+
+/// The hub process's CPU time so far (user + system), in µs.
+fn cpu_micros(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    (ticks(11) + ticks(12)) * 1_000_000 / 100
 }
 
 fn now_micros() -> u64 {
@@ -179,6 +311,8 @@ async fn main() {
     let hub = Arc::new(Hub {
         target: args.target,
         base: args.url.trim_end_matches('/').to_owned(),
+        token: args.token,
+        private: args.private,
     });
     let result = match args.scenario {
         Scenario::Publish {
@@ -195,7 +329,17 @@ async fn main() {
             seconds,
             publish_url,
             per_connection,
+            selector,
+            bystanders,
+            bystander_selector,
+            pid,
         } => {
+            let readers = Readers {
+                per_connection,
+                selector,
+                bystanders,
+                bystander_selector,
+            };
             fanout(
                 hub,
                 subscribers,
@@ -203,10 +347,18 @@ async fn main() {
                 rate,
                 seconds,
                 publish_url,
-                per_connection,
+                readers,
+                pid,
             )
             .await
         }
+        Scenario::Resume {
+            behind,
+            replay,
+            rounds,
+            redis_url,
+            key_prefix,
+        } => resume(hub, behind, replay, rounds, &redis_url, &key_prefix).await,
         Scenario::Idle {
             steps,
             pid,
@@ -254,7 +406,7 @@ async fn publish(
                     i += concurrency;
                     let sent = Instant::now();
                     let request = if batch == 1 {
-                        http.post(hub.publish_url(&topic)).body(payload.clone())
+                        hub.publish(&http, &topic, payload.clone())
                     } else {
                         let items: Vec<Value> = (0..batch)
                             .map(|_| json!({"topic": topic, "data": payload}))
@@ -299,9 +451,13 @@ async fn publish(
 async fn open_stream(
     http: &reqwest::Client,
     url: &str,
+    token: Option<&str>,
     last_event_id: Option<&str>,
 ) -> Option<impl futures_util::Stream<Item = Result<eventsource_stream::Event, String>>> {
     let mut request = http.get(url).header("Accept", "text/event-stream");
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
     if let Some(id) = last_event_id {
         request = request.header("Last-Event-ID", id);
     }
@@ -325,13 +481,15 @@ async fn open_stream(
 /// eventsource-stream.
 async fn open_raw_stream(
     url: &str,
+    token: Option<&str>,
 ) -> Option<impl futures_util::Stream<Item = Result<eventsource_stream::Event, String>>> {
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_at(rest.find('/')?);
     let mut socket = tokio::net::TcpStream::connect(host).await.ok()?;
     socket.set_nodelay(true).ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{auth}\r\n");
     socket.write_all(request.as_bytes()).await.ok()?;
     let mut buf = BytesMut::with_capacity(4096);
     let body = loop {
@@ -451,6 +609,16 @@ fn payload(data: String) -> String {
     }
 }
 
+/// Who reads in a fan-out besides how many: topics per connection, Mercure selectors and
+/// bystanders.
+struct Readers {
+    per_connection: usize,
+    selector: Option<String>,
+    bystanders: usize,
+    bystander_selector: String,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn fanout(
     hub: Arc<Hub>,
     subscribers: usize,
@@ -458,8 +626,11 @@ async fn fanout(
     rate: f64,
     seconds: f64,
     publish_url: Option<String>,
-    per_connection: usize,
+    readers_are: Readers,
+    pid: Option<u32>,
 ) -> Value {
+    let per_connection = readers_are.per_connection;
+    let token = hub.token.clone();
     let http = client(64);
     let delivered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(histogram()));
@@ -475,8 +646,11 @@ async fn fanout(
         let mine: Vec<String> = (0..per_connection)
             .map(|j| format!("fan{}", (s * per_connection + j) % topics))
             .collect();
-        let url = hub.subscribe_many_url(&mine);
-        let Some(mut stream) = open_raw_stream(&url).await else {
+        let url = match &readers_are.selector {
+            Some(format) => hub.selector_url(&format.replace("%s", &s.to_string())),
+            None => hub.subscribe_many_url(&mine),
+        };
+        let Some(mut stream) = open_raw_stream(&url, token.as_deref()).await else {
             failed += 1;
             continue;
         };
@@ -550,9 +724,20 @@ async fn fanout(
         }));
     }
     drop(ready_tx);
+    // Bystanders: connections whose selectors match no published topic. They are opened and
+    // kept, never read from (nothing comes but heartbeats).
+    let mut bystanders = Vec::with_capacity(readers_are.bystanders);
+    for b in 0..readers_are.bystanders {
+        let url = hub.selector_url(&readers_are.bystander_selector.replace("%s", &b.to_string()));
+        if let Some(stream) = open_raw_stream(&url, token.as_deref()).await {
+            bystanders.push(Box::pin(stream));
+        }
+    }
     let publisher = Hub {
         target: hub.target,
         base: publish_url.unwrap_or_else(|| hub.base.clone()),
+        token: hub.token.clone(),
+        private: hub.private,
     };
     // A probe on every topic until every reader saw one on each of its topics: a hub may answer
     // a subscription before it is subscribed upstream (nchan subscribes to Redis after it
@@ -562,8 +747,8 @@ async fn fanout(
     'probing: for _ in 0..PROBE_ROUNDS {
         let probes = futures_util::stream::iter(0..topics).map(|t| {
             let topic = format!("fan{t}");
-            http.post(publisher.publish_url(&topic))
-                .body(format!("probe {topic}"))
+            publisher
+                .publish(&http, &topic, format!("probe {topic}"))
                 .send()
         });
         let _: Vec<_> = probes.buffer_unordered(64).collect().await;
@@ -581,6 +766,7 @@ async fn fanout(
         break;
     }
     let started = Instant::now();
+    let cpu_before = pid.map(cpu_micros);
     let deadline = started + Duration::from_secs_f64(seconds);
     let _ = publishing_ends.send(Some(deadline.into()));
     let mut published = 0u64;
@@ -593,7 +779,7 @@ async fn fanout(
         let topic = format!("fan{}", published as usize % topics);
         let body = format!("{} {}", now_micros(), "p".repeat(32));
         // Spawned, so it is sent now whatever the other requests do.
-        let request = http.post(publisher.publish_url(&topic)).body(body).send();
+        let request = publisher.publish(&http, &topic, body).send();
         in_flight.push(tokio::spawn(request));
         published += 1;
         // Keep the rate without letting slow answers pile up unboundedly.
@@ -616,6 +802,15 @@ async fn fanout(
     for r in readers {
         let _ = r.await;
     }
+    // The hub's CPU over the run, deliveries included, per published event.
+    let cpu_per_event = match (pid, cpu_before) {
+        (Some(pid), Some(before)) => {
+            json!(cpu_micros(pid).saturating_sub(before) as f64 / published.max(1) as f64)
+        }
+        _ => Value::Null,
+    };
+    let bystanders_open = bystanders.len();
+    drop(bystanders);
     let h = latencies.lock().expect("histogram lock");
     let delivered = delivered.load(Ordering::Relaxed);
     let connected = (subscribers - failed) as u64;
@@ -630,6 +825,7 @@ async fn fanout(
         "deliveries_per_sec": delivered as f64 / publish_secs,
         "latency_p50_ms": ms(&h, 0.5), "latency_p99_ms": ms(&h, 0.99), "latency_p999_ms": ms(&h, 0.999),
         "latency_max_ms": h.max() as f64 / 1000.0,
+        "bystanders": bystanders_open, "hub_cpu_us_per_event": cpu_per_event,
     })
 }
 
@@ -657,7 +853,7 @@ async fn idle(
     for &target in &steps {
         while open.len() < target {
             let url = hub.subscribe_url(&format!("idle{}", open.len() % topics));
-            match open_stream(&http, &url, None).await {
+            match open_stream(&http, &url, hub.token.as_deref(), None).await {
                 Some(stream) => open.push(Box::pin(stream)),
                 None => break,
             }
@@ -737,9 +933,8 @@ async fn storm(hub: Arc<Hub>, clients: usize, behind: usize, redis_url: Option<S
     // A cursor, then `behind` events after it.
     let mut ids = Vec::new();
     for i in 0..=behind {
-        let r = http
-            .post(hub.publish_url(&topic))
-            .body(format!("{i}"))
+        let r = hub
+            .publish(&http, &topic, format!("{i}"))
             .send()
             .await
             .expect("publish");
@@ -765,7 +960,7 @@ async fn storm(hub: Arc<Hub>, clients: usize, behind: usize, redis_url: Option<S
             );
             tokio::spawn(async move {
                 gate.wait().await;
-                let mut stream = Box::pin(open_stream(&http, &url, Some(&cursor)).await?);
+                let mut stream = Box::pin(open_stream(&http, &url, None, Some(&cursor)).await?);
                 let mut got = 0;
                 while let Ok(Some(Ok(event))) =
                     tokio::time::timeout(Duration::from_secs(30), stream.next()).await
@@ -816,5 +1011,108 @@ async fn storm(hub: Arc<Hub>, clients: usize, behind: usize, redis_url: Option<S
         "received_exactly_behind": exact,
         "seconds_until_all_caught_up": finished.duration_since(t0).as_secs_f64(),
         "redis_commands": commands,
+    })
+}
+
+/// Resuming from an id `behind` updates back in the Mercure log, against resuming from one a
+/// few back: the subscription's topic has the same `replay` updates after either id, the
+/// updates in between are on another topic. They are written straight into the log (as
+/// updates of the log's form), so the run takes seconds, not the minutes of a million POSTs.
+async fn resume(
+    hub: Arc<Hub>,
+    behind: usize,
+    replay: usize,
+    rounds: usize,
+    redis_url: &str,
+    key_prefix: &str,
+) -> Value {
+    assert!(
+        hub.target == Target::Mercure,
+        "resuming from an update's id is Mercure's"
+    );
+    let http = client(4);
+    let run = now_micros();
+    let topic = format!("resume{run}");
+    let publish = |topic: String, id: String| {
+        let mut request = http
+            .post(format!("{}/.well-known/mercure", hub.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(&[("topic", &iri(&topic)), ("id", &id), ("data", "x")]));
+        if let Some(token) = &hub.token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let r = request.send().await.expect("publish");
+            assert!(r.status().is_success(), "publish refused: {}", r.status());
+            id
+        }
+    };
+    let far = publish(format!("noise{run}"), format!("far-{run}")).await;
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let log = format!("{key_prefix}:{{mercure updates}}");
+    let noise = format!(r#"{{"t":["{}"],"d":"x"}}"#, iri(&format!("noise{run}")));
+    let seeding = Instant::now();
+    let mut written = 0;
+    while written < behind {
+        let n = (behind - written).min(10_000);
+        let mut pipe = redis::pipe();
+        for _ in 0..n {
+            pipe.cmd("XADD")
+                .arg(&log)
+                .arg("*")
+                .arg("data")
+                .arg(&noise)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.expect("seeding the log");
+        written += n;
+    }
+    let seeded_secs = seeding.elapsed().as_secs_f64();
+    let near = publish(format!("noise{run}"), format!("near-{run}")).await;
+    let mut last = String::new();
+    for i in 0..replay {
+        last = publish(topic.clone(), format!("r{run}-{i}")).await;
+    }
+    let url = hub.subscribe_url(&topic);
+    let mut times: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut exact = true;
+    for _ in 0..rounds {
+        for (kind, cursor) in [("near", &near), ("far", &far)] {
+            let started = Instant::now();
+            let mut stream = Box::pin(
+                open_stream(&http, &url, hub.token.as_deref(), Some(cursor))
+                    .await
+                    .expect("subscribe"),
+            );
+            let mut got = 0;
+            while let Ok(Some(Ok(event))) =
+                tokio::time::timeout(Duration::from_secs(120), stream.next()).await
+            {
+                got += 1;
+                if event.id == last {
+                    break;
+                }
+            }
+            exact &= got == replay;
+            times
+                .entry(kind)
+                .or_default()
+                .push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let near_ms = median(times.get_mut("near").expect("near runs"));
+    let far_ms = median(times.get_mut("far").expect("far runs"));
+    json!({
+        "scenario": "resume", "behind": behind, "replay": replay, "rounds": rounds,
+        "seeded_secs": seeded_secs, "replayed_exactly": exact,
+        "near_ms": near_ms, "far_ms": far_ms, "far_over_near": far_ms / near_ms,
     })
 }

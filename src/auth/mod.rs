@@ -463,11 +463,12 @@ fn check(
     }
 }
 
-/// Signs a token with an HMAC secret (HS256), for `ssegate token`.
+/// Signs a token with an HMAC secret (HS256), for `ssegate token`: the `ssegate` claim's grants,
+/// and a `mercure` claim when `mercure` is given.
 pub fn issue(
     secret: &str,
-    publish: Vec<String>,
-    subscribe: Vec<String>,
+    grants: Grants,
+    mercure: Option<MercureGrants>,
     ttl: Duration,
 ) -> Result<String, String> {
     let now = SystemTime::now()
@@ -475,8 +476,8 @@ pub fn issue(
         .map_err(|e| e.to_string())?
         .as_secs();
     let claims = Claims {
-        ssegate: Grants { publish, subscribe },
-        mercure: None,
+        ssegate: grants,
+        mercure,
         mercure_namespaced: None,
         exp: Some(now + ttl.as_secs()),
         iat: Some(now),
@@ -511,15 +512,20 @@ mod tests {
     #[tokio::test]
     async fn issued_tokens_verify_and_grant_their_patterns() {
         let auth = authenticator(|_| {});
-        let token = issue(
-            SECRET,
-            vec!["news.*".into()],
-            vec!["user.42".into()],
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let grants = Grants {
+            publish: vec!["news.*".into()],
+            subscribe: vec!["user.42".into()],
+        };
+        let mercure = MercureGrants {
+            publish: vec!["https://example.com/{id}".into()],
+            subscribe: vec![],
+            payload: None,
+        };
+        let token = issue(SECRET, grants, Some(mercure), Duration::from_secs(60)).unwrap();
         let v = auth.verify(&token).await.unwrap();
         assert!(v.expires.is_some());
+        let m = v.mercure.as_ref().expect("the mercure claim");
+        assert_eq!(m.publish, ["https://example.com/{id}"]);
         let access = Access::Token(v);
         assert!(auth.may_publish(&access, [&topic("news.eu")]).is_ok());
         assert!(auth

@@ -196,6 +196,32 @@ fn the_token_command_signs_with_the_configured_key() {
     let exp = claims["exp"].as_u64().unwrap();
     assert!((now + 3590..=now + 3600).contains(&exp), "{exp} vs {now}");
 
+    // The Mercure hub's claim.
+    let out = ssegate()
+        .args([
+            "token",
+            "--mercure-publish",
+            "*",
+            "--mercure-subscribe",
+            "https://example.com/users/{id}",
+        ])
+        .env("SSEGATE_AUTH__JWT_KEY", KEY)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(KEY.as_bytes()),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(
+        claims["mercure"],
+        serde_json::json!({"publish": ["*"], "subscribe": ["https://example.com/users/{id}"]})
+    );
+
     let out = ssegate()
         .args(["token", "--subscribe", "*"])
         .env_remove("SSEGATE_AUTH__JWT_KEY")
