@@ -56,6 +56,21 @@ pids+=("$SSEGATE_PID")
 RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$SSEGATE_B_PORT" \
   --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/ssegate-b.log" 2>&1 &
 pids+=("$!")
+# A node for the Mercure hub's scenarios: a key (private updates need one) and all history kept
+# (the resume scenario puts a million updates between two ids).
+MERCURE_PORT=$((BASE + 5))
+MERCURE_KEY=$(head -c 32 /dev/urandom | base64 | tr -d '\n')
+SSEGATE_AUTH__JWT_KEY=$MERCURE_KEY SSEGATE_RETENTION__MAX_EVENTS=0 RUST_LOG=warn \
+  target/release/ssegate --listen "127.0.0.1:$MERCURE_PORT" \
+  --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/ssegate-mercure.log" 2>&1 &
+MERCURE_PID=$!
+pids+=("$MERCURE_PID")
+# Publishes anywhere; receives private updates of every https://example.com/t/<topic>.
+MERCURE_TOKEN=$(SSEGATE_AUTH__JWT_KEY=$MERCURE_KEY target/release/ssegate token \
+  --mercure-publish '*' --mercure-subscribe 'https://example.com/t/{id}' --ttl 6h)
+for port in "$SSEGATE_PORT" "$SSEGATE_B_PORT" "$MERCURE_PORT"; do
+  for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/readyz" && break; sleep 0.05; done
+done
 sed -e "s/@NCHAN_PORT@/$NCHAN_PORT/" -e "s/@REDIS_PORT@/$REDIS_PORT/" bench/nchan.conf > "$DIR/nchan.conf"
 nginx -p "$DIR" -c "$DIR/nchan.conf" -g "pid $DIR/nginx.pid; error_log $DIR/nginx-error.log warn;"
 # A second nchan node on the same Redis, for publish -> receive across nodes.
@@ -105,6 +120,7 @@ settle_redis() {
   echo "warning: Redis still busy after 120 s; measuring anyway" >&2
 }
 S="--url http://127.0.0.1:$SSEGATE_PORT --target ssegate"
+M="--url http://127.0.0.1:$MERCURE_PORT --target mercure --token $MERCURE_TOKEN"
 B="--url http://127.0.0.1:$SSEGATE_B_PORT --target ssegate"
 N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
 NB="--url http://127.0.0.1:$NCHAN_B_PORT --target nchan"
@@ -112,6 +128,7 @@ if [ $smoke -eq 1 ]; then
   secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50 users=200 urate=100 hold=2 quiet_secs=2 wsecs=1
   lsubs=50 lsubs_small=10 lrate=20
   mconns=50 mper=4 mtopics=50 mrate=100
+  msubs=20 mbystanders=100 mmrate=20 mbehind=1000
 else
   # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
   # events, each to a tenth of the subscribers (500k/s offered).
@@ -123,6 +140,10 @@ else
   lsubs=1000 lsubs_small=100 lrate=100
   # Several topics per connection: 1,000 connections x 10 topics over 1,000 topics.
   mconns=1000 mper=10 mtopics=1000 mrate=1000
+  # Mercure selector matching: 1,000 subscribers with a template each, all matching, 100
+  # updates/s (100k deliveries/s), then with 9,000 more whose templates match nothing. Resume:
+  # from an id a million updates back.
+  msubs=1000 mbystanders=9000 mmrate=100 mbehind=1000000
 fi
 
 echo "== publish" >&2
@@ -140,10 +161,16 @@ wrk.method = "POST"
 wrk.body = string.rep("x", 64)
 wrk.headers["Content-Type"] = "text/plain"
 LUA
-wrk_rate() { # url
+# The same through the Mercure hub: a form with a topic IRI and the 64-byte data.
+cat >"$DIR/form.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = "topic=https%3A%2F%2Fexample.com%2Ft%2Fwrk&data=" .. string.rep("x", 64)
+wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+LUA
+wrk_rate() { # url [script]
   settle
   local out
-  out=$(wrk -t2 -c32 -d"${wsecs}s" -s "$DIR/post.lua" "$1")
+  out=$(wrk -t2 -c32 -d"${wsecs}s" -s "${2:-$DIR/post.lua}" "$1")
   if echo "$out" | grep -q "Non-2xx"; then
     echo "wrk got errors from $1:" >&2
     echo "$out" >&2
@@ -197,6 +224,24 @@ settle_redis
 fanm_s=$(bench $S fanout --subscribers $mconns --topics $mtopics --per-connection $mper --rate $mrate --seconds $secs)
 settle_redis
 fanm_n=$(bench $N fanout --subscribers $mconns --topics $mtopics --per-connection $mper --rate $mrate --seconds $secs)
+echo "== Mercure" >&2
+# Form publishes against /v1 publishes on the same node (node A, no key), alternating.
+mwrk_v1="" mwrk_m=""
+for _ in 1 2 3; do
+  mwrk_v1="$mwrk_v1 $(wrk_rate "http://127.0.0.1:$SSEGATE_PORT/v1/events?topic=wrk")"
+  mwrk_m="$mwrk_m $(wrk_rate "http://127.0.0.1:$SSEGATE_PORT/.well-known/mercure" "$DIR/form.lua")"
+done
+# Idle subscribers with one exact topic each, on the Mercure node (fresh: it has served nothing).
+idlem=$(bench $M idle --steps $steps --pid "$MERCURE_PID" --topics "$maxstep")
+# A private topic each, the token holding a template, against the native topic-per-user run.
+settle_redis
+fanum=$(bench $M --private fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
+# Selector matching: the node's CPU per update, without and with subscribers matching nothing.
+match0=$(bench $M fanout --subscribers $msubs --topics 1 --rate $mmrate --seconds $secs \
+  --selector 'https://example.com/t/{id}{?u%s}' --pid "$MERCURE_PID")
+match9=$(bench $M fanout --subscribers $msubs --topics 1 --rate $mmrate --seconds $secs \
+  --selector 'https://example.com/t/{id}{?u%s}' --bystanders $mbystanders --pid "$MERCURE_PID")
+mresume=$(bench $M resume --behind $mbehind --replay 10 --rounds 3 --redis-url "$R")
 echo "== reconnect storm" >&2
 storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
 
@@ -399,12 +444,51 @@ row(f"publish->receive p99 <= 5 ms, {cross['rate']:.0f} events/s to {cross['subs
     f"p99 {p99:.1f} ms ({cross['deliveries_per_sec']:.0f} deliveries/s)", p99 <= 5)
 PY
   echo
+  echo "## Mercure"
+  echo
+  echo "The Mercure hub (\`/.well-known/mercure\`) in the same run: form publishes on node A against"
+  echo "\`/v1\` publishes on node A; the other scenarios on a node of their own with a key (private"
+  echo "updates need one) and all history kept, against the native figures above."
+  echo
+  python3 - "$mwrk_v1" "$mwrk_m" "$idlem" "$idleu_s" "$fanum" "$fanu_s" "$match0" "$match9" "$mresume" <<'PY'
+import json, statistics, sys
+v1, m = (statistics.median(float(x) for x in a.split()) for a in sys.argv[1:3])
+idlem, idleu, fanum, fanu, match0, match9, resume = (json.loads(a) for a in sys.argv[3:10])
+def row(name, figure, target, ok):
+    print(f"| {name} | {figure} | {target} | {'met' if ok else 'not met'} |")
+print("| metric | measured | target | outcome |")
+print("|---|---|---|---|")
+r = m / max(v1, 1)
+row("form publish, single update, wrk c=32 (median of 3 alternating pairs)",
+    f"{m:.0f}/s vs /v1 {v1:.0f}/s: {r:.2f}x", ">= 0.8x /v1", r >= 0.8)
+d = idlem["bytes_per_connection"] - idleu["bytes_per_connection"]
+row(f"idle subscriber, one exact topic each ({idlem['points'][-1]['connections']} connections)",
+    f"{idlem['bytes_per_connection'] / 1024:.2f} KiB vs native {idleu['bytes_per_connection'] / 1024:.2f} KiB",
+    "<= native + 1 KiB", d <= 1024)
+r = fanum["latency_p99_ms"] / max(fanu["latency_p99_ms"], 1e-9)
+row(f"{fanum['subscribers']} subscribers on a private topic each, {fanum['rate']:.0f} updates/s: p99",
+    f"{fanum['latency_p99_ms']:.2f} ms vs native {fanu['latency_p99_ms']:.2f} ms: {r:.2f}x",
+    "<= 1.5x native", r <= 1.5)
+c0, c9 = match0["hub_cpu_us_per_event"], match9["hub_cpu_us_per_event"]
+r = c9 / max(c0, 1e-9)
+row(f"selector matching: node CPU per update, {match9['bystanders']} non-matching template subscribers join {match0['subscribers']} matching",
+    f"{c0:.0f} -> {c9:.0f} us: {r:.2f}x", "<= 1.5x", r <= 1.5)
+r = resume["far_over_near"]
+row(f"resume from an id {resume['behind']} updates back vs 10 back, {resume['replay']} replayed",
+    f"{resume['far_ms']:.1f} ms vs {resume['near_ms']:.1f} ms: {r:.1f}x", "<= 2x", r <= 2)
+print()
+print(f"Form publishes: {' / '.join(sys.argv[2].split())}/s; /v1 on the same node: {' / '.join(sys.argv[1].split())}/s.")
+print(f"Private topic each: p50 {fanum['latency_p50_ms']:.2f} ms (native {fanu['latency_p50_ms']:.2f} ms), "
+      f"{fanum['delivered']} of {fanum['expected_deliveries']} delivered. Matching: p99 "
+      f"{match0['latency_p99_ms']:.1f} ms without and {match9['latency_p99_ms']:.1f} ms with the non-matching subscribers.")
+PY
+  echo
   cat bench/FINDINGS.md
   echo
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$fanum" "$match0" "$match9" "$mresume"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
@@ -440,6 +524,24 @@ for block in sys.argv[19:]:
     for line in block.splitlines():
         r = json.loads(line)
         checks[f"cluster {r['masters']} masters, ack {r['min_replicas_ack']}, {r['kind']} publishes"] = r["events"] > 0 and r["errors"] == 0
+failed = [k for k, ok in checks.items() if not ok]
+if failed:
+    sys.exit("bench smoke run failed: " + ", ".join(failed))
+PY
+  python3 - "$mwrk_v1" "$mwrk_m" "$idlem" "$fanum" "$match0" "$match9" "$mresume" <<'PY'
+import json, sys
+v1, m = ([float(x) for x in a.split()] for a in sys.argv[1:3])
+idlem, fanum, match0, match9, resume = map(json.loads, sys.argv[3:8])
+checks = {
+    "wrk form publishes to the Mercure hub, 3 runs": len(m) == 3 and min(m) > 0,
+    "wrk /v1 publishes beside them, 3 runs": len(v1) == 3 and min(v1) > 0,
+    "Mercure idle subscribers held": idlem["points"][-1]["connections"] > 0,
+    "Mercure private topic each, every update delivered": fanum["delivered"] == fanum["expected_deliveries"] > 0,
+    "Mercure template subscribers, every update delivered": match0["delivered"] == match0["expected_deliveries"] > 0,
+    "Mercure with bystanders, every update delivered": match9["delivered"] == match9["expected_deliveries"] > 0 and match9["bystanders"] > 0,
+    "Mercure CPU per update measured": match0["hub_cpu_us_per_event"] is not None,
+    "Mercure resumes replay exactly": resume["replayed_exactly"],
+}
 failed = [k for k, ok in checks.items() if not ok]
 if failed:
     sys.exit("bench smoke run failed: " + ", ".join(failed))
