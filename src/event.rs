@@ -161,6 +161,11 @@ pub struct NewEvent {
     /// A publisher's key: the same key within the idempotency window yields the same id and
     /// appends nothing.
     pub idempotency_key: Option<String>,
+    /// Labels the event is also filed under, in its topic: a reader asking for some labels
+    /// ([`Store::read_labelled`](crate::store::Store::read_labelled)) finds their events without
+    /// reading the rest of the stream. A protocol that keeps many topics in one stream (Mercure's
+    /// log) labels each event with its topics.
+    pub labels: Vec<String>,
 }
 
 /// An event as stored: what a subscriber receives.

@@ -629,6 +629,7 @@ impl Limits {
                 event: event.filter(|t| t != "message"),
                 data,
                 idempotency_key,
+                labels: Vec::new(),
             },
         ))
     }
@@ -727,6 +728,7 @@ mod tests {
             event: None,
             data: "x".into(),
             idempotency_key: None,
+            labels: Vec::new(),
         };
         store.append(&topic, vec![event]).await.unwrap();
         let live = frames.next().await.unwrap();

@@ -110,6 +110,9 @@ struct TopicHandle {
     /// A view's filter; `None` for a topic. A view is not in the registry: it lives as long as
     /// its owner and its sessions hold it.
     keep: Option<Keep>,
+    /// A view's labels: when some are given, its replays read only the events filed under them
+    /// (see [`NewEvent::labels`](crate::event::NewEvent::labels)), not the whole stream.
+    labels: Vec<String>,
     /// The live feed; sessions subscribe to it.
     feed: Arc<Feed<Item>>,
     /// The pump's inbox. Dropping the last handle closes it and ends the pump.
@@ -212,11 +215,13 @@ impl Hub {
     }
 
     /// A view of `source` keeping what `keep` keeps; its feed starts after `horizon`, the last
-    /// event of the source its owner has fed on (or past) when it makes the view.
-    pub fn view(&self, source: Topic, horizon: StreamId, keep: Keep) -> View {
+    /// event of the source its owner has fed on (or past) when it makes the view. With
+    /// `labels`, every event it keeps is filed under one of them, and replays read only those.
+    pub fn view(&self, source: Topic, horizon: StreamId, keep: Keep, labels: Vec<String>) -> View {
         let handle = Arc::new(TopicHandle {
             name: source,
             keep: Some(keep),
+            labels,
             feed: Feed::new(self.inner.fanout_buffer),
             inbox: Inbox::new(0),
             replays: Mutex::new(Replays::default()),
@@ -302,6 +307,7 @@ impl Inner {
         Arc::new(TopicHandle {
             name: topic.clone(),
             keep: None,
+            labels: Vec::new(),
             feed,
             inbox,
             replays: Mutex::new(Replays::default()),
@@ -468,6 +474,7 @@ mod tests {
             event: None,
             data: data.into(),
             idempotency_key: None,
+            labels: Vec::new(),
         }
     }
 
@@ -501,7 +508,7 @@ mod tests {
             .collect();
         let ids = store.append(&source, events).await.unwrap();
         let keep: Keep = Arc::new(|e: &Event| e.data.starts_with("keep"));
-        let view = hub.view(source.clone(), ids[4], keep);
+        let view = hub.view(source.clone(), ids[4], keep, Vec::new());
 
         let mut resumed = hub
             .subscribe_view(&view, Some(StreamId::ZERO))

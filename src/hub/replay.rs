@@ -126,6 +126,7 @@ impl TopicHandle {
             hub.store.clone(),
             self.name.clone(),
             self.keep.clone(),
+            self.labels.clone(),
             cursor,
             hub.page_size,
         );
@@ -141,15 +142,22 @@ impl TopicHandle {
 }
 
 /// Reads and encodes one replay page; for a view, only the events it keeps (the page still
-/// moves the cursor past the others).
+/// moves the cursor past the others), read by label when the view has labels.
 async fn read_replay(
     store: Arc<dyn Store>,
     topic: Topic,
     keep: Option<Keep>,
+    labels: Vec<String>,
     cursor: StreamId,
     page_size: usize,
 ) -> Result<Arc<ReplayPage>, StoreError> {
-    let mut page = store.read(&topic, cursor, page_size).await?;
+    let mut page = if labels.is_empty() {
+        store.read(&topic, cursor, page_size).await?
+    } else {
+        store
+            .read_labelled(&topic, &labels, cursor, page_size)
+            .await?
+    };
     let full = page.events.len() >= page_size;
     let last_read = page.events.last().map(|e| e.id);
     let mut frames = BytesMut::new();

@@ -302,10 +302,22 @@ impl Router {
         }
         let subscriber = Arc::new(subscriber);
         let keeps = subscriber.clone();
+        // Exact selectors only: every update the subscription receives is filed under one of
+        // them (updates are labelled with their topics), so replays read only those.
+        let labels = if subscriber
+            .selectors
+            .iter()
+            .all(|s| matches!(s, Selector::Exact(_)))
+        {
+            key.selectors.clone()
+        } else {
+            Vec::new()
+        };
         let view = self.hub.view(
             self.log.clone(),
             position,
             Arc::new(move |e: &Event| Stored::read(&e.data).is_some_and(|u| keeps.wants(&u))),
+            labels,
         );
         let entry = state.free.pop().unwrap_or(state.entries.len());
         for selector in &subscriber.selectors {

@@ -48,10 +48,12 @@ impl<'a> Stored<'a> {
     /// and a repeated id is not stored twice.
     pub fn into_event(self, event_type: Option<String>) -> NewEvent {
         let key = self.id.as_deref().map(str::to_owned);
+        let labels = self.topics.iter().map(|t| t.to_string()).collect();
         NewEvent {
             event: event_type,
             data: serde_json::to_string(&self).unwrap_or_default(),
             idempotency_key: key,
+            labels,
         }
     }
 

@@ -60,6 +60,8 @@ struct TopicLog {
     idempotency: HashMap<String, (StreamId, Instant)>,
     /// Keys in the order they were stored, so expired ones are dropped without a scan.
     idempotency_order: VecDeque<(Instant, String)>,
+    /// Label → the ids of the retained events filed under it, oldest first.
+    labels: HashMap<String, VecDeque<StreamId>>,
 }
 
 impl MemoryStore {
@@ -131,6 +133,7 @@ impl Logs {
                 appended: now,
                 idempotency: HashMap::new(),
                 idempotency_order: VecDeque::new(),
+                labels: HashMap::new(),
             }
         })
     }
@@ -184,6 +187,35 @@ impl TopicLog {
                 self.trimmed_any = true;
             }
         }
+        // Labels keep only retained events.
+        let first = self.entries.front().map_or(self.last_generated, |e| e.id);
+        self.labels.retain(|_, ids| {
+            while ids.front().is_some_and(|id| *id < first) {
+                ids.pop_front();
+            }
+            !ids.is_empty()
+        });
+    }
+
+    /// Up to `count` retained events filed under any of `labels`, after `after`, in order.
+    fn labelled_after(&self, labels: &[String], after: StreamId, count: usize) -> Vec<Event> {
+        let mut ids: Vec<StreamId> = labels
+            .iter()
+            .filter_map(|l| self.labels.get(l))
+            .flat_map(|ids| {
+                let start = ids.partition_point(|id| *id <= after);
+                ids.iter().skip(start).take(count).copied()
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| {
+                let at = self.entries.binary_search_by(|e| e.id.cmp(&id)).ok()?;
+                self.entries.get(at).cloned()
+            })
+            .take(count)
+            .collect()
     }
 
     fn position_after(&self, cursor: StreamId) -> (bool, usize) {
@@ -226,6 +258,9 @@ impl Store for MemoryStore {
             if let Some(key) = new.idempotency_key {
                 log.idempotency.insert(key.clone(), (id, now));
                 log.idempotency_order.push_back((now, key));
+            }
+            for label in new.labels {
+                log.labels.entry(label).or_default().push_back(id);
             }
             log.trim(self.max_events, self.max_age);
             // The hub may be gone during shutdown; the event is stored either way.
@@ -285,6 +320,27 @@ impl Store for MemoryStore {
             events,
             resume_after: gap.map(|_| log.last_generated),
         })
+    }
+
+    async fn read_labelled(
+        &self,
+        topic: &Topic,
+        labels: &[String],
+        cursor: StreamId,
+        count: usize,
+    ) -> Result<Page, StoreError> {
+        let mut page = self.read(topic, cursor, 0).await?;
+        let logs = self.lock();
+        if let Some(log) = logs.topics.get(topic.as_str()) {
+            // After a gap, from the oldest retained event.
+            let after = if page.gap.is_some() {
+                StreamId::ZERO
+            } else {
+                cursor
+            };
+            page.events = log.labelled_after(labels, after, count);
+        }
+        Ok(page)
     }
 
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {
@@ -365,6 +421,7 @@ mod tests {
             event: None,
             data: "x".into(),
             idempotency_key: Some("k".into()),
+            labels: Vec::new(),
         };
         for i in 0..100 {
             let t = Topic::parse(&format!("random.{i}")).unwrap();

@@ -156,6 +156,17 @@ pub trait Store: Send + Sync + 'static {
     async fn read(&self, topic: &Topic, cursor: StreamId, count: usize)
         -> Result<Page, StoreError>;
 
+    /// Like [`read`](Store::read), but only the events filed under one of `labels` (see
+    /// [`NewEvent::labels`]): the same gap rule on the cursor, in the topic's stream, and a
+    /// cost that follows the labelled events, not the stream's length.
+    async fn read_labelled(
+        &self,
+        topic: &Topic,
+        labels: &[String],
+        cursor: StreamId,
+        count: usize,
+    ) -> Result<Page, StoreError>;
+
     /// The id an event appended to `topic` with idempotency key `key` got, while the key's
     /// window holds; `None` if the key was never used there or is forgotten. A protocol whose
     /// clients resume from ids of their own (Mercure's publisher-chosen ids) finds them with it.

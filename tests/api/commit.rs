@@ -26,6 +26,7 @@ fn keyed(data: &str, key: Option<&str>) -> NewEvent {
         event: None,
         data: data.to_owned(),
         idempotency_key: key.map(str::to_owned),
+        labels: Vec::new(),
     }
 }
 
@@ -390,6 +391,7 @@ async fn a_request_of_several_events_is_announced_once_with_its_events() {
         event: ty.map(str::to_owned),
         data: data.to_owned(),
         idempotency_key: None,
+        labels: Vec::new(),
     };
     let first = store.append(&t, vec![typed(None, "one")]).await.unwrap()[0];
     let sent = vec![

@@ -654,6 +654,7 @@ async fn the_connection_limit_refuses_new_connections_and_spares_open_streams() 
                 event: None,
                 data: "still here".into(),
                 idempotency_key: None,
+                labels: Vec::new(),
             }],
         )
         .await

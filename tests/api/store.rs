@@ -78,6 +78,7 @@ conformance! {
     tail_is_where_new_readers_start(3);
     appends_are_announced_with_their_predecessor(0);
     advanced_names_only_topics_with_newer_entries(0);
+    labels_file_events_for_their_readers(5);
 }
 
 fn topic(name: &str) -> Topic {
@@ -89,6 +90,7 @@ fn event(data: &str) -> NewEvent {
         event: None,
         data: data.to_owned(),
         idempotency_key: None,
+        labels: Vec::new(),
     }
 }
 
@@ -145,6 +147,7 @@ async fn appends_in_order_and_reads_in_pages(s: Subject) {
         event: Some("update".into()),
         data: "a\nb".into(),
         idempotency_key: None,
+        labels: Vec::new(),
     };
     let id = s.store.append(&t, vec![typed]).await.unwrap()[0];
     let page = s.store.read(&t, ids[11], 10).await.unwrap();
@@ -160,6 +163,7 @@ async fn idempotency_keys_return_the_first_id(s: Subject) {
         event: None,
         data: data.into(),
         idempotency_key: Some(key.into()),
+        labels: Vec::new(),
     };
     let first = s.store.append(&t, vec![keyed("a", "k1")]).await.unwrap();
     let again = s
@@ -202,6 +206,97 @@ async fn idempotency_keys_return_the_first_id(s: Subject) {
     );
     assert_eq!(s.store.keyed(&t, "k3").await.unwrap(), None);
     assert_eq!(s.store.keyed(&topic("never"), "k1").await.unwrap(), None);
+}
+
+/// Events filed under labels are read by label, after a cursor in the topic's stream, with the
+/// topic's gap rule; labels keep only what the topic retains.
+async fn labels_file_events_for_their_readers(s: Subject) {
+    let t = topic("labelled");
+    let labelled = |data: &str, labels: &[&str]| NewEvent {
+        event: None,
+        data: data.into(),
+        idempotency_key: None,
+        labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+    };
+    let ids = s
+        .store
+        .append(
+            &t,
+            vec![
+                labelled("e1", &["a", "quiet"]),
+                labelled("e2", &["https://example.com/b {x}"]),
+                labelled("e3", &["a", "https://example.com/b {x}"]),
+                labelled("e4", &[]),
+                labelled("e5", &["a", "quiet"]),
+            ],
+        )
+        .await
+        .unwrap();
+    let read = |labels: &[&str], cursor: StreamId, count: usize| {
+        let labels: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        let store = s.store.clone();
+        let t = t.clone();
+        async move {
+            store
+                .read_labelled(&t, &labels, cursor, count)
+                .await
+                .unwrap()
+        }
+    };
+    let data = |page: &ssegate::store::Page| -> Vec<String> {
+        page.events.iter().map(|e| e.data.clone()).collect()
+    };
+    let page = read(&["a"], StreamId::ZERO, 10).await;
+    assert_eq!(
+        (page.gap, data(&page)),
+        (None, vec!["e1".into(), "e3".into(), "e5".into()])
+    );
+    let both = ["a", "https://example.com/b {x}"];
+    let page = read(&both, ids[0], 10).await;
+    assert_eq!(data(&page), ["e2", "e3", "e5"], "merged, each once");
+    assert_eq!(
+        data(&read(&both, ids[0], 2).await),
+        ["e2", "e3"],
+        "a page at most"
+    );
+    assert_eq!(
+        data(&read(&["a"], ids[3], 10).await),
+        ["e5"],
+        "after an unlabelled entry"
+    );
+    assert!(read(&["none"], StreamId::ZERO, 10).await.events.is_empty());
+    let unknown = read(&["a"], StreamId::new(ids[4].ms + 1000, 0), 10).await;
+    assert_eq!(unknown.gap, Some(GapReason::UnknownCursor));
+
+    // Retention trims labels with the topic: five events are kept.
+    let more = s
+        .store
+        .append(
+            &t,
+            vec![
+                labelled("e6", &["https://example.com/b {x}"]),
+                labelled("e7", &["a"]),
+                labelled("e8", &[]),
+            ],
+        )
+        .await
+        .unwrap();
+    let page = read(&["a"], ids[0], 10).await;
+    assert_eq!(page.gap, Some(GapReason::Trimmed));
+    assert_eq!(data(&page), ["e5", "e7"], "from the oldest retained");
+    let page = read(&both, ids[4], 10).await;
+    assert_eq!(
+        (page.gap, data(&page)),
+        (None, vec!["e6".into(), "e7".into()])
+    );
+    assert!(read(&both, more[2], 10).await.events.is_empty());
+    // A label unused since its first event was trimmed still finds its retained one, even a
+    // page of one at a time.
+    let page = read(&["quiet"], ids[0], 1).await;
+    assert_eq!(
+        (page.gap, data(&page)),
+        (Some(GapReason::Trimmed), vec!["e5".into()])
+    );
 }
 
 async fn gap_rule_for_trimmed_history(s: Subject) {

@@ -4,7 +4,8 @@
 --
 -- KEYS[2t-1]  topic t's stream (t = 1..T)
 -- KEYS[2t]    topic t's tombstone: its last id, kept a while after an idle stream expired
--- KEYS[2T+k]  the idempotency key of the k-th event that has one, in run order
+-- KEYS[2T+k]  the events' own keys, in run order: per event its idempotency key (if it has one),
+--             then the label streams it is filed under (if any)
 -- ARGV[1]     MAXLEN (0 = keep everything)
 -- ARGV[2]     '~' (approximate trimming) or '='
 -- ARGV[3]     idempotency window in milliseconds
@@ -17,10 +18,17 @@
 -- ARGV[9]     T, the number of topics
 -- ARGV[9+t]   topic t's live channel
 -- then, per run (one per topic, t = 1..T): t; its event count n; its flags: '' when no event
---             has a type or an idempotency key, else per event '1' if it has a key, '0' if not;
---             when n > 1 its events as announced (see below; '' when one is too large to
---             announce); and per event its data, after its type ('' = message) when the flags
---             are not ''
+--             has a type, an idempotency key or labels, else per event a digit, 1 if it has a
+--             key plus 2 if it has labels; when some event has labels, their numbers, one per
+--             labelled event, comma-separated; when n > 1 its events as announced (see below;
+--             '' when one is too large to announce); and per event its data, after its type
+--             ('' = message) when the flags are not ''
+--
+-- A label stream holds, for each event filed under the label, an entry with the event's id
+-- (and no payload): a reader of a label finds its events without reading the others. It is
+-- trimmed to the topic's oldest retained event whenever the label is used again. It has no
+-- expiry of its own: the topic's stream may keep its events however long the label is unused,
+-- and a label that outlived them holds only ids that no read after a retained cursor reaches.
 --
 -- Runs are applied one after the other, each on its own: a run's events are consecutive in its
 -- stream, in order, and a run that fails (say, its key holds something other than a stream)
@@ -93,13 +101,14 @@ end
 -- number of idempotency keys used before it. A run of several events is announced by the
 -- caller (even when it fails after appending some): `many` gets the newest id before it and the
 -- positions in `ids` of events already there (repeated idempotency keys), which were not appended.
-local function apply(t, n, flags, at, keyed, ids, many)
+local function apply(t, n, flags, counts, at, keyed, ids, many)
   local s = topic_state(t)
   local stream, channel = KEYS[2 * t - 1], ARGV[9 + t]
   if many then
     many.prev = s.prev
   end
   local plain = flags == ''
+  local labelled = 0
   for i = 0, n - 1 do
     local etype, data
     if plain then
@@ -107,11 +116,18 @@ local function apply(t, n, flags, at, keyed, ids, many)
     else
       etype, data = ARGV[at + 2 * i], ARGV[at + 2 * i + 1]
     end
-    local key, existing = nil, false
-    if not plain and string.byte(flags, i + 1) == 49 then
+    local key, existing, first_label, labels = nil, false, 0, 0
+    local f = plain and 0 or string.byte(flags, i + 1) - 48
+    if f % 2 == 1 then
       keyed = keyed + 1
       key = KEYS[2 * topics + keyed]
       existing = redis.call('GET', key)
+    end
+    if f >= 2 then
+      labelled = labelled + 1
+      labels = counts[labelled]
+      first_label = 2 * topics + keyed + 1
+      keyed = keyed + labels
     end
     if existing then
       ids[#ids + 1] = existing
@@ -134,6 +150,11 @@ local function apply(t, n, flags, at, keyed, ids, many)
       end
       if key then
         redis.call('SET', key, id, 'PX', window)
+      end
+      for k = first_label, first_label + labels - 1 do
+        redis.call('XADD', KEYS[k], id, 'l', '')
+        s.labels = s.labels or {}
+        s.labels[KEYS[k]] = true
       end
       if many then
         -- announced by the caller
@@ -184,17 +205,24 @@ local keyed = 0
 while at <= #ARGV do
   local t, n, flags = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), ARGV[at + 2]
   local first = at + 3
+  local keys_used, stride, counts = 0, 1, {}
+  if flags ~= '' then
+    keys_used, stride = #string.gsub(flags, '[02]', ''), 2
+    if string.find(flags, '[23]') then
+      for c in string.gmatch(ARGV[first], '%d+') do
+        counts[#counts + 1] = tonumber(c)
+        keys_used = keys_used + tonumber(c)
+      end
+      first = first + 1
+    end
+  end
   local events, many = nil, nil
   if n > 1 then
     events, many = ARGV[first], {repeated = {}}
     first = first + 1
   end
-  local keys_used, stride = 0, 1
-  if flags ~= '' then
-    keys_used, stride = #string.gsub(flags, '0', ''), 2
-  end
   local ids = {'ok'}
-  local ok, result = pcall(apply, t, n, flags, first, keyed, ids, many)
+  local ok, result = pcall(apply, t, n, flags, counts, first, keyed, ids, many)
   local joined = #ids == 2 and ids[2] or table.concat(ids, '\n', 2)
   if many then
     announce_many(t, n, ids, joined, many, events)
@@ -222,6 +250,14 @@ for t, s in pairs(state) do
     if idle_ttl > 0 then
       redis.call('PEXPIRE', stream, idle_ttl)
       redis.call('SET', KEYS[2 * t], s.last, 'PX', idle_ttl * 2)
+    end
+    if s.labels then
+      local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+      for label in pairs(s.labels) do
+        if #oldest > 0 then
+          redis.call('XTRIM', label, 'MINID', trim, oldest[1][1])
+        end
+      end
     end
   end
 end

@@ -25,7 +25,7 @@ use redis::{Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::connection::Commands;
-use super::keys::{Keys, IDEMPOTENCY, LIVE, TOMBSTONE};
+use super::keys::{Keys, IDEMPOTENCY, LABEL, LIVE, TOMBSTONE};
 use super::reply::{as_array, as_bytes, bad_reply};
 use super::scripts::Call;
 use super::Runner;
@@ -75,6 +75,10 @@ impl AppendRequest {
                     + e.idempotency_key
                         .as_ref()
                         .map_or(0, |k| k.len() + self.topic.as_str().len() + 32)
+                    + e.labels
+                        .iter()
+                        .map(|l| l.len() + self.topic.as_str().len() + 32)
+                        .sum::<usize>()
             })
             .sum()
     }
@@ -272,8 +276,8 @@ fn build<'a>(
         keyed += request
             .events
             .iter()
-            .filter(|e| e.idempotency_key.is_some())
-            .count();
+            .map(|e| usize::from(e.idempotency_key.is_some()) + e.labels.len())
+            .sum::<usize>();
         events += request.events.len();
         bytes += request.bytes();
     }
@@ -283,7 +287,7 @@ fn build<'a>(
     let mut call = Call::with_capacity(
         &parts.script,
         2 * runs.len() + keyed,
-        names + 10 + 4 * runs.len() + 2 * events,
+        names + 10 + 5 * runs.len() + 2 * events,
         // Runs of several events send their payloads twice: as events, and as announced.
         2 * bytes + names * (parts.keys.prefix.len() + 16) + 16 * runs.len(),
     );
@@ -296,10 +300,17 @@ fn build<'a>(
         call.key(name.as_str());
     }
     for run in &runs {
-        for key in events_of(run).filter_map(|e| e.idempotency_key.as_deref()) {
-            parts.keys.write_name(&mut name, topic(run), IDEMPOTENCY);
-            name.push_str(key);
-            call.key(name.as_str());
+        for event in events_of(run) {
+            if let Some(key) = event.idempotency_key.as_deref() {
+                parts.keys.write_name(&mut name, topic(run), IDEMPOTENCY);
+                name.push_str(key);
+                call.key(name.as_str());
+            }
+            for label in &event.labels {
+                parts.keys.write_name(&mut name, topic(run), LABEL);
+                name.push_str(label);
+                call.key(name.as_str());
+            }
         }
     }
     let settings = &parts.settings;
@@ -327,18 +338,28 @@ fn build<'a>(
         call.arg(index + 1).arg(count);
         // Events without a type or a key (most) are sent as their data alone: every argument is
         // a string Redis makes twice, once as it reads the command and once for the script.
-        let plain = events_of(run).all(|e| e.event.is_none() && e.idempotency_key.is_none());
+        let plain = events_of(run)
+            .all(|e| e.event.is_none() && e.idempotency_key.is_none() && e.labels.is_empty());
         buffer.clear();
         if !plain {
             buffer.extend(events_of(run).map(|e| {
-                if e.idempotency_key.is_some() {
-                    '1'
-                } else {
-                    '0'
-                }
+                let flags =
+                    u8::from(e.idempotency_key.is_some()) + 2 * u8::from(!e.labels.is_empty());
+                char::from(b'0' + flags)
             }));
         }
         call.arg(buffer.as_str());
+        if events_of(run).any(|e| !e.labels.is_empty()) {
+            // How many labels each labelled event has.
+            buffer.clear();
+            for event in events_of(run).filter(|e| !e.labels.is_empty()) {
+                if !buffer.is_empty() {
+                    buffer.push(',');
+                }
+                let _ = write!(buffer, "{}", event.labels.len());
+            }
+            call.arg(buffer.as_str());
+        }
         if count > 1 {
             write_announced_events(&mut buffer, events_of(run), settings.announce_inline_max);
             call.arg(buffer.as_str());

@@ -10,6 +10,8 @@ pub(super) const LIVE: &str = ":live";
 pub(super) const TOMBSTONE: &str = ":last";
 /// … in its idempotency keys' names, before the publisher's key.
 pub(super) const IDEMPOTENCY: &str = ":idem:";
+/// … in its label streams' names, before the label.
+pub(super) const LABEL: &str = ":label:";
 
 /// Key and channel names for one deployment.
 #[derive(Clone)]
@@ -118,6 +120,12 @@ mod tests {
                     let mut name = String::new();
                     keys.write_name(&mut name, topic, IDEMPOTENCY);
                     name.push_str("k{1}");
+                    name
+                },
+                {
+                    let mut name = String::new();
+                    keys.write_name(&mut name, topic, LABEL);
+                    name.push_str("https://example.com/{id}");
                     name
                 },
             ] {

@@ -8,6 +8,7 @@
 //! | stream | `<prefix>:{<topic>}` |
 //! | live channel | `<prefix>:{<topic>}:live` |
 //! | idempotency key | `<prefix>:{<topic>}:idem:<key>` (one per keyed event, for the window) |
+//! | label stream | `<prefix>:{<topic>}:label:<label>` (the ids of the events filed under a label) |
 //! | tombstone | `<prefix>:{<topic>}:last` (only with `retention.idle_ttl`) |
 //!
 //! Appends run as one Lua script (`append.lua`): XADD, then PUBLISH (in a cluster SPUBLISH,
@@ -59,7 +60,7 @@ use tracing::{info, warn};
 
 use self::commit::{AppendRequest, AppendSettings};
 use self::connection::{open_link, ping, query, Link, Target};
-use self::keys::{Keys, IDEMPOTENCY};
+use self::keys::{Keys, IDEMPOTENCY, LABEL};
 use self::reply::{as_array, parse_entries, parse_facts, parse_id};
 use self::scripts::{Call, Replication, Scripts};
 use self::subscriptions::{
@@ -248,6 +249,62 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// A page after `cursor` (`read.lua`), or of the events under `labels` (`read_labels.lua`).
+    async fn read_page(
+        &self,
+        topic: &Topic,
+        labels: &[String],
+        cursor: StreamId,
+        count: usize,
+    ) -> Result<Page, StoreError> {
+        let script = if labels.is_empty() {
+            &self.scripts.read
+        } else {
+            &self.scripts.read_labels
+        };
+        let mut invocation = Call::new(script, 2 + labels.len());
+        invocation
+            .key(self.keys.stream(topic.as_str()))
+            .key(self.keys.tombstone(topic.as_str()));
+        let mut name = String::new();
+        for label in labels {
+            self.keys.write_name(&mut name, topic.as_str(), LABEL);
+            name.push_str(label);
+            invocation.key(name.as_str());
+        }
+        invocation.arg(cursor.to_string()).arg(count);
+        let reply = self
+            .runner
+            .run(&mut self.link()?.conn, &invocation, None)
+            .await?;
+        let parts = as_array(&reply)?;
+        let hit = matches!(parts.first(), Some(Value::Int(1)));
+        let page = parse_entries(parts.get(1))?;
+        if hit {
+            let events = page.into_iter().skip(1).take(count).collect();
+            return Ok(Page {
+                gap: None,
+                events,
+                resume_after: None,
+            });
+        }
+        let facts = parse_facts(parts.get(2..7))?;
+        let gap = classify(cursor, false, facts);
+        let resume_after = gap.map(|_| facts.map_or(StreamId::ZERO, |f| f.last_generated));
+        let events = if gap.is_some() {
+            parse_entries(parts.get(7))?
+        } else {
+            page
+        };
+        Ok(Page {
+            gap,
+            events: events.into_iter().take(count).collect(),
+            resume_after,
+        })
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn append(
@@ -289,40 +346,17 @@ impl Store for RedisStore {
         cursor: StreamId,
         count: usize,
     ) -> Result<Page, StoreError> {
-        let mut invocation = Call::new(&self.scripts.read, 2);
-        invocation
-            .key(self.keys.stream(topic.as_str()))
-            .key(self.keys.tombstone(topic.as_str()))
-            .arg(cursor.to_string())
-            .arg(count);
-        let reply = self
-            .runner
-            .run(&mut self.link()?.conn, &invocation, None)
-            .await?;
-        let parts = as_array(&reply)?;
-        let hit = matches!(parts.first(), Some(Value::Int(1)));
-        let page = parse_entries(parts.get(1))?;
-        if hit {
-            let events = page.into_iter().skip(1).take(count).collect();
-            return Ok(Page {
-                gap: None,
-                events,
-                resume_after: None,
-            });
-        }
-        let facts = parse_facts(parts.get(2..7))?;
-        let gap = classify(cursor, false, facts);
-        let resume_after = gap.map(|_| facts.map_or(StreamId::ZERO, |f| f.last_generated));
-        let events = if gap.is_some() {
-            parse_entries(parts.get(7))?
-        } else {
-            page
-        };
-        Ok(Page {
-            gap,
-            events: events.into_iter().take(count).collect(),
-            resume_after,
-        })
+        self.read_page(topic, &[], cursor, count).await
+    }
+
+    async fn read_labelled(
+        &self,
+        topic: &Topic,
+        labels: &[String],
+        cursor: StreamId,
+        count: usize,
+    ) -> Result<Page, StoreError> {
+        self.read_page(topic, labels, cursor, count).await
     }
 
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {

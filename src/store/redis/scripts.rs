@@ -15,6 +15,7 @@ use super::connection::Commands;
 pub(super) struct Scripts {
     pub(super) append: Script,
     pub(super) read: Script,
+    pub(super) read_labels: Script,
     pub(super) tail: Script,
 }
 
@@ -23,6 +24,7 @@ impl Scripts {
         Scripts {
             append: Script::new(include_str!("append.lua")),
             read: Script::new(include_str!("read.lua")),
+            read_labels: Script::new(include_str!("read_labels.lua")),
             tail: Script::new(include_str!("tail.lua")),
         }
     }
