@@ -214,6 +214,10 @@ echo "== one topic per user" >&2
 maxstep=${steps##*,}
 R="redis://127.0.0.1:$REDIS_PORT/0"
 idleu_s=$(bench $S idle --steps $steps --pid "$SSEGATE_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
+# The same through the Mercure hub, on the same node right after (so on the same footing: both
+# reuse what the node freed before).
+idlem=$(bench --url "http://127.0.0.1:$SSEGATE_PORT" --target mercure idle --steps $steps \
+  --pid "$SSEGATE_PID" --topics "$maxstep")
 idleu_n=$(bench $N idle --steps $steps --pid "$NCHAN_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
 settle_redis
 fanu_s=$(bench $S fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
@@ -231,8 +235,9 @@ for _ in 1 2 3; do
   mwrk_v1="$mwrk_v1 $(wrk_rate "http://127.0.0.1:$SSEGATE_PORT/v1/events?topic=wrk")"
   mwrk_m="$mwrk_m $(wrk_rate "http://127.0.0.1:$SSEGATE_PORT/.well-known/mercure" "$DIR/form.lua")"
 done
-# Idle subscribers with one exact topic each, on the Mercure node (fresh: it has served nothing).
-idlem=$(bench $M idle --steps $steps --pid "$MERCURE_PID" --topics "$maxstep")
+# And on the Mercure node while it is fresh (it has served nothing yet), with a token whose
+# template allows private updates: what a new node grows by.
+idlemf=$(bench $M idle --steps $steps --pid "$MERCURE_PID" --topics "$maxstep")
 # A private topic each, the token holding a template, against the native topic-per-user run.
 settle_redis
 fanum=$(bench $M --private fanout --subscribers $users --topics $users --rate $urate --seconds $secs)
@@ -446,14 +451,14 @@ PY
   echo
   echo "## Mercure"
   echo
-  echo "The Mercure hub (\`/.well-known/mercure\`) in the same run: form publishes on node A against"
-  echo "\`/v1\` publishes on node A; the other scenarios on a node of their own with a key (private"
-  echo "updates need one) and all history kept, against the native figures above."
+  echo "The Mercure hub (\`/.well-known/mercure\`) in the same run: form publishes and idle subscribers"
+  echo "on node A beside their \`/v1\` counterparts; the other scenarios on a node of their own with a"
+  echo "key (private updates need one) and all history kept, against the native figures above."
   echo
-  python3 - "$mwrk_v1" "$mwrk_m" "$idlem" "$idleu_s" "$fanum" "$fanu_s" "$match0" "$match9" "$mresume" <<'PY'
+  python3 - "$mwrk_v1" "$mwrk_m" "$idlem" "$idleu_s" "$fanum" "$fanu_s" "$match0" "$match9" "$mresume" "$idlemf" <<'PY'
 import json, statistics, sys
 v1, m = (statistics.median(float(x) for x in a.split()) for a in sys.argv[1:3])
-idlem, idleu, fanum, fanu, match0, match9, resume = (json.loads(a) for a in sys.argv[3:10])
+idlem, idleu, fanum, fanu, match0, match9, resume, idlemf = (json.loads(a) for a in sys.argv[3:11])
 def row(name, figure, target, ok):
     print(f"| {name} | {figure} | {target} | {'met' if ok else 'not met'} |")
 print("| metric | measured | target | outcome |")
@@ -478,6 +483,8 @@ row(f"resume from an id {resume['behind']} updates back vs 10 back, {resume['rep
     f"{resume['far_ms']:.1f} ms vs {resume['near_ms']:.1f} ms: {r:.1f}x", "<= 2x", r <= 2)
 print()
 print(f"Form publishes: {' / '.join(sys.argv[2].split())}/s; /v1 on the same node: {' / '.join(sys.argv[1].split())}/s.")
+print(f"Idle Mercure subscribers with a topic each on a fresh node, each with a token holding a template: "
+      f"{idlemf['bytes_per_connection'] / 1024:.2f} KiB each.")
 print(f"Private topic each: p50 {fanum['latency_p50_ms']:.2f} ms (native {fanu['latency_p50_ms']:.2f} ms), "
       f"{fanum['delivered']} of {fanum['expected_deliveries']} delivered. Matching: p99 "
       f"{match0['latency_p99_ms']:.1f} ms without and {match9['latency_p99_ms']:.1f} ms with the non-matching subscribers.")
@@ -488,7 +495,7 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$fanum" "$match0" "$match9" "$mresume"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$idlemf" "$fanum" "$match0" "$match9" "$mresume"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub open_streams: Gauge,
     /// Topics with a client on this node (set when scraped).
     pub active_topics: Gauge,
+    /// Distinct Mercure subscriptions routed on this node (set when scraped).
+    pub mercure_subscriptions: Gauge,
     /// Connections open now; the server's connection limit is checked against it.
     pub open_connections: Gauge,
     /// Connections refused for `limits.max_connections`.
@@ -121,6 +123,7 @@ impl Metrics {
         let m = Metrics {
             open_streams: Gauge::default(),
             active_topics: Gauge::default(),
+            mercure_subscriptions: Gauge::default(),
             open_connections: Gauge::default(),
             rejected_connections: Counter::default(),
             publishes: Family::default(),
@@ -150,6 +153,11 @@ impl Metrics {
             "active_topics",
             "Topics with a client on this node",
             m.active_topics.clone(),
+        );
+        r.register(
+            "mercure_subscriptions",
+            "Distinct Mercure subscriptions (selectors and token) routed on this node",
+            m.mercure_subscriptions.clone(),
         );
         r.register(
             "open_connections",

@@ -539,6 +539,37 @@ mod tests {
             .is_forbidden());
     }
 
+    /// The Mercure claim is read as `mercure` or, namespaced, as `https://mercure.rocks/`.
+    #[tokio::test]
+    async fn the_mercure_claim_is_read_in_both_spellings() {
+        let auth = authenticator(|_| {});
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        for name in ["mercure", "https://mercure.rocks/"] {
+            let claims = serde_json::json!({
+                name: {"publish": ["*"], "subscribe": ["https://example.com/{id}"], "payload": {"user": 7}},
+            });
+            let token =
+                jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+            let v = auth.verify(&token).await.unwrap();
+            let m = v.mercure.expect("the claim");
+            assert_eq!(
+                (m.publish.as_slice(), m.subscribe.as_slice()),
+                (
+                    &["*".to_owned()][..],
+                    &["https://example.com/{id}".to_owned()][..]
+                )
+            );
+            assert_eq!(m.payload, Some(serde_json::json!({"user": 7})), "{name}");
+        }
+        // A claim of the wrong shape is a malformed token, not a token without grants.
+        let claims = serde_json::json!({"mercure": {"publish": "*"}});
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        assert!(matches!(
+            auth.verify(&token).await,
+            Err(AuthError::Malformed(_))
+        ));
+    }
+
     #[tokio::test]
     async fn anonymous_topics_need_no_token_but_a_bad_token_still_fails() {
         let auth = authenticator(|s| s.anonymous_subscribe = vec!["public.*".into()]);

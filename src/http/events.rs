@@ -117,7 +117,7 @@ fn invalid_cursor() -> ApiError {
 }
 
 /// Headers of every event stream, besides the framing.
-pub(super) const STREAM_HEADERS: [(&str, &str); 3] = [
+const STREAM_HEADERS: [(&str, &str); 3] = [
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
     // nginx and others buffer responses unless told not to.

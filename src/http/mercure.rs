@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 
 use super::events::{count_publish, event_stream, refused, take_access, Frames};
 use super::{ApiError, AppState, StreamOnSocket};
-use crate::auth::{Access, AuthError};
+use crate::auth::{Access, AuthError, MercureGrants, Verified};
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
 use crate::hub::{Delivery, ReplayPage};
 use crate::mercure::router::Registration;
@@ -51,13 +51,7 @@ pub async fn subscribe(
         // Without a configured key there is no token that could prove a right to private
         // updates, so none are sent.
         Access::Anonymous | Access::Open => None,
-        Access::Token(v) => Some(
-            v.mercure
-                .iter()
-                .flat_map(|m| m.subscribe.iter())
-                .map(|s| Selector::lenient(s))
-                .collect(),
-        ),
+        Access::Token(v) => Some(claim_selectors(v, |m| &m.subscribe)),
     };
     let query = SubscribeQuery::parse(parts.uri.query(), settings.max_topics_per_connection)?;
     let cursor = match parts.headers.get("last-event-id") {
@@ -98,15 +92,14 @@ pub async fn subscribe(
     .map(|value| HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static(EARLIEST)));
 
     let subscriber = Subscriber::new(query.selectors, private);
-    let (session, registration) = state.mercure.subscribe(subscriber.clone(), start).await?;
+    let (session, registration) = state.mercure.subscribe(subscriber, start).await?;
     let mut first = BytesMut::from(&b":\n\n"[..]);
     first.extend_from_slice(&sse::retry_frame(settings.retry.as_millis() as u64));
     if let (Some(Resume::Unknown), Some(id)) = (resume, &cursor) {
         first.extend_from_slice(&unknown_id_frame(id));
     }
     let frames = MercureFrames {
-        subscriber,
-        _registration: registration,
+        registration,
         cursor: cursor.zip(start),
         from_start: matches!(resume, Some(Resume::Earliest | Resume::Unknown)),
     };
@@ -139,6 +132,17 @@ pub async fn subscribe(
     }
     response.extensions_mut().insert(StreamOnSocket);
     Ok(response)
+}
+
+/// The selectors of a verified token's `mercure` claim (none without one): `which` picks
+/// `publish` or `subscribe`.
+fn claim_selectors(token: &Verified, which: fn(&MercureGrants) -> &Vec<String>) -> Vec<Selector> {
+    token
+        .mercure
+        .iter()
+        .flat_map(|m| which(m).iter())
+        .map(|s| Selector::lenient(s))
+        .collect()
 }
 
 /// The notice for an id the hub cannot find: what follows is everything retained.
@@ -212,9 +216,8 @@ fn check_topic(topic: &str) -> Result<(), ApiError> {
 /// The frames of a Mercure stream: the updates the router sends its subscription, encoded once
 /// for every client; replayed updates encoded here; gap notices with the ids the client knows.
 struct MercureFrames {
-    subscriber: Subscriber,
-    /// Keeps the subscription routed for as long as the stream lives.
-    _registration: Registration,
+    /// The subscription, kept routed for as long as the stream lives.
+    registration: Registration,
     /// The id the client resumed from, and the log position it stands for.
     cursor: Option<(String, StreamId)>,
     /// The stream started from the log's beginning (`earliest`, or an unknown id, whose
@@ -241,7 +244,7 @@ impl Frames for MercureFrames {
         let sent = page
             .events
             .iter()
-            .filter(|e| self.subscriber.write(e, &mut out))
+            .filter(|e| self.registration.subscriber().write(e, &mut out))
             .count();
         (!out.is_empty()).then(|| (out.freeze(), sent))
     }
@@ -280,13 +283,7 @@ async fn store_update(
                     ),
                 ));
             }
-            Some(
-                v.mercure
-                    .iter()
-                    .flat_map(|m| m.publish.iter())
-                    .map(|s| Selector::lenient(s))
-                    .collect(),
-            )
+            Some(claim_selectors(v, |m| &m.publish))
         }
     };
     let form_type = parts

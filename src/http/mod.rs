@@ -80,6 +80,8 @@ pub fn app(state: Arc<AppState>) -> Router {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     m.active_topics.set(state.hub.active_topics() as i64);
+    m.mercure_subscriptions
+        .set(state.mercure.subscriptions() as i64);
     for (connection, up) in state.hub.store().connections() {
         m.redis_connected
             .get_or_create(&ConnectionLabel { connection })

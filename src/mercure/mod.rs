@@ -79,7 +79,6 @@ pub async fn resolve(store: &dyn Store, id: &str) -> Result<Resume, StoreError> 
 
 /// What one subscription receives: updates with a topic its selectors match; private ones only
 /// when a topic also matches a selector of its token's `mercure.subscribe`.
-#[derive(Clone)]
 pub struct Subscriber {
     selectors: Vec<Selector>,
     /// `None`: no private updates (no token, or none is configured).

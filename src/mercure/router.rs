@@ -199,6 +199,14 @@ fn literal_prefix(template: &str) -> &str {
 pub struct Registration {
     state: Arc<Mutex<State>>,
     entry: usize,
+    /// The subscription, shared by its clients.
+    subscriber: Arc<Subscriber>,
+}
+
+impl Registration {
+    pub fn subscriber(&self) -> &Subscriber {
+        &self.subscriber
+    }
 }
 
 impl Drop for Registration {
@@ -294,11 +302,12 @@ impl Router {
         if let Some(&entry) = state.by_key.get(&key) {
             if let Some(e) = state.entries[entry].as_mut() {
                 e.members += 1;
+                return Ok(Registration {
+                    state: self.state.clone(),
+                    entry,
+                    subscriber: e.subscriber.clone(),
+                });
             }
-            return Ok(Registration {
-                state: self.state.clone(),
-                entry,
-            });
         }
         let subscriber = Arc::new(subscriber);
         let keeps = subscriber.clone();
@@ -326,7 +335,7 @@ impl Router {
         let new = Entry {
             key: key.clone(),
             view,
-            subscriber,
+            subscriber: subscriber.clone(),
             members: 1,
             reached: 0,
         };
@@ -339,6 +348,7 @@ impl Router {
         Ok(Registration {
             state: self.state.clone(),
             entry,
+            subscriber,
         })
     }
 

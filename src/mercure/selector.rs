@@ -9,12 +9,24 @@
 //! match must be the same as Mercure's for applications to move without surprises. The `regex`
 //! crate runs in time linear in the topic, so a hostile selector cannot stall a node.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
 use regex::Regex;
 
 /// The reserved selector matching every topic.
 pub const ANY: &str = "*";
 /// Longest compiled template, so a selector cannot make a large automaton.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Compiled templates kept for reuse, at most.
+const COMPILED_KEPT: usize = 10_000;
+
+/// Compiled templates by their text, shared by the node's subscriptions: a compiled template
+/// and its match caches cost kilobytes, and thousands of subscriptions name the same ones (every
+/// user's token holds the same `https://example.com/users/{id}`). Past [`COMPILED_KEPT`]
+/// templates, new ones are compiled for their subscription alone.
+static COMPILED: LazyLock<Mutex<HashMap<String, Arc<Regex>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// A parsed topic selector.
 #[derive(Debug, Clone)]
@@ -23,13 +35,15 @@ pub enum Selector {
     Any,
     /// A string compared as it is (a URL, or anything without a template expression).
     Exact(String),
-    /// A URI template; a topic equal to the template's text matches too.
-    Template { text: String, regex: Regex },
+    /// A URI template; a topic equal to the template's text matches too. The compiled form is
+    /// shared (one per node and template, while [`COMPILED`] has room): a `Regex` clone would
+    /// bring a pool of match caches of its own.
+    Template { text: String, regex: Arc<Regex> },
 }
 
 /// Why a selector cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("`{selector}` is not a valid URI template ({why}); escape literal braces as %7B and %7D")]
+#[error("`{selector}` is not a valid URI template ({why}): a selector with `{{` must be one (`*` receives every topic)")]
 pub struct BadSelector {
     pub selector: String,
     pub why: &'static str,
@@ -125,8 +139,22 @@ struct Varspec {
     explode: bool,
 }
 
-/// The regular expression matching every expansion of `template`, anchored at both ends.
-fn template_regex(template: &str) -> Result<Regex, &'static str> {
+/// The regular expression matching every expansion of `template`, compiled once per node
+/// while [`COMPILED`] has room.
+fn template_regex(template: &str) -> Result<Arc<Regex>, &'static str> {
+    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(regex) = compiled.get(template) {
+        return Ok(regex.clone());
+    }
+    let regex = Arc::new(compile_template(template)?);
+    if compiled.len() < COMPILED_KEPT {
+        compiled.insert(template.to_owned(), regex.clone());
+    }
+    Ok(regex)
+}
+
+/// Turns `template` into the regular expression matching every expansion, anchored at both ends.
+fn compile_template(template: &str) -> Result<Regex, &'static str> {
     let mut out = String::from("^");
     let mut rest = template;
     while !rest.is_empty() {

@@ -235,13 +235,32 @@ async fn publish_mercure_until(
 async fn mercure_log(redis_url: &str) -> Vec<(String, String)> {
     let client = redis::Client::open(redis_url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+    mercure_updates(read_mercure_log(&mut conn).await)
+}
+
+/// The same through a Redis Cluster, whichever nodes are up.
+async fn cluster_mercure_log(seeds: Vec<String>) -> Vec<(String, String)> {
+    let mut conn = redis::cluster::ClusterClient::new(seeds)
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    mercure_updates(read_mercure_log(&mut conn).await)
+}
+
+async fn read_mercure_log(
+    conn: &mut impl redis::aio::ConnectionLike,
+) -> redis::streams::StreamRangeReply {
+    redis::cmd("XRANGE")
         .arg("ssegate:{mercure updates}")
         .arg("-")
         .arg("+")
-        .query_async(&mut conn)
+        .query_async(conn)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+fn mercure_updates(reply: redis::streams::StreamRangeReply) -> Vec<(String, String)> {
     reply
         .ids
         .iter()
@@ -256,12 +275,86 @@ async fn mercure_log(redis_url: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Mercure subscribers with `*`, template and exact selectors, through the load balancer, from
+/// the beginning of the log.
+fn mercure_subscribers(lb: &str) -> Vec<(&'static str, ResumingClient)> {
+    MERCURE_SELECTORS
+        .iter()
+        .map(|selector| {
+            let path = format!(
+                "/.well-known/mercure?{}",
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("topic", selector)
+                    .finish()
+            );
+            let client = ResumingClient::start_path(
+                vec![lb.to_owned()],
+                &path,
+                Some("earliest".into()),
+                None,
+            );
+            (*selector, client)
+        })
+        .collect()
+}
+
+/// Checks every Mercure subscriber against the log: exactly the updates its selector matches,
+/// in order. Adds to `total`; returns how many acknowledged updates the log does not have.
+async fn check_mercure(
+    log: &[(String, String)],
+    acked: &[String],
+    subscribers: &mut [(&str, ResumingClient)],
+    total: &mut Tally,
+) -> usize {
+    let position: HashMap<&str, usize> = log
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id.as_str(), i))
+        .collect();
+    assert_eq!(position.len(), log.len(), "each update stored once");
+    let lost = acked
+        .iter()
+        .filter(|id| !position.contains_key(id.as_str()))
+        .count();
+    for (selector, client) in subscribers.iter_mut() {
+        let exact = selector.starts_with("https://") && !selector.contains('{');
+        let expected: Vec<String> = log
+            .iter()
+            .filter(|(_, topic)| !exact || topic == selector)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let last = expected.last().expect("updates were published").clone();
+        let (got, complete) = client.ids_within(&last, Duration::from_secs(30)).await;
+        let t = tally(&got, &expected, &position);
+        println!(
+            "mercure subscriber {selector}: {} received, complete: {complete}, {t:?}",
+            got.len()
+        );
+        total.add(&t);
+    }
+    println!(
+        "chaos: mercure: {} updates acknowledged, {} in the log, acknowledged but missing {lost}",
+        acked.len(),
+        log.len()
+    );
+    lost
+}
+
 #[derive(Default, Debug)]
 struct Tally {
     lost: usize,
     duplicated: usize,
     reordered: usize,
     gaps: usize,
+}
+
+impl Tally {
+    fn add(&mut self, other: &Tally) {
+        self.lost += other.lost;
+        self.duplicated += other.duplicated;
+        self.reordered += other.reordered;
+        self.gaps += other.gaps;
+    }
 }
 
 /// Compares what a subscriber received with what it should have: `expected`, in stream order.
@@ -329,20 +422,7 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
         stop.clone(),
         mercure_acked.clone(),
     ));
-    let mut mercure: Vec<(&str, ResumingClient)> = MERCURE_SELECTORS
-        .iter()
-        .map(|selector| {
-            let path = format!(
-                "/.well-known/mercure?{}",
-                form_urlencoded::Serializer::new(String::new())
-                    .append_pair("topic", selector)
-                    .finish()
-            );
-            let client =
-                ResumingClient::start_path(vec![lb.clone()], &path, Some("earliest".into()), None);
-            (*selector, client)
-        })
-        .collect();
+    let mut mercure = mercure_subscribers(&lb);
     let mut subscribers: Vec<(Option<String>, ResumingClient)> = (0..6)
         .map(|_| {
             (
@@ -461,10 +541,7 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
             "subscriber {i}: {} received, complete: {complete}, {t:?}",
             got.len()
         );
-        total.lost += t.lost;
-        total.duplicated += t.duplicated;
-        total.reordered += t.reordered;
-        total.gaps += t.gaps;
+        total.add(&t);
     }
     for (i, client) in multi.iter_mut().enumerate() {
         let lasts = [
@@ -503,39 +580,7 @@ async fn chaos_loses_duplicates_and_reorders_nothing() {
     // Mercure: every subscriber gets exactly the log's updates its selector matches, in order.
     let log = mercure_log(&bed.redis_url()).await;
     let mercure_acked = mercure_acked.lock().unwrap().clone();
-    let log_position: HashMap<&str, usize> = log
-        .iter()
-        .enumerate()
-        .map(|(i, (id, _))| (id.as_str(), i))
-        .collect();
-    let mercure_lost = mercure_acked
-        .iter()
-        .filter(|id| !log_position.contains_key(id.as_str()))
-        .count();
-    assert_eq!(log_position.len(), log.len(), "each update stored once");
-    for (selector, client) in &mut mercure {
-        let expected: Vec<String> = log
-            .iter()
-            .filter(|(_, topic)| *selector != "https://example.com/chaos/1" || topic == *selector)
-            .map(|(id, _)| id.clone())
-            .collect();
-        let last = expected.last().expect("updates were published").clone();
-        let (got, complete) = client.ids_within(&last, Duration::from_secs(30)).await;
-        let t = tally(&got, &expected, &log_position);
-        println!(
-            "mercure subscriber {selector}: {} received, complete: {complete}, {t:?}",
-            got.len()
-        );
-        total.lost += t.lost;
-        total.duplicated += t.duplicated;
-        total.reordered += t.reordered;
-        total.gaps += t.gaps;
-    }
-    println!(
-        "chaos: mercure: {} updates acknowledged, {} in the log, acknowledged but missing {mercure_lost}",
-        mercure_acked.len(),
-        log.len()
-    );
+    let mercure_lost = check_mercure(&log, &mercure_acked, &mut mercure, &mut total).await;
     assert!(!mercure_acked.is_empty(), "mercure updates were published");
     assert_eq!(mercure_lost, 0, "acknowledged updates are all in Redis");
 
@@ -625,6 +670,13 @@ async fn chaos_on_a_cluster_loses_duplicates_and_reorders_nothing() {
             ))
         })
         .collect();
+    let mercure_acked = Arc::new(Mutex::new(Vec::new()));
+    let mercure_publisher = tokio::spawn(publish_mercure_until(
+        lb.clone(),
+        stop.clone(),
+        mercure_acked.clone(),
+    ));
+    let mut mercure = mercure_subscribers(&lb);
     let mut subscribers: Vec<(&str, ResumingClient)> = CLUSTER_TOPICS
         .iter()
         .map(|&t| {
@@ -673,10 +725,14 @@ async fn chaos_on_a_cluster_loses_duplicates_and_reorders_nothing() {
     for p in publishers {
         retries += p.await.unwrap();
     }
+    retries += mercure_publisher.await.unwrap();
 
     let acked = acked.lock().unwrap().clone();
     let mut total = Tally::default();
     let mut acked_lost = 0;
+    let log = cluster_mercure_log(bed.cluster_urls()).await;
+    let mercure_acked = mercure_acked.lock().unwrap().clone();
+    acked_lost += check_mercure(&log, &mercure_acked, &mut mercure, &mut total).await;
     // Received events the stream no longer has (lost in a failover), and those of them that no
     // gap notice followed.
     let (mut seen_lost, mut untold) = (0, 0);
@@ -706,10 +762,7 @@ async fn chaos_on_a_cluster_loses_duplicates_and_reorders_nothing() {
             "{topic}: {} received, complete: {complete}, {t:?}",
             got.len()
         );
-        total.lost += t.lost;
-        total.duplicated += t.duplicated;
-        total.reordered += t.reordered;
-        total.gaps += t.gaps;
+        total.add(&t);
     }
     println!(
         "chaos on a cluster (min_replicas_ack {min_replicas_ack}): {}s, {actions:?}, {} events acknowledged \

@@ -180,6 +180,7 @@ on_both! {
         s.retention.approximate = false;
     });
     a_repeated_id_is_stored_once(|_| {});
+    iris_of_every_shape(|_| {});
 }
 
 /// The conformance suite's cases (dunglas/mercure `conformance-tests/`, v0.24.2): a publish on
@@ -741,4 +742,79 @@ async fn the_stream_ends_at_the_tokens_expiry() {
     let token = hs(&json!({"mercure": {"subscribe": []}, "exp": exp_in(2)}));
     let mut sse = stream(&app, &query(&["*"], &[]), Some(&token), None).await;
     assert!(sse.next().await.is_none(), "ended without an update");
+}
+
+/// Topics are IRIs: braces, spaces, non-ASCII and 2 KiB ones are published, delivered and
+/// resumed (by label) like any other, on one Redis and on a cluster, where they sit in key names
+/// after the log's hash tag.
+async fn iris_of_every_shape(nodes: Nodes) {
+    let Nodes { a, b, _backend } = nodes;
+    let token = subscriber(&[]);
+    let long = format!("https://example.com/{}", "a".repeat(2048));
+    let topics = [
+        "https://example.com/books/{id}".to_owned(),
+        "https://example.com/a b/ü/日本".to_owned(),
+        "will-not-match}".to_owned(),
+        long,
+    ];
+    let start = published(&a, &[("topic", "urn:start")]).await;
+    let mut ids = Vec::new();
+    for topic in &topics {
+        ids.push(published(&a, &[("topic", topic), ("data", topic)]).await);
+    }
+    // Exact selectors where they can be given (a string with a stray brace is not a selector:
+    // `*` receives it), resumed on the other node from before them all.
+    let exact: Vec<&str> = [0, 1, 3].iter().map(|&i| topics[i].as_str()).collect();
+    let mut sse = stream(&b, &query(&exact, &[]), Some(&token), Some(&start)).await;
+    for i in [0, 1, 3] {
+        let e = sse.expect().await;
+        assert_eq!((&e.id, &e.data), (&ids[i], &topics[i]));
+    }
+    let mut all = stream(&b, &query(&["*"], &[]), Some(&token), Some(&start)).await;
+    assert_eq!(all.take_ids(4).await, ids);
+}
+
+/// Mercure streams and publishes show in the same metrics as `/v1`'s, and the node's distinct
+/// subscriptions in their own gauge; it goes back to zero when the clients leave.
+#[tokio::test]
+async fn metrics_count_the_mercure_hub() {
+    use crate::ops::sample;
+    let redis = RedisServer::start().await;
+    let app = spawn_app(keyed(&redis)).await;
+    let scrape = async || {
+        let text = reqwest::get(app.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await;
+        text.unwrap()
+    };
+    let token = subscriber(&[]);
+    let path = query(&["urn:m"], &[]);
+    // Two clients on one subscription, one on another.
+    let mut same = [
+        stream(&app, &path, Some(&token), None).await,
+        stream(&app, &path, Some(&token), None).await,
+    ];
+    let mut other = stream(&app, &query(&["*"], &[]), Some(&token), None).await;
+    let id = published(&app, &[("topic", "urn:m")]).await;
+    let (status, _) = publish(&app, Some(&publisher()), &[("data", "no topic")]).await;
+    assert_eq!(status, 400);
+    for sse in same.iter_mut().chain([&mut other]) {
+        assert_eq!(sse.expect().await.id, id);
+    }
+    let now = scrape().await;
+    assert_eq!(sample(&now, "ssegate_mercure_subscriptions"), 2.0, "{now}");
+    assert_eq!(sample(&now, "ssegate_open_streams"), 3.0);
+    assert_eq!(sample(&now, "ssegate_deliveries_total"), 3.0);
+    let acked = "ssegate_publish_requests_total{result=\"acknowledged\"}";
+    let refused = "ssegate_publish_requests_total{result=\"refused\"}";
+    assert_eq!((sample(&now, acked), sample(&now, refused)), (1.0, 1.0));
+    drop((same, other));
+    let mut check = async || {
+        let now = scrape().await;
+        sample(&now, "ssegate_mercure_subscriptions") == 0.0
+            && sample(&now, "ssegate_open_streams") == 0.0
+    };
+    crate::helpers::eventually("the subscriptions are released", &mut check).await;
 }
