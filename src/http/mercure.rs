@@ -89,7 +89,10 @@ pub async fn subscribe(
         (Some(_), _) => Some(EARLIEST),
         (None, _) => None,
     }
-    .map(|value| HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static(EARLIEST)));
+    // An id is UTF-8, which a header value carries as its bytes.
+    .map(|value| {
+        HeaderValue::from_bytes(value.as_bytes()).unwrap_or(HeaderValue::from_static(EARLIEST))
+    });
 
     let subscriber = Subscriber::new(query.selectors, private);
     let (session, registration) = state.mercure.subscribe(subscriber, start).await?;

@@ -94,7 +94,9 @@ async fn open(
         request = request.header("authorization", format!("Bearer {token}"));
     }
     if let Some(id) = last_event_id {
-        request = request.header("last-event-id", id);
+        // As a browser sends it: the id's UTF-8 bytes.
+        let value = reqwest::header::HeaderValue::from_bytes(id.as_bytes()).unwrap();
+        request = request.header("last-event-id", value);
     }
     request.send().await.unwrap()
 }
@@ -757,7 +759,7 @@ async fn iris_of_every_shape(nodes: Nodes) {
         "will-not-match}".to_owned(),
         long,
     ];
-    let start = published(&a, &[("topic", "urn:start")]).await;
+    let start = published(&a, &[("topic", "urn:start"), ("id", "urn:start:ü")]).await;
     let mut ids = Vec::new();
     for topic in &topics {
         ids.push(published(&a, &[("topic", topic), ("data", topic)]).await);
@@ -765,7 +767,13 @@ async fn iris_of_every_shape(nodes: Nodes) {
     // Exact selectors where they can be given (a string with a stray brace is not a selector:
     // `*` receives it), resumed on the other node from before them all.
     let exact: Vec<&str> = [0, 1, 3].iter().map(|&i| topics[i].as_str()).collect();
-    let mut sse = stream(&b, &query(&exact, &[]), Some(&token), Some(&start)).await;
+    let response = open(&b, &query(&exact, &[]), Some(&token), Some(&start)).await;
+    assert_eq!(
+        response.headers()["last-event-id"].as_bytes(),
+        start.as_bytes(),
+        "a non-ASCII id in the header"
+    );
+    let mut sse = Sse::from_response(response);
     for i in [0, 1, 3] {
         let e = sse.expect().await;
         assert_eq!((&e.id, &e.data), (&ids[i], &topics[i]));
