@@ -83,6 +83,40 @@ pub struct Settings {
     pub limits: Limits,
     /// The Mercure hub at `/.well-known/mercure`.
     pub mercure: Mercure,
+    /// Who is connected where, across nodes; join and leave events.
+    pub presence: Presence,
+}
+
+/// The cluster-wide registry of open subscriptions (see [`crate::presence`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Presence {
+    /// Record every open subscription in the registry. Off: presence reads answer `404`, no
+    /// join or leave events are sent, and Mercure's subscription events need it.
+    pub enabled: bool,
+    /// Topic patterns (`*` matches any run) whose subscribers get `ssegate.join` and
+    /// `ssegate.leave` events when someone subscribes to or leaves the topic.
+    pub events: Vec<String>,
+    /// How long a node's entries outlive its last heartbeat. A node that dies without saying
+    /// goodbye has its entries removed (and their leave events sent) by another node within
+    /// `node_ttl` plus a quarter of it (the heartbeat interval).
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
+    /// How long a change waits to be written with the others of the same moment: connects
+    /// and disconnects are written per node in batches, not one round trip each.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence {
+            enabled: true,
+            events: Vec::new(),
+            node_ttl: Duration::from_secs(10),
+            flush_interval: Duration::from_millis(100),
+        }
+    }
 }
 
 /// The Mercure protocol (0.x, the draft of dunglas/mercure v0.24.2) at `/.well-known/mercure`,
@@ -94,8 +128,8 @@ pub struct Mercure {
     pub enabled: bool,
     /// Subscribers without a token receive public updates (with one, a token is still checked).
     pub anonymous: bool,
-    /// Subscription events and the subscriptions API. Not served yet: the setting is refused
-    /// when on, rather than silently ignored.
+    /// Subscription events and the subscriptions API (`/.well-known/mercure/subscriptions`),
+    /// across nodes, from the presence registry.
     pub subscriptions: bool,
     /// Origins (`https://app.example.com`, or `*`) from which a browser may publish with the
     /// cookie: a cookie rides along with any request, so the origin is what proves intent.
@@ -234,6 +268,7 @@ impl Default for Settings {
             cors: Cors::default(),
             limits: Limits::default(),
             mercure: Mercure::default(),
+            presence: Presence::default(),
         }
     }
 }
@@ -392,7 +427,8 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("cors.allowed_origins")
                 .with_list_parse_key("auth.anonymous_subscribe")
-                .with_list_parse_key("mercure.publish_origins"),
+                .with_list_parse_key("mercure.publish_origins")
+                .with_list_parse_key("presence.events"),
         );
         if let Some(listen) = overrides.listen {
             builder = builder.set_override("listen", listen.to_string())?;
@@ -562,6 +598,23 @@ impl Settings {
             return invalid(
                 "mercure.subscriptions",
                 "is not served yet (subscription events and the subscriptions API come with presence); leave it off",
+            );
+        }
+        if self.mercure.subscriptions && !self.presence.enabled {
+            return invalid(
+                "mercure.subscriptions",
+                "needs `presence.enabled`: subscription events and the subscriptions API read the presence registry",
+            );
+        }
+        if self.presence.node_ttl < Duration::from_millis(400) {
+            return invalid("presence.node_ttl", "must be at least 400ms");
+        }
+        if self.presence.flush_interval.is_zero()
+            || self.presence.flush_interval * 4 > self.presence.node_ttl
+        {
+            return invalid(
+                "presence.flush_interval",
+                "must be more than 0 and at most a quarter of presence.node_ttl",
             );
         }
         if self.limits.max_connections == Some(0) {

@@ -19,6 +19,8 @@
 //!   the publish/subscribe rules.
 //! - [`mercure`]: the Mercure protocol as an adapter over the hub and the store: topic
 //!   selectors, the hub-wide log of updates, resuming from an update's id.
+//! - [`presence`]: who is subscribed where across nodes (a registry in Redis, batched writes,
+//!   heartbeats and reaping of dead nodes), join and leave events.
 //! - [`hub`]: the per-node topic hub: one store subscription per active topic, in-memory fan-out,
 //!   and the per-client replay → live state machine that keeps the seam exact.
 //! - [`store`]: the small [`store::Store`] trait and its two implementations, memory and Redis.
@@ -35,6 +37,7 @@ pub mod http;
 pub mod hub;
 pub mod mercure;
 pub mod metrics;
+pub mod presence;
 pub mod shutdown;
 pub mod sse;
 pub mod startup;

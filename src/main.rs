@@ -51,6 +51,16 @@ enum Command {
         /// Topic pattern the token may subscribe to (repeatable; `*` matches any run).
         #[arg(long)]
         subscribe: Vec<String>,
+        /// Topic pattern whose server API (presence, …) the token may use (repeatable).
+        #[arg(long)]
+        admin: Vec<String>,
+        /// The token's `sub`: who it is for, shown in presence.
+        #[arg(long)]
+        sub: Option<String>,
+        /// JSON shown with the token's subscriptions in presence and join/leave events (the
+        /// `ssegate.info` claim), e.g. '{"name":"Ada"}'.
+        #[arg(long)]
+        info: Option<String>,
         /// Mercure topic selector the token may publish to (repeatable; `*`, a topic or a URI
         /// template), in its `mercure` claim.
         #[arg(long)]
@@ -85,19 +95,34 @@ fn main() -> ExitCode {
     if let Some(Command::Token {
         publish,
         subscribe,
+        admin,
+        sub,
+        info,
         mercure_publish,
         mercure_subscribe,
         ttl,
     }) = flags.command
     {
-        let grants = Grants { publish, subscribe };
+        let info = match info.as_deref().map(serde_json::from_str).transpose() {
+            Ok(info) => info,
+            Err(e) => {
+                eprintln!("ssegate: --info must be JSON: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let grants = Grants {
+            publish,
+            subscribe,
+            admin,
+            info,
+        };
         let wanted = !mercure_publish.is_empty() || !mercure_subscribe.is_empty();
         let mercure = wanted.then_some(MercureGrants {
             publish: mercure_publish,
             subscribe: mercure_subscribe,
             payload: None,
         });
-        return print_token(&settings, grants, mercure, ttl);
+        return print_token(&settings, sub, grants, mercure, ttl);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,6 +160,7 @@ fn main() -> ExitCode {
 
 fn print_token(
     settings: &Settings,
+    sub: Option<String>,
     grants: Grants,
     mercure: Option<MercureGrants>,
     ttl: Duration,
@@ -145,11 +171,21 @@ fn print_token(
         );
         return ExitCode::from(2);
     };
-    if grants.publish.is_empty() && grants.subscribe.is_empty() && mercure.is_none() {
-        eprintln!("ssegate: give at least one --publish, --subscribe, --mercure-publish or --mercure-subscribe");
+    if grants.publish.is_empty()
+        && grants.subscribe.is_empty()
+        && grants.admin.is_empty()
+        && mercure.is_none()
+    {
+        eprintln!("ssegate: give at least one --publish, --subscribe, --admin, --mercure-publish or --mercure-subscribe");
         return ExitCode::from(2);
     }
-    match ssegate::auth::issue(secret, grants, mercure, ttl) {
+    match ssegate::auth::issue(
+        secret,
+        sub.map(serde_json::Value::String),
+        grants,
+        mercure,
+        ttl,
+    ) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::http::{self, AppState, Server, ServerStats};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::presence::{MemoryRegistry, Presence, Registry};
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 
@@ -37,6 +38,8 @@ pub struct Application {
     connections: TaskTracker,
     addr: SocketAddr,
     hub: Hub,
+    /// The node's presence, which removes its entries on shutdown before the process ends.
+    presence: Option<Presence>,
     /// `/metrics` on `metrics_listen`, when set.
     metrics_server: Option<(TcpListener, axum::Router)>,
     shutdown: Shutdown,
@@ -58,7 +61,7 @@ impl Application {
             );
         }
         let metrics = Arc::new(Metrics::new());
-        let store: Arc<dyn Store> = match &settings.redis_url {
+        let (store, registry): (Arc<dyn Store>, Arc<dyn Registry>) = match &settings.redis_url {
             Some(_) => {
                 let store =
                     RedisStore::connect(&settings, shutdown.clone())?.with_metrics(metrics.clone());
@@ -68,13 +71,25 @@ impl Application {
                 if first.await.is_err() {
                     warn!("redis is not reachable yet; serving, not ready until it answers");
                 }
-                Arc::new(store)
+                let registry = Arc::new(store.registry());
+                (Arc::new(store), registry)
             }
             None => {
                 info!("no redis_url: using the embedded in-memory store (single node, nothing survives a restart)");
-                Arc::new(MemoryStore::new(&settings))
+                (
+                    Arc::new(MemoryStore::new(&settings)),
+                    Arc::new(MemoryRegistry::new()),
+                )
             }
         };
+        let presence = settings.presence.enabled.then(|| {
+            Presence::start(
+                registry,
+                store.clone(),
+                &settings.presence,
+                shutdown.clone(),
+            )
+        });
         let hub = Hub::start(store, &settings, shutdown.clone(), metrics.clone());
         let listener = listen(settings.listen).map_err(|source| StartupError::Listen {
             addr: settings.listen,
@@ -99,6 +114,7 @@ impl Application {
             auth: Arc::new(auth),
             metrics: metrics.clone(),
             mercure: crate::mercure::router::Router::new(hub.clone()),
+            presence: presence.clone(),
         });
         // `/metrics` on its own address, when asked: kept off the public port.
         let metrics_server = match settings.metrics_listen {
@@ -129,6 +145,7 @@ impl Application {
             connections,
             addr,
             hub,
+            presence,
             metrics_server,
             shutdown,
             shutdown_timeout,
@@ -168,11 +185,16 @@ impl Application {
         }
         let connections = self.connections;
         let server = self.server;
+        let presence = self.presence;
         let serve = async move {
             server.run().await;
             // Streams end with the hub on shutdown; hyper connections drain.
             connections.close();
             connections.wait().await;
+            // The node's entries go with it, rather than waiting to be reaped.
+            if let Some(presence) = presence {
+                presence.gone().await;
+            }
             Ok(())
         };
         let deadline = async {

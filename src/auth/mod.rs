@@ -149,6 +149,13 @@ pub struct Grants {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// Topics whose server API (presence, …) the token may use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin: Vec<String>,
+    /// What the application says about the token's holder (a name, an avatar): shown with its
+    /// subscriptions in presence and in join and leave events. Not a grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<serde_json::Value>,
 }
 
 /// What a token's `mercure` claim (or its namespaced form, `https://mercure.rocks/`) holds:
@@ -181,12 +188,18 @@ struct Claims {
     exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// Who the token is for, shown in presence. Any JSON value is accepted and kept as text: a
+    /// number where a string was meant should not lock a user out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<serde_json::Value>,
 }
 
 /// A verified token's grants and when it stops being valid.
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub grants: Grants,
+    /// The token's `sub`, as text.
+    pub sub: Option<String>,
     /// The `mercure` claim, if the token has one.
     pub mercure: Option<MercureGrants>,
     /// `exp` plus the leeway; `None` if the token has no `exp`.
@@ -387,8 +400,13 @@ impl Authenticator {
         if expires.is_some_and(|at| at <= SystemTime::now()) {
             return Err(AuthError::Expired);
         }
+        let sub = data.claims.sub.map(|sub| match sub {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        });
         Ok(Verified {
             grants: data.claims.ssegate,
+            sub,
             mercure: data.claims.mercure.or(data.claims.mercure_namespaced),
             expires,
             from_cookie: false,
@@ -422,6 +440,21 @@ impl Authenticator {
             return Ok(());
         }
         check(access, topic, "subscribing", |g| &g.subscribe)
+    }
+
+    /// Whether `access` may use the server API on `topic` (its `ssegate.admin` patterns cover
+    /// it). Open access (no key configured) may; no token is `401`, another token `403`.
+    pub fn may_administer(&self, access: &Access, topic: &str) -> Result<(), AuthError> {
+        match access {
+            Access::Open => Ok(()),
+            Access::Anonymous => Err(AuthError::Missing),
+            Access::Invalid(e) => Err(e.clone()),
+            Access::Token(v) if pattern::any_matches(&v.grants.admin, topic) => Ok(()),
+            Access::Token(_) => Err(AuthError::Forbidden {
+                action: "administering",
+                topic: topic.to_owned(),
+            }),
+        }
     }
 
     /// Whether `access` may publish to every one of `topics`.
@@ -467,6 +500,7 @@ fn check(
 /// and a `mercure` claim when `mercure` is given.
 pub fn issue(
     secret: &str,
+    sub: Option<serde_json::Value>,
     grants: Grants,
     mercure: Option<MercureGrants>,
     ttl: Duration,
@@ -481,6 +515,7 @@ pub fn issue(
         mercure_namespaced: None,
         exp: Some(now + ttl.as_secs()),
         iat: Some(now),
+        sub,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -515,14 +550,19 @@ mod tests {
         let grants = Grants {
             publish: vec!["news.*".into()],
             subscribe: vec!["user.42".into()],
+            admin: vec!["news.*".into()],
+            info: Some(serde_json::json!({"name": "Ada"})),
         };
         let mercure = MercureGrants {
             publish: vec!["https://example.com/{id}".into()],
             subscribe: vec![],
             payload: None,
         };
-        let token = issue(SECRET, grants, Some(mercure), Duration::from_secs(60)).unwrap();
+        let sub = Some(serde_json::json!("ada"));
+        let token = issue(SECRET, sub, grants, Some(mercure), Duration::from_secs(60)).unwrap();
         let v = auth.verify(&token).await.unwrap();
+        assert_eq!(v.sub.as_deref(), Some("ada"));
+        assert_eq!(v.grants.info, Some(serde_json::json!({"name": "Ada"})));
         assert!(v.expires.is_some());
         let m = v.mercure.as_ref().expect("the mercure claim");
         assert_eq!(m.publish, ["https://example.com/{id}"]);
@@ -533,6 +573,15 @@ mod tests {
             .unwrap_err()
             .is_forbidden());
         assert!(auth.may_subscribe(&access, &topic("user.42")).is_ok());
+        assert!(auth.may_administer(&access, "news.eu").is_ok());
+        assert!(auth
+            .may_administer(&access, "user.42")
+            .unwrap_err()
+            .is_forbidden());
+        assert!(matches!(
+            auth.may_administer(&Access::Anonymous, "news.eu"),
+            Err(AuthError::Missing)
+        ));
         assert!(auth
             .may_subscribe(&access, &topic("user.43"))
             .unwrap_err()

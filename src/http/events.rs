@@ -23,7 +23,7 @@ use crate::auth::{Access, AuthError};
 use crate::config::Settings;
 use crate::cursor;
 use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
-use crate::hub::{Delivery, Output, ReplayPage, Session};
+use crate::hub::{Delivery, NoticeDelivery, Output, ReplayPage, Session};
 use crate::metrics::{Metrics, PublishResult, ReasonLabel, ResultLabel};
 use crate::sse;
 
@@ -144,6 +144,10 @@ pub(super) trait Frames: Send + 'static {
     fn live(&mut self, delivery: &Delivery) -> Option<Bytes>;
     /// A replay page's frames and the number of events in them, or `None` when nothing is sent.
     fn replayed(&mut self, page: &ReplayPage) -> Option<(Bytes, usize)>;
+    /// A notice's frame (join and leave), or `None` when this stream does not send them.
+    fn notice(&mut self, notice: &NoticeDelivery) -> Option<Bytes> {
+        Some(notice.frame.clone())
+    }
 }
 
 /// The frames of a `/v1` stream of one topic, encoded once per event for every client.
@@ -194,6 +198,11 @@ pub(super) fn event_stream(
                         if let Some((out, events)) = frames.replayed(&page) {
                             open.delivered(events);
                             break out;
+                        }
+                    }
+                    Output::Notice(notice) => {
+                        if let Some(frame) = frames.notice(&notice) {
+                            break frame;
                         }
                     }
                     Output::Farewell(retry) => break retry,
@@ -291,17 +300,28 @@ pub async fn subscribe(
     )
     .await?;
     let expires = access.expires();
+    // The stream's presence entry, held by the body: it goes when the stream does.
+    let present = state.presence.as_ref().map(|presence| {
+        let names = topics.iter().map(|t| t.as_str().to_owned()).collect();
+        presence.join(names, &super::presence::holder(&access), None)
+    });
     let body = if topics.len() == 1 {
         let session = sessions.into_iter().next().ok_or(ApiError::NotFound)?;
         let retry = sse::retry_frame(settings.retry.as_millis() as u64);
         let metrics = state.metrics.clone();
         let frames = event_stream(session, settings, expires, metrics, retry, SharedFrames);
-        Body::from_stream(frames.map(Ok::<_, Infallible>))
+        Body::from_stream(frames.map(move |frame| {
+            let _held = &present;
+            Ok::<_, Infallible>(frame)
+        }))
     } else {
         let retry = sse::retry_frame(settings.retry.as_millis() as u64);
         let open = OpenStream::new(state.metrics.clone());
         let frames = multi::stream(topics, sessions, retry, settings.heartbeat_interval, open);
-        Body::from_stream(frames.take_until(expiry(expires)).map(Ok::<_, Infallible>))
+        Body::from_stream(frames.take_until(expiry(expires)).map(move |frame| {
+            let _held = &present;
+            Ok::<_, Infallible>(frame)
+        }))
     };
 
     let mut response = (StatusCode::OK, body).into_response();

@@ -11,6 +11,7 @@ mod health;
 mod layers;
 mod mercure;
 mod multi;
+mod presence;
 mod server;
 
 use std::sync::Arc;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Routes the Mercure log's updates to this node's Mercure subscriptions.
     pub mercure: crate::mercure::router::Router,
+    /// Who is subscribed where; `None` with `presence.enabled` off.
+    pub presence: Option<crate::presence::Presence>,
 }
 
 /// The routes of the public API behind every layer: the one door all requests pass.
@@ -51,6 +54,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     let cors = cors(&state.settings.cors);
     let mut routes = Router::new()
         .route("/v1/events", get(events::subscribe).post(events::publish))
+        .route("/v1/topics/{topic}/presence", get(presence::presence))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz));
     if state.settings.mercure.enabled {

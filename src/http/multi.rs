@@ -10,6 +10,9 @@
 //! data: {"topic": "<topic>", "id": "<stream id>", "data": "<payload>"}
 //! ```
 //!
+//! A notice (`ssegate.join`, `ssegate.leave`) has no `id:` and its data is
+//! `{"topic": "<topic>", "data": <the notice's JSON>}`.
+//!
 //! A gap notice says which topic it concerns (`"topic"` in its data) and leaves the other topics
 //! alone. The seam guarantees hold per topic, since each topic has its own session.
 
@@ -22,7 +25,7 @@ use futures_util::{Stream, StreamExt};
 use super::events::OpenStream;
 use crate::cursor;
 use crate::event::{Event, StreamId, Topic};
-use crate::hub::{Output, ReplayPage, Session};
+use crate::hub::{NoticeDelivery, Output, ReplayPage, Session};
 use crate::sse;
 
 /// The merged stream's state.
@@ -85,6 +88,7 @@ pub fn stream(
                 Some((_, Output::Farewell(_))) => continue,
                 Some((i, Output::Live(delivery))) => m.event(i, &delivery.event),
                 Some((i, Output::Replayed(page))) => m.page(i, &page),
+                Some((i, Output::Notice(notice))) => m.notice(i, &notice),
             };
             return Some((frames, m));
         }
@@ -103,6 +107,16 @@ impl Merged {
             "data": event.data,
         });
         sse::frame(Some(&id), event.event.as_deref(), &envelope.to_string())
+    }
+
+    /// A notice of topic `i` (join, leave): no id, its data in an envelope naming the topic.
+    fn notice(&self, i: usize, notice: &NoticeDelivery) -> Bytes {
+        let data = serde_json::value::RawValue::from_string(notice.data.clone())
+            .map(|raw| serde_json::json!({"topic": self.topics[i].as_str(), "data": raw}))
+            .unwrap_or_else(
+                |_| serde_json::json!({"topic": self.topics[i].as_str(), "data": notice.data}),
+            );
+        sse::frame(None, Some(&notice.event), &data.to_string())
     }
 
     /// A replay page of topic `i`: its gap notice (naming the topic), then its events.

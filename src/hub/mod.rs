@@ -59,6 +59,7 @@ use crate::config::Settings;
 use crate::event::{Event, StreamId, Topic};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::sse;
 use crate::store::{Signal, Store, StoreError, ADVANCED_BATCH};
 
 /// Messages queued per pump before the dispatcher stops queueing and flags a read instead.
@@ -129,6 +130,19 @@ pub enum Item {
     /// The feed could not follow the stream (history trimmed under it, or the stream reset):
     /// every session re-reads from its own cursor.
     Resync,
+    /// Something for the topic's readers that is not one of its events (see
+    /// [`Store::notify`]): no id, so it moves no cursor and cannot break the seam.
+    Notice(Arc<NoticeDelivery>),
+}
+
+/// A notice as fanned out: its frame, encoded once, and its parts for streams that encode it
+/// otherwise (multi-topic).
+#[derive(Debug)]
+pub struct NoticeDelivery {
+    pub event: String,
+    pub data: String,
+    /// `event:` and `data:` lines, no `id:`.
+    pub frame: Bytes,
 }
 
 /// An event as fanned out: its id and its encoded frame, shared by every client.
@@ -399,6 +413,17 @@ async fn dispatch(hub: std::sync::Weak<Inner>, mut signals: mpsc::UnboundedRecei
                     h.send(PumpMessage::Read);
                 }
             }
+            Signal::Notice(notice) => {
+                if let Some(h) = hub.handle(&notice.topic) {
+                    let frame = sse::frame(None, Some(&notice.event), &notice.data);
+                    let delivery = NoticeDelivery {
+                        event: notice.event,
+                        data: notice.data,
+                        frame,
+                    };
+                    h.feed.send(Item::Notice(Arc::new(delivery)), None);
+                }
+            }
         }
     }
 }
@@ -466,7 +491,6 @@ async fn safety_net(hub: std::sync::Weak<Inner>, interval: Duration) {
 mod tests {
     use super::*;
     use crate::event::NewEvent;
-    use crate::sse;
     use crate::store::MemoryStore;
 
     fn event(data: &str) -> NewEvent {

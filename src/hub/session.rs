@@ -8,7 +8,7 @@ use tracing::warn;
 
 use super::feed::{Receiver, RecvError};
 use super::replay::ReplayPage;
-use super::{Delivery, Inner, Item, TopicHandle};
+use super::{Delivery, Inner, Item, NoticeDelivery, TopicHandle};
 use crate::event::StreamId;
 use crate::metrics::ReasonLabel;
 use crate::sse;
@@ -58,6 +58,8 @@ pub enum Output {
     Live(Arc<Delivery>),
     /// Replayed history (a gap notice first, if any), shared by sessions resuming alike.
     Replayed(Arc<ReplayPage>),
+    /// A notice for the topic's live readers (presence's join and leave), not an event.
+    Notice(Arc<NoticeDelivery>),
     /// On shutdown: the `retry:` frame to send before the end.
     Farewell(Bytes),
     /// Nothing happened within the wait: send a heartbeat if due.
@@ -119,6 +121,7 @@ impl Session {
                 }
                 Ok(Item::Event(_)) => {} // sent during the replay
                 Ok(Item::Resync) => self.replay_again(),
+                Ok(Item::Notice(notice)) => return Output::Notice(notice),
                 Err(RecvError::Lagged(_)) => {
                     self.membership.hub.metrics.catch_ups.inc();
                     self.replay_again();

@@ -377,7 +377,8 @@ async fn read(state: std::sync::Weak<Mutex<State>>, mut session: Session) {
                 }
                 state.position = Some(page.next);
             }
-            Output::Farewell(_) | Output::Idle => {}
+            // The log's notices are not updates of any Mercure topic.
+            Output::Notice(_) | Output::Farewell(_) | Output::Idle => {}
             Output::End => {
                 // Shutdown, or the store failed: every stream ends and its client comes back.
                 state.views().for_each(View::close);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{classify, Page, Signal, Store, StoreError, StreamFacts};
+use super::{classify, Notice, Page, Signal, Store, StoreError, StreamFacts};
 use crate::config::Settings;
 use crate::event::{Event, NewEvent, StreamId, Topic};
 
@@ -385,6 +385,13 @@ impl Store for MemoryStore {
             })
             .map(|(topic, _)| topic.clone())
             .collect())
+    }
+
+    async fn notify(&self, notices: Vec<Notice>) -> Result<(), StoreError> {
+        for notice in notices {
+            let _ = self.signal_tx.send(Signal::Notice(notice));
+        }
+        Ok(())
     }
 
     fn watch(&self, _topic: &Topic) -> oneshot::Receiver<()> {

@@ -137,6 +137,18 @@ pub enum Signal {
     /// The store may have missed announcements (e.g. its Redis connection came back): read every
     /// watched topic's stream.
     CatchUpAll,
+    /// A notice for the topic's readers (see [`Store::notify`]).
+    Notice(Notice),
+}
+
+/// Something for a topic's current readers on every node that is not an event of the topic: it
+/// has no id, is not stored and is not replayed (presence's join and leave events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub topic: String,
+    /// The SSE event type.
+    pub event: String,
+    pub data: String,
 }
 
 /// Storage for events, shared by all of a node's connections.
@@ -183,6 +195,10 @@ pub trait Store: Send + Sync + 'static {
     /// the node-wide check behind missed announcements and direct appends nobody announced. It
     /// costs one store command per [`ADVANCED_BATCH`] topics, however many are idle.
     async fn advanced(&self, positions: &[(Topic, StreamId)]) -> Result<Vec<Topic>, StoreError>;
+
+    /// Hands `notices` to the readers of their topics on every node, live only: at most once,
+    /// without an id, never stored (the topic's events and their ids are untouched).
+    async fn notify(&self, notices: Vec<Notice>) -> Result<(), StoreError>;
 
     /// Starts announcing appends to `topic`. Calls are counted: a topic stays watched until every
     /// `watch` has been matched by an `unwatch`. The returned channel completes once

@@ -17,6 +17,8 @@ use ssegate::startup::Application;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::security::SECRET;
+
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -845,3 +847,66 @@ fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(str::trim)
 }
+
+/// Where the nodes keep their events.
+pub enum Backend {
+    Redis(RedisServer),
+    /// Three masters: the log's slot is on one of them.
+    Cluster(RedisCluster),
+}
+
+/// Two nodes on one backend (one Redis, or a cluster of three masters), with an HMAC key ([`SECRET`]) and whatever `adjust` sets.
+pub struct Nodes {
+    pub a: TestApp,
+    pub b: TestApp,
+    pub _backend: Backend,
+}
+
+pub async fn two_nodes(cluster: bool, adjust: impl Fn(&mut Settings)) -> Nodes {
+    let backend = if cluster {
+        Backend::Cluster(RedisCluster::start(3, 0).await)
+    } else {
+        Backend::Redis(RedisServer::start().await)
+    };
+    let mut s = match &backend {
+        Backend::Redis(redis) => {
+            let mut s = settings(Some(redis));
+            s.auth.jwt_key = Some(SECRET.into());
+            s
+        }
+        Backend::Cluster(cluster) => {
+            let mut s = settings(None);
+            s.redis_url = Some(cluster.url());
+            s.redis.ping_interval = Duration::from_millis(200);
+            s.auth.jwt_key = Some(SECRET.into());
+            s
+        }
+    };
+    adjust(&mut s);
+    let a = spawn_app(s.clone()).await;
+    let b = spawn_app(s).await;
+    Nodes {
+        a,
+        b,
+        _backend: backend,
+    }
+}
+
+/// Runs each case on two nodes of one Redis, and of a Redis Cluster.
+macro_rules! on_both {
+    ($($case:ident($adjust:expr);)*) => {
+        mod on_redis {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(crate::helpers::two_nodes(false, $adjust).await).await
+            })*
+        }
+        mod on_cluster {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(crate::helpers::two_nodes(true, $adjust).await).await
+            })*
+        }
+    };
+}
+pub(crate) use on_both;

@@ -13,6 +13,7 @@ mod input;
 mod mercure;
 mod mercure_clients;
 mod ops;
+mod presence;
 mod process;
 mod raw;
 mod security;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use ssegate::config::Settings;
 
-use crate::helpers::{settings, spawn_app, RedisCluster, RedisServer, Sse, TestApp};
+use crate::helpers::{on_both, settings, spawn_app, Nodes, RedisServer, Sse, TestApp};
 use crate::security::{hs, SECRET};
 
 pub const HUB: &str = "/.well-known/mercure";
@@ -111,64 +111,6 @@ async fn stream(app: &TestApp, path: &str, token: Option<&str>, last: Option<&st
         "an event stream"
     );
     Sse::from_response(response)
-}
-
-/// Where the nodes keep their events.
-enum Backend {
-    Redis(RedisServer),
-    /// Three masters: the log's slot is on one of them.
-    Cluster(RedisCluster),
-}
-
-/// Two nodes on one backend, with an HMAC key and whatever `adjust` sets.
-struct Nodes {
-    a: TestApp,
-    b: TestApp,
-    _backend: Backend,
-}
-
-async fn two_nodes(cluster: bool, adjust: impl Fn(&mut Settings)) -> Nodes {
-    let backend = if cluster {
-        Backend::Cluster(RedisCluster::start(3, 0).await)
-    } else {
-        Backend::Redis(RedisServer::start().await)
-    };
-    let mut s = match &backend {
-        Backend::Redis(redis) => keyed(redis),
-        Backend::Cluster(cluster) => {
-            let mut s = settings(None);
-            s.redis_url = Some(cluster.url());
-            s.redis.ping_interval = Duration::from_millis(200);
-            s.auth.jwt_key = Some(SECRET.into());
-            s
-        }
-    };
-    adjust(&mut s);
-    let a = spawn_app(s.clone()).await;
-    let b = spawn_app(s).await;
-    Nodes {
-        a,
-        b,
-        _backend: backend,
-    }
-}
-
-/// Runs each case on two nodes of one Redis, and of a Redis Cluster.
-macro_rules! on_both {
-    ($($case:ident($adjust:expr);)*) => {
-        mod on_redis {
-            $(#[tokio::test]
-            async fn $case() {
-                super::$case(super::two_nodes(false, $adjust).await).await
-            })*
-        }
-        mod on_cluster {
-            $(#[tokio::test]
-            async fn $case() {
-                super::$case(super::two_nodes(true, $adjust).await).await
-            })*
-        }
-    };
 }
 
 on_both! {

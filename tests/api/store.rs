@@ -6,14 +6,17 @@ use std::time::Duration;
 
 use ssegate::config::Settings;
 use ssegate::event::{NewEvent, StreamId, Topic};
+use ssegate::presence::{Change, MemoryRegistry, Registry};
 use ssegate::shutdown::Shutdown;
-use ssegate::store::{GapReason, MemoryStore, RedisStore, Signal, Store};
+use ssegate::store::{GapReason, MemoryStore, Notice, RedisStore, Signal, Store};
 
 use crate::helpers::{RedisCluster, RedisServer};
 
 /// A store under test, with whatever keeps it alive.
 struct Subject {
     store: Arc<dyn Store>,
+    /// The presence registry kept beside the store.
+    registry: Arc<dyn Registry>,
     _redis: Option<RedisServer>,
     _cluster: Option<RedisCluster>,
     _shutdown: ShutdownOnDrop,
@@ -79,6 +82,9 @@ conformance! {
     appends_are_announced_with_their_predecessor(0);
     advanced_names_only_topics_with_newer_entries(0);
     labels_file_events_for_their_readers(5);
+    notices_reach_watchers_and_store_nothing(0);
+    presence_entries_are_filed_listed_and_removed(0);
+    a_dead_nodes_entries_are_reaped_once(0);
 }
 
 fn topic(name: &str) -> Topic {
@@ -477,6 +483,7 @@ fn retention_settings(max_age: Option<Duration>, idle_ttl: Option<Duration>) -> 
 async fn memory_with(settings: Settings) -> Subject {
     Subject {
         store: Arc::new(MemoryStore::new(&settings)),
+        registry: Arc::new(MemoryRegistry::new()),
         _redis: None,
         _cluster: None,
         _shutdown: ShutdownOnDrop(Shutdown::new()),
@@ -490,6 +497,7 @@ async fn redis_with(mut settings: Settings) -> Subject {
     let store = RedisStore::connect(&settings, shutdown.clone()).unwrap();
     store.connected().await;
     Subject {
+        registry: Arc::new(store.registry()),
         store: Arc::new(store),
         _redis: Some(server),
         _cluster: None,
@@ -506,6 +514,7 @@ async fn cluster_with(mut settings: Settings) -> Subject {
     let store = RedisStore::connect(&settings, shutdown.clone()).unwrap();
     store.connected().await;
     Subject {
+        registry: Arc::new(store.registry()),
         store: Arc::new(store),
         _redis: None,
         _cluster: Some(cluster),
@@ -632,5 +641,183 @@ async fn removes_idle_topics(s: Subject) {
     assert_eq!(
         page.events.iter().map(|e| e.id).collect::<Vec<_>>(),
         [again]
+    );
+}
+
+/// A notice reaches the watchers of its topic, as sent, and leaves the stream as it was.
+async fn notices_reach_watchers_and_store_nothing(s: Subject) {
+    let t = topic("noticed");
+    let mut signals = s.store.take_signals().expect("signals");
+    tokio::time::timeout(Duration::from_secs(10), s.store.watch(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    let before = append_n(&*s.store, &t, 1).await[0];
+    let notice = Notice {
+        topic: "noticed".into(),
+        event: "ssegate.join".into(),
+        data: "{\"sub\":\"a\nb\"}".into(),
+    };
+    s.store.notify(vec![notice.clone()]).await.unwrap();
+    loop {
+        let signal = tokio::time::timeout(Duration::from_secs(10), signals.recv())
+            .await
+            .expect("noticed")
+            .expect("open");
+        if let Signal::Notice(got) = signal {
+            assert_eq!(got, notice);
+            break;
+        }
+    }
+    assert_eq!(s.store.tail(&t).await.unwrap(), before, "nothing stored");
+    let page = s.store.read(&t, before, 10).await.unwrap();
+    assert!(page.events.is_empty() && page.gap.is_none());
+}
+
+fn change(topic: &str, id: &str, entry: Option<&str>) -> Change {
+    Change {
+        topic: topic.into(),
+        id: id.into(),
+        entry: entry.map(Into::into),
+    }
+}
+
+/// Entries are filed under their topics, listed from any node in id order, and removed.
+async fn presence_entries_are_filed_listed_and_removed(s: Subject) {
+    let r = &s.registry;
+    assert!(r.entries("room").await.unwrap().is_empty());
+    r.write(
+        "n1",
+        &[
+            change("room", "n1.2", Some("{\"b\":1}")),
+            change("room", "n1.1", Some("{\"a\":1}")),
+            change("hall", "n1.1", Some("{\"a\":1}")),
+        ],
+        &["hall".into(), "room".into()],
+        &[],
+    )
+    .await
+    .unwrap();
+    r.write(
+        "n2",
+        &[change("room", "n2.1", Some("{\"c\":1}"))],
+        &["room".into()],
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.entries("room").await.unwrap(),
+        ["{\"a\":1}", "{\"b\":1}", "{\"c\":1}"]
+    );
+    assert_eq!(r.entries("hall").await.unwrap(), ["{\"a\":1}"]);
+    // Removing, and adding in the same write.
+    r.write(
+        "n1",
+        &[
+            change("room", "n1.1", None),
+            change("hall", "n1.1", None),
+            change("room", "n1.3", Some("{\"d\":1}")),
+        ],
+        &[],
+        &["hall".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.entries("room").await.unwrap(),
+        ["{\"b\":1}", "{\"d\":1}", "{\"c\":1}"]
+    );
+    assert!(r.entries("hall").await.unwrap().is_empty());
+    // A node the registry did not know is told so once.
+    assert!(
+        r.heartbeat("n1", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .forgotten
+    );
+    assert!(
+        !r.heartbeat("n1", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .forgotten
+    );
+    r.forget("n1").await.unwrap();
+    assert!(
+        r.heartbeat("n1", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .forgotten
+    );
+}
+
+/// A node whose heartbeat ran out is named by the next heartbeat of another; one reaper gets
+/// its entries (and removes them), others find the claim taken; it is then forgotten.
+async fn a_dead_nodes_entries_are_reaped_once(s: Subject) {
+    let r = &s.registry;
+    let ttl = Duration::from_secs(60);
+    r.heartbeat("alive", ttl).await.unwrap();
+    r.heartbeat("dying", Duration::from_millis(50))
+        .await
+        .unwrap();
+    r.write(
+        "dying",
+        &[
+            change("room", "dying.1", Some("{\"x\":1}")),
+            change("hall", "dying.1", Some("{\"x\":1}")),
+        ],
+        &["hall".into(), "room".into()],
+        &[],
+    )
+    .await
+    .unwrap();
+    r.write(
+        "alive",
+        &[change("room", "alive.1", Some("{\"y\":1}"))],
+        &["room".into()],
+        &[],
+    )
+    .await
+    .unwrap();
+    // Not a sleep for its own sake: the registry's clock must pass the dying node's time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let expired = loop {
+        let beat = r.heartbeat("alive", ttl).await.unwrap();
+        if !beat.expired.is_empty() {
+            break beat.expired;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dying node expires"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(expired, ["dying"], "only the node whose time ran out");
+    let mut reaped = r
+        .reap("dying", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the first claim wins");
+    reaped.sort();
+    assert_eq!(
+        reaped,
+        [
+            ("hall".to_owned(), vec!["{\"x\":1}".to_owned()]),
+            ("room".to_owned(), vec!["{\"x\":1}".to_owned()])
+        ]
+    );
+    assert!(
+        r.reap("dying", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none(),
+        "a second reaper finds the claim taken"
+    );
+    assert_eq!(r.entries("room").await.unwrap(), ["{\"y\":1}"]);
+    assert!(r.entries("hall").await.unwrap().is_empty());
+    assert!(r.heartbeat("alive", ttl).await.unwrap().expired.is_empty());
+    assert!(
+        r.heartbeat("dying", ttl).await.unwrap().forgotten,
+        "a reaped node that comes back must write its entries again"
     );
 }

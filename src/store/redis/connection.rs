@@ -8,9 +8,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::{
     AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo,
     RedisFuture, Value,
@@ -143,6 +145,67 @@ pub(super) async fn query<T: redis::FromRedisValue>(
             "redis did not answer in time".into(),
         )),
     }
+}
+
+/// Runs commands, each named with a key that places it (its slot in a cluster), as few
+/// pipelines as the deployment allows: one on one Redis; one per slot, a few at a time, in a
+/// cluster, whose client sends a pipeline whole to the node of its first key. The replies come
+/// in the order of `commands`; the first failure fails the whole.
+pub(super) async fn run_placed(
+    conn: &Commands,
+    commands: Vec<(String, Cmd)>,
+    timeout: Duration,
+) -> Result<Vec<Value>, StoreError> {
+    /// Pipelines in flight at once in a cluster.
+    const CONCURRENCY: usize = 32;
+    async fn pipelined(
+        mut conn: Commands,
+        cmds: Vec<Cmd>,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
+        match tokio::time::timeout(timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+            Ok(result) => result.map_err(classify_error),
+            Err(_) => Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            )),
+        }
+    }
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !conn.is_cluster() {
+        let cmds = commands.into_iter().map(|(_, cmd)| cmd).collect();
+        return pipelined(conn.clone(), cmds, timeout).await;
+    }
+    let mut groups: HashMap<Slot, (Vec<usize>, Vec<Cmd>)> = HashMap::new();
+    for (i, (key, cmd)) in commands.into_iter().enumerate() {
+        let slot = Slot::for_key(key.as_bytes());
+        let group = groups.entry(slot).or_default();
+        group.0.push(i);
+        group.1.push(cmd);
+    }
+    let total = groups.values().map(|g| g.0.len()).sum();
+    let mut places = Vec::with_capacity(groups.len());
+    let mut runs = Vec::with_capacity(groups.len());
+    for (_, (indices, cmds)) in groups {
+        places.push(indices);
+        runs.push(pipelined(conn.clone(), cmds, timeout));
+    }
+    let results: Vec<Result<Vec<Value>, StoreError>> = futures_util::stream::iter(runs)
+        .buffered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut replies = vec![Value::Nil; total];
+    for (indices, result) in places.into_iter().zip(results) {
+        for (i, value) in indices.into_iter().zip(result?) {
+            replies[i] = value;
+        }
+    }
+    Ok(replies)
 }
 
 /// PING with a deadline; in a cluster every master answers.

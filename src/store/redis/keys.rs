@@ -10,6 +10,8 @@ pub(super) const LIVE: &str = ":live";
 pub(super) const TOMBSTONE: &str = ":last";
 /// … in its idempotency keys' names, before the publisher's key.
 pub(super) const IDEMPOTENCY: &str = ":idem:";
+/// … in its presence hash's name (its entries, see `presence`).
+pub(super) const PRESENCE: &str = ":presence";
 /// … in its label streams' names, before the label.
 pub(super) const LABEL: &str = ":label:";
 

@@ -10,6 +10,7 @@
 //! | idempotency key | `<prefix>:{<topic>}:idem:<key>` (one per keyed event, for the window) |
 //! | label stream | `<prefix>:{<topic>}:label:<label>` (the ids of the events filed under a label) |
 //! | tombstone | `<prefix>:{<topic>}:last` (only with `retention.idle_ttl`) |
+//! | presence | `<prefix>:{<topic>}:presence` and `<prefix>:presence:…` (see `presence`) |
 //!
 //! Appends run as one Lua script (`append.lua`): XADD, then PUBLISH (in a cluster SPUBLISH,
 //! which only the shard owning the topic carries) of the whole event together with the id of the
@@ -36,14 +37,18 @@
 //! - `keys`: key and channel names.
 //! - `scripts`: the Lua scripts and how they are called (with `WAIT` when asked).
 //! - `subscriptions`: subscribing, following the topology, pushes into hub signals.
+//! - `presence`: the presence registry (`heartbeat.lua`).
 //! - `reply`: reply parsing and error classification.
 
 mod commit;
 mod connection;
 mod keys;
+mod presence;
 mod reply;
 mod scripts;
 mod subscriptions;
+
+pub use self::presence::RedisRegistry;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,7 +64,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use self::commit::{AppendRequest, AppendSettings};
-use self::connection::{open_link, ping, query, Link, Target};
+use self::connection::{open_link, ping, query, run_placed, Link, Target};
 use self::keys::{Keys, IDEMPOTENCY, LABEL};
 use self::reply::{as_array, parse_entries, parse_facts, parse_id};
 use self::scripts::{Call, Replication, Scripts};
@@ -67,7 +72,7 @@ use self::subscriptions::{
     check_health, own_subscriptions, translate_pushes, Health, WatchCommand, ANNOUNCE_CALL_BUDGET,
     ANNOUNCE_INLINE_MAX,
 };
-use super::{classify, Page, Signal, Store, StoreError, ADVANCED_BATCH};
+use super::{classify, Notice, Page, Signal, Store, StoreError, ADVANCED_BATCH};
 use crate::config::{RedisSettings, Settings};
 use crate::event::{Event, NewEvent, StreamId, Topic};
 use crate::metrics::Metrics;
@@ -193,6 +198,16 @@ impl RedisStore {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.runner.metrics = Some(metrics);
         self
+    }
+
+    /// The presence registry, on the store's connections.
+    pub fn registry(&self) -> RedisRegistry {
+        RedisRegistry {
+            link: self.link.clone(),
+            keys: self.keys.clone(),
+            runner: self.runner.clone(),
+            heartbeat: redis::Script::new(include_str!("heartbeat.lua")),
+        }
     }
 
     /// Completes once Redis has answered for the first time.
@@ -448,6 +463,38 @@ impl Store for RedisStore {
             .filter(|(topic, _)| moved.contains(topic))
             .map(|(topic, _)| topic.clone())
             .collect())
+    }
+
+    /// A `PUBLISH` (in a cluster `SPUBLISH`) of `!\n<type>\n<data>` on each topic's live
+    /// channel: nodes tell it from an announcement by its first line, which is not an id (a
+    /// node of an older version reads the stream instead, and finds nothing new).
+    async fn notify(&self, notices: Vec<Notice>) -> Result<(), StoreError> {
+        let conn = self.link()?.conn;
+        let publish = if conn.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let commands = notices
+            .iter()
+            .map(|notice| {
+                let channel = self.keys.live_channel(&notice.topic);
+                let mut cmd = redis::cmd(publish);
+                let mut payload = String::with_capacity(notice.event.len() + notice.data.len() + 3);
+                payload.push_str("!\n");
+                payload.push_str(&notice.event);
+                payload.push('\n');
+                payload.push_str(&notice.data);
+                cmd.arg(&channel).arg(payload);
+                (channel, cmd)
+            })
+            .collect();
+        let started = Instant::now();
+        let result = run_placed(&conn, commands, self.runner.response_timeout)
+            .await
+            .map(|_| ());
+        self.runner.observe(started, &result);
+        result
     }
 
     fn watch(&self, topic: &Topic) -> oneshot::Receiver<()> {

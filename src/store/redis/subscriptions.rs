@@ -22,7 +22,7 @@ use super::keys::{Channel, Keys};
 use super::reply::as_bytes;
 use crate::event::{Event, StreamId};
 use crate::shutdown::Shutdown;
-use crate::store::{Signal, StoreError};
+use crate::store::{Notice, Signal, StoreError};
 
 /// How long an unmatched `xadd` notification waits for the gateway's own announcement that
 /// usually follows it in the same reply, before it is treated as a direct `XADD`.
@@ -283,6 +283,11 @@ pub(super) async fn translate_pushes(
                             });
                         }
                     },
+                    Some(Channel::Live(topic)) if payload.starts_with(b"!\n") => {
+                        if let Some(notice) = read_notice(topic, &payload[2..]) {
+                            let _ = signals.send(Signal::Notice(notice));
+                        }
+                    }
                     Some(Channel::Live(topic)) => {
                         if unmatched_xadd.as_deref() == Some(topic) {
                             unmatched_xadd = None;
@@ -315,6 +320,17 @@ pub(super) async fn translate_pushes(
             _ => {}
         }
     }
+}
+
+/// A notice's `<type>\n<data>` (after its leading `!\n`); `None` without a type.
+fn read_notice(topic: &str, rest: &[u8]) -> Option<Notice> {
+    let end = rest.iter().position(|&b| b == b'\n')?;
+    let event = std::str::from_utf8(&rest[..end]).ok()?;
+    (!event.is_empty()).then(|| Notice {
+        topic: topic.to_owned(),
+        event: event.to_owned(),
+        data: String::from_utf8_lossy(&rest[end + 1..]).into_owned(),
+    })
 }
 
 /// Largest payload announced with its event; larger ones are announced by id.
@@ -405,6 +421,23 @@ mod tests {
         let mut entries = Vec::new();
         let readable = read_announcement(payload, |e| entries.push(e));
         (entries, readable)
+    }
+
+    #[test]
+    fn notices_are_read_with_their_type_and_data() {
+        let notice = read_notice("t", b"ssegate.join\n{\"a\":\n1}").expect("a notice");
+        assert_eq!(
+            (
+                notice.topic.as_str(),
+                notice.event.as_str(),
+                notice.data.as_str()
+            ),
+            ("t", "ssegate.join", "{\"a\":\n1}")
+        );
+        assert!(read_notice("t", b"no type line").is_none());
+        assert!(read_notice("t", b"\ndata").is_none());
+        // A notice is never taken for an announcement.
+        assert!(!read(b"!\nssegate.join\n{}").1);
     }
 
     #[test]
