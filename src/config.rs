@@ -594,12 +594,6 @@ impl Settings {
                 );
             }
         }
-        if self.mercure.subscriptions {
-            return invalid(
-                "mercure.subscriptions",
-                "is not served yet (subscription events and the subscriptions API come with presence); leave it off",
-            );
-        }
         if self.mercure.subscriptions && !self.presence.enabled {
             return invalid(
                 "mercure.subscriptions",

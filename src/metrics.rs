@@ -54,7 +54,7 @@ struct BuildLabels {
 }
 
 /// The `reason` values of `ssegate_auth_failures_total` (see [`crate::auth::AuthError::code`]).
-pub const AUTH_FAILURE_REASONS: [&str; 11] = [
+pub const AUTH_FAILURE_REASONS: [&str; 12] = [
     "missing",
     "malformed",
     "signature",
@@ -66,6 +66,7 @@ pub const AUTH_FAILURE_REASONS: [&str; 11] = [
     "unknown_key",
     "keys_unavailable",
     "forbidden",
+    "uncovered",
 ];
 
 /// Every metric of one gateway.

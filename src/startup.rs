@@ -90,6 +90,14 @@ impl Application {
                 shutdown.clone(),
             )
         });
+        if let Some(presence) = &presence {
+            if settings.mercure.enabled && settings.mercure.subscriptions {
+                presence.observe(
+                    &crate::mercure::subscriptions::registry_topic(),
+                    crate::mercure::subscriptions::publisher(store.clone()),
+                );
+            }
+        }
         let hub = Hub::start(store, &settings, shutdown.clone(), metrics.clone());
         let listener = listen(settings.listen).map_err(|source| StartupError::Listen {
             addr: settings.listen,

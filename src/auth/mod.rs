@@ -93,6 +93,10 @@ pub enum AuthError {
     Forbidden { action: &'static str, topic: String },
     #[error("{0}")]
     Refused(String),
+    /// A valid token that does not reach what is asked where the protocol answers `401` for
+    /// it (Mercure's subscriptions API).
+    #[error("{0}")]
+    Uncovered(&'static str),
 }
 
 impl AuthError {
@@ -110,6 +114,7 @@ impl AuthError {
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable => "keys_unavailable",
             AuthError::Forbidden { .. } | AuthError::Refused(_) => "forbidden",
+            AuthError::Uncovered(_) => "uncovered",
         }
     }
 
@@ -653,6 +658,7 @@ mod tests {
             AuthError::Issuer,
             AuthError::UnknownKey,
             AuthError::KeysUnavailable,
+            AuthError::Uncovered("x"),
             AuthError::Forbidden {
                 action: "subscribing",
                 topic: "t".into(),

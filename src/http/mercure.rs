@@ -23,8 +23,10 @@ use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic}
 use crate::hub::{Delivery, ReplayPage};
 use crate::mercure::router::Registration;
 use crate::mercure::selector::Selector;
+use crate::mercure::subscriptions::registry_topic;
 use crate::mercure::update::{generated_id, Stored};
 use crate::mercure::{self, gap_frame, log_topic, Resume, Subscriber, EARLIEST};
+use crate::presence::{Holder, Present};
 use crate::sse;
 use crate::store::{GapReason, Store};
 
@@ -94,6 +96,29 @@ pub async fn subscribe(
         HeaderValue::from_bytes(value.as_bytes()).unwrap_or(HeaderValue::from_static(EARLIEST))
     });
 
+    // With active subscriptions on, the stream is filed in the presence registry (its
+    // subscription updates are published when the entry is written and when it goes).
+    let present = match &state.presence {
+        Some(presence) if settings.mercure.subscriptions => {
+            let selectors: Vec<String> = query
+                .selectors
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect();
+            let holder = Holder {
+                sub: match &access {
+                    Access::Token(v) => v.sub.clone(),
+                    _ => None,
+                },
+                info: match &access {
+                    Access::Token(v) => v.mercure.as_ref().and_then(|m| m.payload.clone()),
+                    _ => None,
+                },
+            };
+            Some(presence.join(vec![registry_topic()], &holder, Some(&selectors)))
+        }
+        _ => None,
+    };
     let subscriber = Subscriber::new(query.selectors, private);
     let (session, registration) = state.mercure.subscribe(subscriber, start).await?;
     let mut first = BytesMut::from(&b":\n\n"[..]);
@@ -103,6 +128,7 @@ pub async fn subscribe(
     }
     let frames = MercureFrames {
         registration,
+        _present: present,
         cursor: cursor.zip(start),
         from_start: matches!(resume, Some(Resume::Earliest | Resume::Unknown)),
     };
@@ -139,7 +165,10 @@ pub async fn subscribe(
 
 /// The selectors of a verified token's `mercure` claim (none without one): `which` picks
 /// `publish` or `subscribe`.
-fn claim_selectors(token: &Verified, which: fn(&MercureGrants) -> &Vec<String>) -> Vec<Selector> {
+pub(super) fn claim_selectors(
+    token: &Verified,
+    which: fn(&MercureGrants) -> &Vec<String>,
+) -> Vec<Selector> {
     token
         .mercure
         .iter()
@@ -221,6 +250,8 @@ fn check_topic(topic: &str) -> Result<(), ApiError> {
 struct MercureFrames {
     /// The subscription, kept routed for as long as the stream lives.
     registration: Registration,
+    /// Its entry among the active subscriptions, for as long as the stream lives.
+    _present: Option<Present>,
     /// The id the client resumed from, and the log position it stands for.
     cursor: Option<(String, StreamId)>,
     /// The stream started from the log's beginning (`earliest`, or an unknown id, whose

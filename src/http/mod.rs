@@ -10,6 +10,7 @@ mod events;
 mod health;
 mod layers;
 mod mercure;
+mod mercure_subscriptions;
 mod multi;
 mod presence;
 mod server;
@@ -62,6 +63,15 @@ pub fn app(state: Arc<AppState>) -> Router {
             crate::mercure::PATH,
             get(mercure::subscribe).post(mercure::publish),
         );
+        if state.settings.mercure.subscriptions {
+            let path = crate::mercure::subscriptions::PATH;
+            routes = routes
+                .route(path, get(mercure_subscriptions::subscriptions))
+                .route(
+                    &format!("{path}/{{*rest}}"),
+                    get(mercure_subscriptions::subscriptions),
+                );
+        }
     }
     if state.settings.metrics_listen.is_none() {
         routes = routes.route("/metrics", get(metrics));

@@ -25,6 +25,7 @@
 
 pub mod router;
 pub mod selector;
+pub mod subscriptions;
 pub mod update;
 
 use bytes::{Bytes, BytesMut};

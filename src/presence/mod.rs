@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
@@ -150,7 +151,14 @@ struct Shared {
     changed: Notify,
     /// Set once the node removed its entries on shutdown.
     gone: watch::Sender<bool>,
+    /// Who is told of the joins and leaves under a topic (an adapter that publishes them in
+    /// its own form), by topic.
+    observers: Mutex<HashMap<String, Observer>>,
 }
+
+/// Told of joins (`true`) and leaves (`false`) under one topic, with the entries' JSON, once
+/// they are written (or reaped); the write waits for it.
+pub type Observer = Arc<dyn Fn(Vec<(bool, Arc<str>)>) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// What the node has to write.
 #[derive(Default)]
@@ -239,6 +247,7 @@ impl Presence {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
             gone,
+            observers: Mutex::new(HashMap::new()),
         });
         info!(node = %shared.node, "presence registry node");
         tokio::spawn(flush(shared.clone(), shutdown.clone()));
@@ -290,6 +299,16 @@ impl Presence {
             shared: self.shared.clone(),
             number,
         }
+    }
+
+    /// Has `observer` told of every join and leave under `topic` from now on, on this node's
+    /// writes and on its reaping of dead nodes.
+    pub fn observe(&self, topic: &str, observer: Observer) {
+        self.shared
+            .observers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_owned(), observer);
     }
 
     /// Every entry under `topic`, on every node.
@@ -536,13 +555,40 @@ async fn write(shared: &Shared, batch: &Batch) -> Result<(), StoreError> {
         .zip(&batch.announce)
         .filter(|(_, announce)| **announce)
         .map(|(change, _)| change);
-    let notices = shared.notices(announced, &batch.removed);
+    let announced: Vec<&Change> = announced.collect();
+    let notices = shared.notices(announced.iter().copied(), &batch.removed);
     if !notices.is_empty() {
         if let Err(e) = shared.store.notify(notices).await {
             debug!(error = %e, "presence: join and leave events were not sent");
         }
     }
+    let mut observed: HashMap<&str, Vec<(bool, Arc<str>)>> = HashMap::new();
+    for change in announced {
+        let entry = match &change.entry {
+            Some(entry) => (true, entry.clone()),
+            None => match batch.removed.get(&change.id) {
+                Some(entry) => (false, entry.clone()),
+                None => continue,
+            },
+        };
+        observed.entry(&change.topic).or_default().push(entry);
+    }
+    shared.tell(observed).await;
     Ok(())
+}
+
+impl Shared {
+    /// Tells the observers of these topics what changed under them.
+    async fn tell(&self, changed: HashMap<&str, Vec<(bool, Arc<str>)>>) {
+        let calls: Vec<_> = {
+            let observers = self.observers.lock().unwrap_or_else(|e| e.into_inner());
+            changed
+                .into_iter()
+                .filter_map(|(topic, entries)| Some(observers.get(topic)?(entries)))
+                .collect()
+        };
+        futures_util::future::join_all(calls).await;
+    }
 }
 
 /// Renews the node's heartbeat every quarter of `node_ttl`, has the node rewritten when the
@@ -592,6 +638,17 @@ async fn reap(shared: &Shared, node: &str) {
                 node,
                 entries, "presence: removed the entries of a node that stopped answering"
             );
+            let observed = by_topic
+                .iter()
+                .map(|(topic, entries)| {
+                    let left = entries
+                        .iter()
+                        .map(|e| (false, Arc::from(e.as_str())))
+                        .collect();
+                    (topic.as_str(), left)
+                })
+                .collect();
+            shared.tell(observed).await;
             let notices: Vec<Notice> = by_topic
                 .into_iter()
                 .filter(|(topic, _)| shared.announces(topic))

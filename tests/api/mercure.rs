@@ -102,7 +102,7 @@ async fn open(
 }
 
 /// A subscription that must be answered `200` with an event stream.
-async fn stream(app: &TestApp, path: &str, token: Option<&str>, last: Option<&str>) -> Sse {
+pub async fn stream(app: &TestApp, path: &str, token: Option<&str>, last: Option<&str>) -> Sse {
     let response = open(app, path, token, last).await;
     assert_eq!(response.status(), 200, "subscribe refused");
     assert_eq!(
@@ -125,6 +125,7 @@ on_both! {
     });
     a_repeated_id_is_stored_once(|_| {});
     iris_of_every_shape(|_| {});
+    active_subscriptions_across_nodes(|s| s.mercure.subscriptions = true);
 }
 
 /// The conformance suite's cases (dunglas/mercure `conformance-tests/`, v0.24.2): a publish on
@@ -767,4 +768,191 @@ async fn metrics_count_the_mercure_hub() {
             && sample(&now, "ssegate_open_streams") == 0.0
     };
     crate::helpers::eventually("the subscriptions are released", &mut check).await;
+}
+
+/// The subscription events' template: every subscription of every topic.
+pub const SUBSCRIPTIONS: &str = "/.well-known/mercure/subscriptions{/topic}{/subscriber}";
+
+/// A token that may receive subscription events and read the subscriptions API.
+pub fn observer() -> String {
+    hs(&mercure_claims(
+        &[],
+        &[SUBSCRIPTIONS, "/.well-known/mercure/subscriptions"],
+    ))
+}
+
+/// `GET` on the subscriptions API: status, `ETag`, body.
+pub async fn subscriptions_api(
+    app: &TestApp,
+    path: &str,
+    token: Option<&str>,
+    if_none_match: Option<&str>,
+) -> (u16, Option<String>, Value) {
+    let mut request = app.http.get(app.url(path));
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    if let Some(tag) = if_none_match {
+        request = request.header("if-none-match", tag);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    if status == 200 {
+        assert_eq!(response.headers()["content-type"], "application/ld+json");
+    }
+    let etag = response
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, etag, body)
+}
+
+/// The next subscription event of a stream: its document.
+async fn subscription_event(stream: &mut Sse) -> Value {
+    let e = stream.expect().await;
+    let doc: Value = serde_json::from_str(&e.data).expect("a JSON-LD document");
+    assert_eq!(doc["type"], "Subscription", "{doc}");
+    assert_eq!(doc["@context"], "https://mercure.rocks/");
+    doc
+}
+
+/// Reads subscription events until those of `subscriber` with `active` number `n`; their
+/// documents, by selector.
+pub async fn subscription_events(
+    stream: &mut Sse,
+    subscriber: Option<&str>,
+    active: bool,
+    n: usize,
+) -> Vec<Value> {
+    let mut docs = Vec::new();
+    while docs.len() < n {
+        let doc = subscription_event(stream).await;
+        let theirs = subscriber.is_none_or(|s| doc["subscriber"] == s);
+        if theirs && doc["active"] == active && doc["topic"] != SUBSCRIPTIONS {
+            docs.push(doc);
+        }
+    }
+    docs.sort_by_key(|d| d["topic"].as_str().unwrap().to_owned());
+    docs
+}
+
+/// Subscription events reach a subscriber on the other node when a subscription opens and
+/// closes; the subscriptions API lists every node's subscriptions, by selector and one by one,
+/// with `lastEventID` (from which subscription events resume), an `ETag` and `304`; an unknown
+/// subscription is `404`; a token whose selectors miss the URL is `401`.
+async fn active_subscriptions_across_nodes(nodes: Nodes) {
+    let Nodes { a, b, _backend } = nodes;
+    let mut events = stream(&a, &query(&[SUBSCRIPTIONS], &[]), Some(&observer()), None).await;
+    // Its own subscription is announced too.
+    let own = subscription_event(&mut events).await;
+    assert_eq!(
+        (own["topic"].as_str(), own["active"].as_bool()),
+        (Some(SUBSCRIPTIONS), Some(true))
+    );
+
+    let selectors = ["https://example.com/books/{id}", "https://example.com/a b"];
+    let reader = stream(&b, &query(&selectors, &[]), Some(&subscriber(&[])), None).await;
+    let opened = subscription_events(&mut events, None, true, 2).await;
+    let who = opened[0]["subscriber"].as_str().unwrap().to_owned();
+    assert!(who.starts_with("urn:uuid:"), "{who}");
+    for (doc, selector) in opened
+        .iter()
+        .zip(["https://example.com/a b", "https://example.com/books/{id}"])
+    {
+        assert_eq!(doc["topic"], selector);
+        assert_eq!(
+            doc["subscriber"],
+            who.as_str(),
+            "one subscriber for its selectors"
+        );
+        assert_eq!(doc["payload"], json!({"user": 1}), "mercure.payload");
+        let id = doc["id"].as_str().unwrap();
+        assert!(
+            id.starts_with("/.well-known/mercure/subscriptions/https%3A%2F%2Fexample.com%2F"),
+            "{id}"
+        );
+        assert!(
+            id.ends_with(&format!("/{}", who.replace(':', "%3A"))),
+            "{id}"
+        );
+    }
+
+    // The API, on the other node than the reader's.
+    let path = "/.well-known/mercure/subscriptions";
+    let (status, etag, all) = subscriptions_api(&a, path, Some(&observer()), None).await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(
+        (all["type"].as_str(), all["id"].as_str()),
+        (Some("Subscriptions"), Some(path))
+    );
+    let last = all["lastEventID"].as_str().unwrap().to_owned();
+    assert_eq!(etag.as_deref(), Some(last.as_str()));
+    let listed: Vec<&Value> = all["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["subscriber"] == who.as_str())
+        .collect();
+    assert_eq!(listed.len(), 2, "{all}");
+    let (status, _, _) = subscriptions_api(&a, path, Some(&observer()), Some(&last)).await;
+    assert_eq!(status, 304, "unchanged since the ETag");
+    let one_selector = format!(
+        "{path}/{}",
+        opened[1]["id"].as_str().unwrap().split('/').nth(4).unwrap()
+    );
+    let (status, _, by_selector) =
+        subscriptions_api(&b, &one_selector, Some(&observer()), None).await;
+    assert_eq!(status, 200);
+    let docs = by_selector["subscriptions"].as_array().unwrap();
+    assert_eq!(docs.len(), 1, "{by_selector}");
+    assert_eq!(docs[0]["topic"], "https://example.com/books/{id}");
+    let (status, _, single) = subscriptions_api(
+        &b,
+        opened[0]["id"].as_str().unwrap(),
+        Some(&observer()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{single}");
+    assert_eq!(single["topic"], "https://example.com/a b");
+    assert_eq!(single["@context"], "https://mercure.rocks/");
+    assert_eq!(single["lastEventID"], last.as_str());
+    let unknown = format!("{one_selector}/urn%3Auuid%3A00000000-0000-8000-8000-000000000000");
+    let (status, _, _) = subscriptions_api(&b, &unknown, Some(&observer()), None).await;
+    assert_eq!(status, 404);
+    let (status, _, _) = subscriptions_api(&b, path, None, None).await;
+    assert_eq!(status, 401, "no token");
+    let (status, _, _) = subscriptions_api(
+        &b,
+        path,
+        Some(&subscriber(&["https://example.com/{x}"])),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "selectors that miss the URL");
+
+    // Closing: inactive on both, gone from the list, and a subscriber resuming from the
+    // lastEventID read before gets the change.
+    drop(reader);
+    let closed = subscription_events(&mut events, Some(&who), false, 2).await;
+    assert_eq!(closed.len(), 2);
+    let mut resumed = stream(
+        &b,
+        &query(&[SUBSCRIPTIONS], &[]),
+        Some(&observer()),
+        Some(&last),
+    )
+    .await;
+    let replayed = subscription_events(&mut resumed, Some(&who), false, 2).await;
+    assert_eq!(replayed, closed, "resumed from lastEventID");
+    a.eventually("the list no longer has it", async || {
+        let (_, _, all) = subscriptions_api(&a, path, Some(&observer()), None).await;
+        !all["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["subscriber"] == who.as_str())
+    })
+    .await;
 }

@@ -7,6 +7,9 @@ use eventsource_stream::Event;
 use serde_json::{json, Value};
 
 use crate::helpers::{on_both, settings, spawn_app, Nodes, RedisServer, Sse, TestApp, PATIENCE};
+use crate::mercure::{
+    self, observer, query, stream, subscription_events, subscriptions_api, SUBSCRIPTIONS,
+};
 use crate::process::Binary;
 use crate::security::{hs, SECRET};
 
@@ -290,6 +293,7 @@ async fn a_stopped_or_killed_nodes_entries_go_with_leave_events() {
     s.auth.jwt_key = Some(SECRET.into());
     s.presence.events = vec!["room.*".into()];
     s.presence.node_ttl = ttl;
+    s.mercure.subscriptions = true;
     let watcher_node = spawn_app(s.clone()).await;
     let mut watcher = subscribe(&watcher_node, "?topic=room.k", &member("w")).await;
     presence_event(&mut watcher, "ssegate.join", "w").await;
@@ -309,8 +313,32 @@ async fn a_stopped_or_killed_nodes_entries_go_with_leave_events() {
             ("SSEGATE_AUTH__JWT_KEY", SECRET),
             ("SSEGATE_PRESENCE__EVENTS", "room.*"),
             ("SSEGATE_PRESENCE__NODE_TTL", "1s"),
+            ("SSEGATE_MERCURE__SUBSCRIPTIONS", "true"),
         ],
     );
+    // A Mercure subscription on it too, watched from the other node.
+    let mut mercure_events = stream(
+        &watcher_node,
+        &query(&[SUBSCRIPTIONS], &[]),
+        Some(&observer()),
+        None,
+    )
+    .await;
+    let response = watcher_node
+        .http
+        .get(format!(
+            "{}{}",
+            crashing.base,
+            query(&["https://example.com/k"], &[])
+        ))
+        .bearer_auth(mercure::subscriber(&[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let _mercure_reader = Sse::from_response(response);
+    let opened = subscription_events(&mut mercure_events, None, true, 1).await;
+    let who = opened[0]["subscriber"].as_str().unwrap().to_owned();
     let response = watcher_node
         .http
         .get(format!("{}/v1/events?topic=room.k", crashing.base))
@@ -335,4 +363,18 @@ async fn a_stopped_or_killed_nodes_entries_go_with_leave_events() {
         "reaped within the bound, took {took:?}"
     );
     assert_eq!(subs(&entries(&watcher_node, "room.k").await), ["w"]);
+    // Its Mercure subscription went inactive, announced by the node that reaped it.
+    let closed = subscription_events(&mut mercure_events, Some(&who), false, 1).await;
+    assert_eq!(closed[0]["topic"], "https://example.com/k");
+    let path = "/.well-known/mercure/subscriptions";
+    let (status, _, all) = subscriptions_api(&watcher_node, path, Some(&observer()), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        !all["subscriptions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["subscriber"] == who.as_str()),
+        "{all}"
+    );
 }

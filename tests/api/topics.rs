@@ -67,7 +67,10 @@ async fn idle_topics_cost_redis_one_command_per_interval_however_many() {
             .filter(|(n, _)| n != "xread" && !PRESENCE_HEARTBEAT.contains(&n.as_str()))
             .collect();
         assert!(others.is_empty(), "{total} topics: {calls:?}");
-        let heartbeats = calls.iter().find(|(n, _)| n == "evalsha").map_or(0, |c| c.1);
+        let heartbeats = calls
+            .iter()
+            .find(|(n, _)| n == "evalsha")
+            .map_or(0, |c| c.1);
         assert!(heartbeats <= 1, "{total} topics: {calls:?}");
     }
     // And the streams still work: an event on one idle topic arrives.
