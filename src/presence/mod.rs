@@ -151,6 +151,9 @@ struct Shared {
     changed: Notify,
     /// Set once the node removed its entries on shutdown.
     gone: watch::Sender<bool>,
+    /// Set by the first heartbeat the registry answered: entries are written only after it,
+    /// so a node that dies is always one the registry can find and reap.
+    listed: std::sync::atomic::AtomicBool,
     /// Who is told of the joins and leaves under a topic (an adapter that publishes them in
     /// its own form), by topic.
     observers: Mutex<HashMap<String, Observer>>,
@@ -248,6 +251,7 @@ impl Presence {
             changed: Notify::new(),
             gone,
             observers: Mutex::new(HashMap::new()),
+            listed: std::sync::atomic::AtomicBool::new(false),
         });
         info!(node = %shared.node, "presence registry node");
         tokio::spawn(flush(shared.clone(), shutdown.clone()));
@@ -519,6 +523,12 @@ async fn flush(shared: Arc<Shared>, shutdown: Shutdown) {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.wait() => break,
         }
+        if !shared.listed.load(Ordering::Acquire) {
+            // Not yet known to the registry: wait for the heartbeat.
+            shared.changed.notify_one();
+            delay = (delay * 2).min(Duration::from_secs(2));
+            continue;
+        }
         let batch = shared.take(false);
         if batch.changes.is_empty() {
             continue;
@@ -614,6 +624,7 @@ async fn heartbeat(shared: Arc<Shared>, shutdown: Shutdown) {
                 continue;
             }
         };
+        shared.listed.store(true, Ordering::Release);
         if beat.forgotten && !first {
             info!("presence: the registry forgot this node; writing its entries again");
             shared.lock().rewrite = true;
@@ -668,5 +679,202 @@ async fn reap(shared: &Shared, node: &str) {
         }
         Ok(None) => {}
         Err(e) => debug!(node, error = %e, "presence: reaping failed; next heartbeat"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::store::{MemoryStore, Signal};
+
+    /// The memory registry, counting writes and failing the ones it is told to.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemoryRegistry,
+        writes: AtomicUsize,
+        changes: AtomicUsize,
+        fail_next: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Registry for Flaky {
+        async fn write(
+            &self,
+            node: &str,
+            changes: &[Change],
+            added: &[String],
+            dropped: &[String],
+        ) -> Result<(), StoreError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            let failing = self.fail_next.load(Ordering::SeqCst);
+            if failing > 0 {
+                self.fail_next.store(failing - 1, Ordering::SeqCst);
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            self.changes.fetch_add(changes.len(), Ordering::SeqCst);
+            self.inner.write(node, changes, added, dropped).await
+        }
+        async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<Heartbeat, StoreError> {
+            self.inner.heartbeat(node, ttl).await
+        }
+        async fn reap(
+            &self,
+            node: &str,
+            lease: Duration,
+        ) -> Result<Option<Vec<(String, Vec<String>)>>, StoreError> {
+            self.inner.reap(node, lease).await
+        }
+        async fn entries(&self, topic: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.entries(topic).await
+        }
+        async fn forget(&self, node: &str) -> Result<(), StoreError> {
+            self.inner.forget(node).await
+        }
+    }
+
+    struct Bed {
+        presence: Presence,
+        registry: Arc<Flaky>,
+        signals: tokio::sync::mpsc::UnboundedReceiver<Signal>,
+        shutdown: Shutdown,
+    }
+
+    fn bed(events: &[&str]) -> Bed {
+        let settings = Settings::default();
+        let store = Arc::new(MemoryStore::new(&settings));
+        let signals = store.take_signals().expect("signals");
+        let registry = Arc::new(Flaky::default());
+        let mut presence_settings = settings.presence.clone();
+        presence_settings.events = events.iter().map(|e| (*e).to_owned()).collect();
+        let shutdown = Shutdown::new();
+        let presence = Presence::start(
+            registry.clone(),
+            store,
+            &presence_settings,
+            shutdown.clone(),
+        );
+        Bed {
+            presence,
+            registry,
+            signals,
+            shutdown,
+        }
+    }
+
+    fn holder(sub: &str) -> Holder {
+        Holder {
+            sub: Some(sub.into()),
+            info: None,
+        }
+    }
+
+    /// Several flush intervals: the flusher gets its turn (time is paused, and advances when
+    /// every task waits).
+    async fn settle() {
+        tokio::time::sleep(Settings::default().presence.flush_interval * 5).await;
+    }
+
+    /// The join and leave events sent so far, as (type, sub).
+    fn notices(
+        signals: &mut tokio::sync::mpsc::UnboundedReceiver<Signal>,
+    ) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        while let Ok(signal) = signals.try_recv() {
+            if let Signal::Notice(n) = signal {
+                let data: serde_json::Value = serde_json::from_str(&n.data).unwrap();
+                out.push((n.event, data["sub"].as_str().unwrap_or("").to_owned()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moments_joins_are_one_write_and_a_join_undone_at_once_writes_nothing() {
+        let mut bed = bed(&["room"]);
+        let held: Vec<Present> = (0..100)
+            .map(|i| {
+                bed.presence
+                    .join(vec!["room".into()], &holder(&format!("u{i}")), None)
+            })
+            .collect();
+        drop(
+            bed.presence
+                .join(vec!["room".into()], &holder("blip"), None),
+        );
+        settle().await;
+        assert_eq!(bed.registry.writes.load(Ordering::SeqCst), 1, "one batch");
+        assert_eq!(bed.presence.entries("room").await.unwrap().len(), 100);
+        let sent = notices(&mut bed.signals);
+        assert_eq!(sent.len(), 100, "a join each, none for the blip");
+        assert!(sent
+            .iter()
+            .all(|(event, sub)| event == JOIN_EVENT && sub != "blip"));
+        drop(held);
+        settle().await;
+        assert_eq!(bed.registry.writes.load(Ordering::SeqCst), 2);
+        assert!(bed.presence.entries("room").await.unwrap().is_empty());
+        assert_eq!(notices(&mut bed.signals).len(), 100, "a leave each");
+        // Idle: nothing more is written.
+        settle().await;
+        assert_eq!(bed.registry.writes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_is_tried_again_with_what_changed_meanwhile() {
+        let bed = bed(&[]);
+        bed.registry.fail_next.store(2, Ordering::SeqCst);
+        let ada = bed.presence.join(vec!["room".into()], &holder("ada"), None);
+        let bob = bed.presence.join(vec!["room".into()], &holder("bob"), None);
+        settle().await;
+        drop(bob);
+        // Backing off: up to two seconds between tries.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let entries = bed.presence.entries("room").await.unwrap();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(entries[0].contains("\"ada\""));
+        assert!(bed.registry.writes.load(Ordering::SeqCst) >= 3);
+        drop(ada);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_node_writes_its_entries_again_without_announcing_them() {
+        let mut bed = bed(&["room"]);
+        let _ada = bed.presence.join(vec!["room".into()], &holder("ada"), None);
+        settle().await;
+        assert_eq!(notices(&mut bed.signals).len(), 1);
+        // Redis lost everything (or another node reaped this one).
+        let node = bed.presence.node().to_owned();
+        bed.registry
+            .inner
+            .reap(&node, Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert!(bed.presence.entries("room").await.unwrap().is_empty());
+        // The next heartbeat finds the node forgotten.
+        tokio::time::sleep(Settings::default().presence.node_ttl).await;
+        settle().await;
+        assert_eq!(bed.presence.entries("room").await.unwrap().len(), 1);
+        assert!(notices(&mut bed.signals).is_empty(), "not a new join");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_node_removes_its_entries_with_their_leaves() {
+        let mut bed = bed(&["room"]);
+        let _ada = bed
+            .presence
+            .join(vec!["room".into(), "hall".into()], &holder("ada"), None);
+        settle().await;
+        notices(&mut bed.signals);
+        bed.shutdown.trigger();
+        bed.presence.gone().await;
+        assert!(bed.presence.entries("room").await.unwrap().is_empty());
+        assert!(bed.presence.entries("hall").await.unwrap().is_empty());
+        assert_eq!(
+            notices(&mut bed.signals),
+            [(LEAVE_EVENT.to_owned(), "ada".to_owned())]
+        );
     }
 }
