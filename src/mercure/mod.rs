@@ -43,7 +43,7 @@ pub const EARLIEST: &str = "earliest";
 /// The log's topic name: it has a space, so no `/v1` client can name it.
 const LOG_TOPIC: &str = "mercure updates";
 
-/// Whether a request path is the hub's (its subscriptions API included, later).
+/// Whether a request path is the hub's (its subscriptions API included).
 pub fn is_hub_path(path: &str) -> bool {
     path.strip_prefix(PATH)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
