@@ -250,6 +250,43 @@ mresume=$(bench $M resume --behind $mbehind --replay 10 --rounds 3 --redis-url "
 echo "== reconnect storm" >&2
 storm_s=$(bench $S storm --clients $storm --behind 100 --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
 
+echo "== presence: fresh nodes with and without it" >&2
+# Two fresh nodes, presence off and on (its default), each alone while measured: idle
+# connections with a topic each (memory, and the Redis commands of everything while idle), then a
+# reconnect storm. The other ssegate nodes run beside them, so the idle Redis figure includes
+# their background too (pings, presence heartbeats).
+fresh_node() { # port, then VAR=value settings; prints the pid
+  local port=$1
+  shift
+  env "$@" RUST_LOG=warn target/release/ssegate --listen "127.0.0.1:$port" \
+    --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$DIR/ssegate-$port.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/readyz" && break; sleep 0.05; done
+  echo "$pid"
+}
+POFF_PORT=$((BASE + 6)) PON_PORT=$((BASE + 7))
+settle_redis
+POFF_PID=$(fresh_node "$POFF_PORT" SSEGATE_PRESENCE__ENABLED=false)
+pids+=("$POFF_PID")
+idle_poff=$(bench --url "http://127.0.0.1:$POFF_PORT" --target ssegate idle --steps $steps \
+  --pid "$POFF_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
+storm_poff=$(bench --url "http://127.0.0.1:$POFF_PORT" --target ssegate storm --clients $storm --behind 100 --redis-url "$R")
+kill "$POFF_PID"
+settle_redis
+PON_PID=$(fresh_node "$PON_PORT")
+pids+=("$PON_PID")
+idle_pon=$(bench --url "http://127.0.0.1:$PON_PORT" --target ssegate idle --steps $steps \
+  --pid "$PON_PID" --topics "$maxstep" --redis-url "$R" --hold $hold)
+storm_pon=$(bench --url "http://127.0.0.1:$PON_PORT" --target ssegate storm --clients $storm --behind 100 --redis-url "$R")
+# The registry saw the storm's clients come and go: nothing of theirs is left in it (the node
+# writes its batches every 100 ms; 5 s allowed).
+for _ in $(seq 100); do
+  presence_left=$(redis-cli -p "$REDIS_PORT" --scan --pattern 'ssegate:{storm*}:presence' | wc -l)
+  [ "$presence_left" -eq 0 ] && break
+  sleep 0.05
+done
+kill "$PON_PID"
+
 echo "== Redis Cluster: publish on 1 vs 3 masters" >&2
 # A cluster of `masters` masters, each with one replica, made by hand (redis-cli --cluster create
 # wants 3 masters at least), and one ssegate node on it; publishes over many topics (spread over
@@ -449,6 +486,39 @@ row(f"publish->receive p99 <= 5 ms, {cross['rate']:.0f} events/s to {cross['subs
     f"p99 {p99:.1f} ms ({cross['deliveries_per_sec']:.0f} deliveries/s)", p99 <= 5)
 PY
   echo
+  echo "## Presence"
+  echo
+  echo "Two fresh nodes in the same run, one with \`presence.enabled = false\`, one with presence on"
+  echo "(its defaults: a heartbeat every 5 s, writes batched every 100 ms), each measured alone."
+  echo
+  python3 - "$idle_poff" "$idle_pon" "$storm_poff" "$storm_pon" "$presence_left" <<'PY'
+import json, sys
+idle_off, idle_on, storm_off, storm_on = (json.loads(a) for a in sys.argv[1:5])
+left = int(sys.argv[5])
+def row(name, figure, target, ok):
+    print(f"| {name} | {figure} | {target} | {'met' if ok else 'not met'} |")
+print("| metric | measured | target | outcome |")
+print("|---|---|---|---|")
+t_off, t_on = storm_off["seconds_until_all_caught_up"], storm_on["seconds_until_all_caught_up"]
+r = t_on / max(t_off, 1e-9)
+ok = r <= 1.5 and storm_on["caught_up"] == storm_on["clients"]
+row(f"reconnect storm, {storm_on['clients']} clients 100 events behind: all caught up",
+    f"{t_on:.2f} s vs {t_off:.2f} s without presence: {r:.2f}x", "<= 1.5x", ok)
+n = idle_on["points"][-1]["connections"]
+c = idle_on["idle_redis_commands_per_second"]
+row(f"{n} idle present clients (a topic each): Redis commands/s, everything on the Redis",
+    f"{c:.1f}/s (without presence, on the other node: {idle_off['idle_redis_commands_per_second']:.1f}/s)",
+    "<= 10/s", c is not None and c <= 10)
+d = idle_on["bytes_per_connection"] - idle_off["bytes_per_connection"]
+row("idle memory per present connection (RSS slope)",
+    f"{idle_on['bytes_per_connection']:.0f} B vs {idle_off['bytes_per_connection']:.0f} B: {d:+.0f} B",
+    "<= +512 B", d <= 512)
+print()
+print(f"Storm Redis commands: {storm_on['redis_commands']['total'] if storm_on['redis_commands'] else '?'} with presence, "
+      f"{storm_off['redis_commands']['total'] if storm_off['redis_commands'] else '?'} without. "
+      f"Presence hashes of the storm's topic left after its clients went: {left}.")
+PY
+  echo
   echo "## Mercure"
   echo
   echo "The Mercure hub (\`/.well-known/mercure\`) in the same run: form publishes and idle subscribers"
@@ -495,7 +565,7 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$idlemf" "$fanum" "$match0" "$match9" "$mresume"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$idlemf" "$fanum" "$match0" "$match9" "$mresume" "$idle_poff" "$idle_pon" "$storm_poff" "$storm_pon"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
@@ -548,6 +618,20 @@ checks = {
     "Mercure with bystanders, every update delivered": match9["delivered"] == match9["expected_deliveries"] > 0 and match9["bystanders"] > 0,
     "Mercure CPU per update measured": match0["hub_cpu_us_per_event"] is not None,
     "Mercure resumes replay exactly": resume["replayed_exactly"],
+}
+failed = [k for k, ok in checks.items() if not ok]
+if failed:
+    sys.exit("bench smoke run failed: " + ", ".join(failed))
+PY
+  python3 - "$idle_poff" "$idle_pon" "$storm_poff" "$storm_pon" "$presence_left" <<'PY'
+import json, sys
+idle_off, idle_on, storm_off, storm_on = map(json.loads, sys.argv[1:5])
+checks = {
+    "presence off: every storm client caught up exactly": storm_off["received_exactly_behind"] == storm_off["clients"],
+    "presence on: every storm client caught up exactly": storm_on["received_exactly_behind"] == storm_on["clients"],
+    "presence on: idle clients held": idle_on["points"][-1]["connections"] > 0,
+    "presence on: idle Redis commands counted": idle_on["idle_redis_commands_per_second"] is not None,
+    "presence: the storm's entries went with its clients": int(sys.argv[5]) == 0,
 }
 failed = [k for k, ok in checks.items() if not ok]
 if failed:

@@ -99,7 +99,7 @@ pub struct Presence {
     pub events: Vec<String>,
     /// How long a node's entries outlive its last heartbeat. A node that dies without saying
     /// goodbye has its entries removed (and their leave events sent) by another node within
-    /// `node_ttl` plus a quarter of it (the heartbeat interval).
+    /// `node_ttl` plus a third of it (the heartbeat interval).
     #[serde(with = "humantime_serde")]
     pub node_ttl: Duration,
     /// How long a change waits to be written with the others of the same moment: connects
@@ -113,7 +113,7 @@ impl Default for Presence {
         Presence {
             enabled: true,
             events: Vec::new(),
-            node_ttl: Duration::from_secs(10),
+            node_ttl: Duration::from_secs(15),
             flush_interval: Duration::from_millis(100),
         }
     }

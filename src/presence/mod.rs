@@ -11,7 +11,7 @@
 //! same window cancel out and write nothing). An idle node writes nothing but its heartbeat.
 //!
 //! A node that stops cleanly removes its entries. One that dies cannot: each node renews a
-//! heartbeat every quarter of `presence.node_ttl`, and the heartbeat's answer names the nodes
+//! heartbeat every third of `presence.node_ttl`, and the heartbeat's answer names the nodes
 //! whose time ran out; one live node claims each of them, removes its entries, and sends their
 //! leave events. A dead node's entries are gone within `node_ttl` plus a heartbeat interval
 //! (plus the time to remove them). A node that the registry forgot (Redis restarted without its
@@ -601,10 +601,11 @@ impl Shared {
     }
 }
 
-/// Renews the node's heartbeat every quarter of `node_ttl`, has the node rewritten when the
+/// Renews the node's heartbeat every third of `node_ttl`, has the node rewritten when the
 /// registry forgot it, and reaps the nodes whose time ran out.
 async fn heartbeat(shared: Arc<Shared>, shutdown: Shutdown) {
-    let interval = shared.node_ttl / 4;
+    // A third: one command (four, counting the script's own) every 5 s by default.
+    let interval = shared.node_ttl / 3;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;

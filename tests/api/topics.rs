@@ -60,7 +60,7 @@ async fn idle_topics_cost_redis_one_command_per_interval_however_many() {
             "{total} topics: {calls:?}"
         );
         // Besides it, at most the node's presence heartbeat (a script: TIME, ZADD, ZRANGE), due
-        // every `presence.node_ttl / 4` whatever the number of present clients: idle clients
+        // every `presence.node_ttl / 3` whatever the number of present clients: idle clients
         // write nothing.
         let others: Vec<_> = calls
             .iter()
