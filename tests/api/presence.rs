@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use eventsource_stream::Event;
 use serde_json::{json, Value};
 
+use crate::browser::{Chromium, Page};
 use crate::helpers::{on_both, settings, spawn_app, Nodes, RedisServer, Sse, TestApp, PATIENCE};
 use crate::mercure::{
     self, observer, query, stream, subscription_events, subscriptions_api, SUBSCRIPTIONS,
@@ -376,5 +377,60 @@ async fn a_stopped_or_killed_nodes_entries_go_with_leave_events() {
             .iter()
             .any(|d| d["subscriber"] == who.as_str()),
         "{all}"
+    );
+}
+
+/// In Chromium: an `EventSource` receives joins and leaves with `addEventListener`, and they
+/// leave its `lastEventId` as the topic's events set it (a reconnect resumes from a real id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_gets_joins_and_leaves_and_keeps_its_last_event_id() {
+    let redis = RedisServer::start().await;
+    let mut s = settings(Some(&redis));
+    s.presence.events = vec!["room.*".into()];
+    s.cors.allowed_origins = vec!["*".into()];
+    let app = spawn_app(s).await;
+    let html = format!(
+        r#"<!doctype html><html><body><script>
+let reports = Promise.resolve();
+const report = (what) => {{
+  reports = reports.then(() => fetch('/report', {{method: 'POST', body: JSON.stringify(what)}}));
+}};
+const source = new EventSource('http://{}/v1/events?topic=room.b');
+source.onmessage = (e) => report({{kind: 'message', id: e.lastEventId, data: e.data}});
+for (const kind of ['ssegate.join', 'ssegate.leave']) {{
+  source.addEventListener(kind, (e) => report({{kind, id: e.lastEventId, data: JSON.parse(e.data)}}));
+}}
+</script></body></html>"#,
+        app.addr
+    );
+    let mut page = Page::serve_html(html).await;
+    let _browser = Chromium::open(&format!("{}/page.html", page.origin()));
+    let own = page.next_report().await;
+    assert_eq!(
+        (own["kind"].as_str(), own["id"].as_str()),
+        (Some("ssegate.join"), Some(""))
+    );
+    let first = app.publish("room.b", "first").await;
+    let message = page.next_report().await;
+    assert_eq!(message["id"], first.as_str());
+    let other = app.subscribe("room.b", None).await;
+    let join = page.next_report().await;
+    assert_eq!(join["kind"], "ssegate.join");
+    assert_ne!(join["data"]["id"], own["data"]["id"], "another connection");
+    assert_eq!(
+        join["id"],
+        first.as_str(),
+        "lastEventId stays the last event's"
+    );
+    drop(other);
+    let leave = page.next_report().await;
+    assert_eq!(leave["kind"], "ssegate.leave");
+    assert_eq!(leave["data"]["id"], join["data"]["id"]);
+    assert_eq!(leave["id"], first.as_str());
+    let second = app.publish("room.b", "second").await;
+    let message = page.next_report().await;
+    assert_eq!(
+        (message["id"].as_str(), message["data"].as_str()),
+        (Some(second.as_str()), Some("second"))
     );
 }
