@@ -78,6 +78,8 @@ pub struct Metrics {
     pub active_topics: Gauge,
     /// Distinct Mercure subscriptions routed on this node (set when scraped).
     pub mercure_subscriptions: Gauge,
+    /// This node's entries in the presence registry (set when scraped).
+    pub presence_entries: Gauge,
     /// Connections open now; the server's connection limit is checked against it.
     pub open_connections: Gauge,
     /// Connections refused for `limits.max_connections`.
@@ -125,6 +127,7 @@ impl Metrics {
             open_streams: Gauge::default(),
             active_topics: Gauge::default(),
             mercure_subscriptions: Gauge::default(),
+            presence_entries: Gauge::default(),
             open_connections: Gauge::default(),
             rejected_connections: Counter::default(),
             publishes: Family::default(),
@@ -159,6 +162,11 @@ impl Metrics {
             "mercure_subscriptions",
             "Distinct Mercure subscriptions (selectors and token) routed on this node",
             m.mercure_subscriptions.clone(),
+        );
+        r.register(
+            "presence_entries",
+            "Open streams of this node in the presence registry",
+            m.presence_entries.clone(),
         );
         r.register(
             "open_connections",

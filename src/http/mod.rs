@@ -96,6 +96,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     m.active_topics.set(state.hub.active_topics() as i64);
     m.mercure_subscriptions
         .set(state.mercure.subscriptions() as i64);
+    if let Some(presence) = &state.presence {
+        m.presence_entries.set(presence.open_entries() as i64);
+    }
     for (connection, up) in state.hub.store().connections() {
         m.redis_connected
             .get_or_create(&ConnectionLabel { connection })

@@ -222,13 +222,6 @@ impl Drop for Present {
     }
 }
 
-impl Present {
-    /// The entry's id.
-    pub fn id(&self) -> String {
-        format!("{}.{}", self.shared.node, self.number)
-    }
-}
-
 impl Presence {
     /// Starts the node's flusher and heartbeat.
     pub fn start(

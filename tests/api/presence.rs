@@ -7,10 +7,13 @@ use eventsource_stream::Event;
 use serde_json::{json, Value};
 
 use crate::browser::{Chromium, Page};
-use crate::helpers::{on_both, settings, spawn_app, Nodes, RedisServer, Sse, TestApp, PATIENCE};
+use crate::helpers::{
+    on_both, settings, spawn_app, Nodes, RedisCluster, RedisServer, Sse, TestApp, PATIENCE,
+};
 use crate::mercure::{
     self, observer, query, stream, subscription_events, subscriptions_api, SUBSCRIPTIONS,
 };
+use crate::ops::sample;
 use crate::process::Binary;
 use crate::security::{hs, SECRET};
 
@@ -143,6 +146,11 @@ async fn presence_lists_every_nodes_subscribers(nodes: Nodes) {
         assert!(age < PATIENCE, "connected moments ago");
     }
     assert_eq!(until_subs(&b, "doc.2", &["ada"]).await.len(), 1);
+    for (app, open) in [(&a, 1.0), (&b, 2.0)] {
+        let text = app.http.get(app.url("/metrics")).send().await.unwrap();
+        let text = text.text().await.unwrap();
+        assert_eq!(sample(&text, "ssegate_presence_entries"), open, "{text}");
+    }
     for app in [&a, &b] {
         let (status, count) = presence(app, "doc.1", "?count=1", Some(&admin(&["doc.*"]))).await;
         assert_eq!(status, 200);
@@ -284,13 +292,24 @@ async fn presence_needs_an_admin_token() {
     assert_eq!(status, 404, "presence off");
 }
 
-/// A node that stops cleanly takes its entries with it at once (with leave events); one that is
-/// SIGKILLed has them removed by another node within `node_ttl` plus a heartbeat interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_or_killed_nodes_entries_go_with_leave_events() {
     let redis = RedisServer::start().await;
+    stopped_or_killed(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_or_killed_nodes_entries_go_with_leave_events_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0).await;
+    stopped_or_killed(&cluster.url()).await;
+}
+
+/// A node that stops cleanly takes its entries with it at once (with leave events); one that is
+/// SIGKILLed has them removed by another node within `node_ttl` plus a heartbeat interval.
+async fn stopped_or_killed(url: &str) {
     let ttl = Duration::from_secs(1);
-    let mut s = settings(Some(&redis));
+    let mut s = settings(None);
+    s.redis_url = Some(url.to_owned());
     s.auth.jwt_key = Some(SECRET.into());
     s.presence.events = vec!["room.*".into()];
     s.presence.node_ttl = ttl;
@@ -308,8 +327,8 @@ async fn a_stopped_or_killed_nodes_entries_go_with_leave_events() {
     polite.shutdown.trigger();
     presence_event(&mut watcher, "ssegate.leave", "dana").await;
 
-    let mut crashing = Binary::start(
-        &redis,
+    let mut crashing = Binary::start_on(
+        url,
         &[
             ("SSEGATE_AUTH__JWT_KEY", SECRET),
             ("SSEGATE_PRESENCE__EVENTS", "room.*"),

@@ -50,18 +50,18 @@ pub struct Binary {
 impl Binary {
     /// Starts it with `env` and waits for its "listening" line.
     pub fn start(redis: &RedisServer, env: &[(&str, &str)]) -> Binary {
+        Binary::start_on(&redis.url(), env)
+    }
+
+    /// Starts it on the Redis (or Redis Cluster) at `url`.
+    pub fn start_on(url: &str, env: &[(&str, &str)]) -> Binary {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let mut child = ssegate()
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--redis-url",
-                &redis.url(),
-            ])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--redis-url", url])
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
