@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Change, Heartbeat, Registry};
+use super::{node_of, Change, Heartbeat, Registry};
 use crate::store::StoreError;
 
 /// Entries in memory.
@@ -129,11 +129,17 @@ impl Registry for MemoryRegistry {
     }
 
     async fn entries(&self, topic: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .lock()
+        let state = self.lock();
+        Ok(state
             .topics
             .get(topic)
-            .map(|entries| entries.values().cloned().collect())
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|(id, _)| state.nodes.contains_key(node_of(id)))
+                    .map(|(_, entry)| entry.clone())
+                    .collect()
+            })
             .unwrap_or_default())
     }
 

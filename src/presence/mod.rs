@@ -98,11 +98,18 @@ pub trait Registry: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Option<Vec<(String, Vec<String>)>>, StoreError>;
 
-    /// Every entry under `topic`, on every node, as JSON text.
+    /// Every entry under `topic` of the nodes the registry lists, as JSON text, in id order.
+    /// Entries of a node it does not list are left out: a node that died while the registry
+    /// lost its list (a failover that lost the key) can never be reaped, and must not show.
     async fn entries(&self, topic: &str) -> Result<Vec<String>, StoreError>;
 
     /// Forgets `node` (it stopped, and removed its entries first).
     async fn forget(&self, node: &str) -> Result<(), StoreError>;
+}
+
+/// The node of an entry id (`<node>.<n>`).
+pub fn node_of(id: &str) -> &str {
+    id.split_once('.').map_or(id, |(node, _)| node)
 }
 
 /// An entry's JSON, as the presence API shows it and join and leave events carry it.

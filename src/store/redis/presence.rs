@@ -21,7 +21,7 @@ use super::keys::{Keys, PRESENCE};
 use super::reply::{as_array, as_bytes};
 use super::scripts::Call;
 use super::Runner;
-use crate::presence::{Change, Heartbeat, Registry};
+use crate::presence::{node_of, Change, Heartbeat, Registry};
 use crate::store::StoreError;
 
 /// The registry, sharing the store's connection.
@@ -234,13 +234,21 @@ impl Registry for RedisRegistry {
 
     async fn entries(&self, topic: &str) -> Result<Vec<String>, StoreError> {
         let key = self.topic_key(topic);
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(&key);
-        let reply = self.run(vec![(key, cmd)]).await?;
+        let mut hash = redis::cmd("HGETALL");
+        hash.arg(&key);
+        let nodes_key = self.nodes_key();
+        let mut nodes = redis::cmd("ZRANGE");
+        nodes.arg(&nodes_key).arg(0).arg(-1);
+        let reply = self.run(vec![(key, hash), (nodes_key, nodes)]).await?;
         let mut pairs = match reply.first() {
             Some(hash) => pairs(hash)?,
             None => Vec::new(),
         };
+        let listed: std::collections::HashSet<String> = match reply.get(1) {
+            Some(nodes) => texts(nodes)?.into_iter().collect(),
+            None => Default::default(),
+        };
+        pairs.retain(|(id, _)| listed.contains(node_of(id)));
         pairs.sort();
         Ok(pairs.into_iter().map(|(_, entry)| entry).collect())
     }
