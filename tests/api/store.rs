@@ -682,6 +682,18 @@ fn change(topic: &str, id: &str, entry: Option<&str>) -> Change {
     }
 }
 
+/// Files `node`'s entries (topic, id, JSON), indexing their topics under the node.
+async fn file(r: &Arc<dyn Registry>, node: &str, entries: &[(&str, &str, &str)]) {
+    let changes: Vec<Change> = entries
+        .iter()
+        .map(|(topic, id, json)| change(topic, id, Some(json)))
+        .collect();
+    let mut topics: Vec<String> = entries.iter().map(|(t, _, _)| (*t).to_owned()).collect();
+    topics.sort();
+    topics.dedup();
+    r.write(node, &changes, &topics, &[]).await.unwrap();
+}
+
 /// Entries are filed under their topics, listed from any node in id order, and removed.
 async fn presence_entries_are_filed_listed_and_removed(s: Subject) {
     let r = &s.registry;
@@ -689,26 +701,18 @@ async fn presence_entries_are_filed_listed_and_removed(s: Subject) {
     for node in ["n1", "n2"] {
         r.heartbeat(node, Duration::from_secs(60)).await.unwrap();
     }
-    r.write(
+    let a = "{\"a\":1}";
+    file(
+        r,
         "n1",
         &[
-            change("room", "n1.2", Some("{\"b\":1}")),
-            change("room", "n1.1", Some("{\"a\":1}")),
-            change("hall", "n1.1", Some("{\"a\":1}")),
+            ("room", "n1.2", "{\"b\":1}"),
+            ("room", "n1.1", a),
+            ("hall", "n1.1", a),
         ],
-        &["hall".into(), "room".into()],
-        &[],
     )
-    .await
-    .unwrap();
-    r.write(
-        "n2",
-        &[change("room", "n2.1", Some("{\"c\":1}"))],
-        &["room".into()],
-        &[],
-    )
-    .await
-    .unwrap();
+    .await;
+    file(r, "n2", &[("room", "n2.1", "{\"c\":1}")]).await;
     assert_eq!(
         r.entries("room").await.unwrap(),
         ["{\"a\":1}", "{\"b\":1}", "{\"c\":1}"]
@@ -754,25 +758,14 @@ async fn a_dead_nodes_entries_are_reaped_once(s: Subject) {
     r.heartbeat("dying", Duration::from_millis(50))
         .await
         .unwrap();
-    r.write(
+    let x = "{\"x\":1}";
+    file(
+        r,
         "dying",
-        &[
-            change("room", "dying.1", Some("{\"x\":1}")),
-            change("hall", "dying.1", Some("{\"x\":1}")),
-        ],
-        &["hall".into(), "room".into()],
-        &[],
+        &[("room", "dying.1", x), ("hall", "dying.1", x)],
     )
-    .await
-    .unwrap();
-    r.write(
-        "alive",
-        &[change("room", "alive.1", Some("{\"y\":1}"))],
-        &["room".into()],
-        &[],
-    )
-    .await
-    .unwrap();
+    .await;
+    file(r, "alive", &[("room", "alive.1", "{\"y\":1}")]).await;
     // Not a sleep for its own sake: the registry's clock must pass the dying node's time.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let expired = loop {
