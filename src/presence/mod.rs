@@ -380,9 +380,37 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, change: Change, announce: bool) {
-        self.changes.push(change);
-        self.announce.push(announce);
+    /// Files an open entry under each of its topics (`announce`: with join events).
+    fn file(&mut self, id: String, local: &Local, announce: bool) {
+        for topic in local.topics.iter() {
+            let entry = Some(local.entry.clone());
+            let change = Change {
+                topic: topic.clone(),
+                id: id.clone(),
+                entry,
+            };
+            self.changes.push(change);
+            self.announce.push(announce);
+            self.added.push(topic.clone());
+        }
+    }
+
+    /// Removes an entry from each of its topics, with leave events; a topic where `last` says
+    /// the node has no entry left leaves the node's index.
+    fn unfile(&mut self, id: String, local: &Local, last: impl Fn(&str) -> bool) {
+        for topic in local.topics.iter() {
+            let change = Change {
+                topic: topic.clone(),
+                id: id.clone(),
+                entry: None,
+            };
+            self.changes.push(change);
+            self.announce.push(true);
+            if last(topic) {
+                self.dropped.push(topic.clone());
+            }
+        }
+        self.removed.insert(id, local.entry.clone());
     }
 }
 
@@ -411,72 +439,22 @@ impl Shared {
                 Pending::Open if leaving => {}
                 Pending::Open => {
                     if let Some(local) = state.open.get(&number) {
-                        for topic in local.topics.iter() {
-                            let entry = Some(local.entry.clone());
-                            let id = self.id(number);
-                            batch.push(
-                                Change {
-                                    topic: topic.clone(),
-                                    id,
-                                    entry,
-                                },
-                                true,
-                            );
-                            batch.added.push(topic.clone());
-                        }
+                        batch.file(self.id(number), local, true);
                     }
                 }
                 Pending::Closed(local) => {
-                    for topic in local.topics.iter() {
-                        let id = self.id(number);
-                        batch.push(
-                            Change {
-                                topic: topic.clone(),
-                                id,
-                                entry: None,
-                            },
-                            true,
-                        );
-                        if leaving || !state.per_topic.contains_key(topic) {
-                            batch.dropped.push(topic.clone());
-                        }
-                    }
-                    batch.removed.insert(self.id(number), local.entry.clone());
+                    let last = |topic: &str| leaving || !state.per_topic.contains_key(topic);
+                    batch.unfile(self.id(number), local, last);
                 }
             }
         }
         if rewrite || leaving {
             for (&number, local) in &state.open {
-                if !leaving && matches!(taken.get(&number), Some(Pending::Open)) {
-                    continue; // written above, as new
-                }
-                for topic in local.topics.iter() {
-                    let id = self.id(number);
-                    if leaving {
-                        batch.push(
-                            Change {
-                                topic: topic.clone(),
-                                id,
-                                entry: None,
-                            },
-                            true,
-                        );
-                        batch.dropped.push(topic.clone());
-                    } else {
-                        let entry = Some(local.entry.clone());
-                        batch.push(
-                            Change {
-                                topic: topic.clone(),
-                                id,
-                                entry,
-                            },
-                            false,
-                        );
-                        batch.added.push(topic.clone());
-                    }
-                }
                 if leaving {
-                    batch.removed.insert(self.id(number), local.entry.clone());
+                    batch.unfile(self.id(number), local, |_| true);
+                } else if !matches!(taken.get(&number), Some(Pending::Open)) {
+                    // Written again, not announced again (the new ones were filed above).
+                    batch.file(self.id(number), local, false);
                 }
             }
         }
