@@ -528,7 +528,9 @@ async fn flush(shared: Arc<Shared>, shutdown: Shutdown) {
     } else if let Err(e) = shared.registry.forget(&shared.node).await {
         debug!(error = %e, "presence: cannot remove the node; other nodes will");
     }
-    let _ = shared.gone.send(true);
+    // `send_replace`: `send` keeps the old value when nobody subscribed yet, and a node whose
+    // farewell ended before `gone` was awaited would wait out its shutdown timeout.
+    shared.gone.send_replace(true);
 }
 
 /// Writes a batch, then sends its join and leave events.
@@ -848,7 +850,11 @@ mod tests {
         settle().await;
         notices(&mut bed.signals);
         bed.shutdown.trigger();
-        bed.presence.gone().await;
+        // The node is done before anyone waits for it: waiting then still ends.
+        settle().await;
+        tokio::time::timeout(Duration::from_secs(1), bed.presence.gone())
+            .await
+            .expect("gone, however late it is awaited");
         assert!(bed.presence.entries("room").await.unwrap().is_empty());
         assert!(bed.presence.entries("hall").await.unwrap().is_empty());
         assert_eq!(
