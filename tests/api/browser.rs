@@ -112,10 +112,18 @@ source.onerror = () => {{
 pub struct Chromium {
     child: Child,
     _profile: tempfile::TempDir,
+    /// One browser at a time: several starting together on a busy 2-core machine once left a
+    /// page without its first report for 30 s.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Whose turn it is to run a browser.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Chromium {
     pub fn open(url: &str) -> Chromium {
+        // A test that failed with its browser open leaves the lock poisoned, not unusable.
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let profile = tempfile::tempdir().unwrap();
         let binary = ["chromium", "chromium-browser"]
             .into_iter()
@@ -148,6 +156,7 @@ impl Chromium {
         Chromium {
             child,
             _profile: profile,
+            _turn: turn,
         }
     }
 }
