@@ -105,15 +105,13 @@ pub async fn subscribe(
                 .iter()
                 .map(|s| s.as_str().to_owned())
                 .collect();
-            let holder = Holder {
-                sub: match &access {
-                    Access::Token(v) => v.sub.clone(),
-                    _ => None,
+            // As a `/v1` entry, with `mercure.payload` for its info.
+            let holder = match &access {
+                Access::Token(v) => Holder {
+                    sub: v.sub.clone(),
+                    info: v.mercure.as_ref().and_then(|m| m.payload.clone()),
                 },
-                info: match &access {
-                    Access::Token(v) => v.mercure.as_ref().and_then(|m| m.payload.clone()),
-                    _ => None,
-                },
+                _ => Holder::default(),
             };
             Some(presence.join(vec![registry_topic()], &holder, Some(&selectors)))
         }

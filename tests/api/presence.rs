@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use eventsource_stream::Event;
 use serde_json::{json, Value};
 
 use crate::browser::{Chromium, Page};
@@ -94,17 +93,11 @@ async fn until_subs(app: &TestApp, topic: &str, expected: &[&str]) -> Vec<Value>
     last
 }
 
-/// The next event that is not a heartbeat-free notice of another kind: skips nothing, returns
-/// the next event whatever it is.
-async fn next(stream: &mut Sse) -> Event {
-    stream.expect().await
-}
-
 /// Reads until a join or leave of `sub` (events of other subs' presence are skipped; any other
 /// event is a failure).
 async fn presence_event(stream: &mut Sse, kind: &str, sub: &str) -> Value {
     loop {
-        let e = next(stream).await;
+        let e = stream.expect().await;
         assert!(
             e.event == "ssegate.join" || e.event == "ssegate.leave",
             "only presence events expected, got {e:?}"
@@ -179,7 +172,7 @@ async fn join_and_leave_reach_subscribers_on_both_nodes(nodes: Nodes) {
 
     let before = publish(&a, "room.1", "before").await;
     for stream in [&mut on_a, &mut on_b] {
-        let e = next(stream).await;
+        let e = stream.expect().await;
         assert_eq!(
             (e.id.as_str(), e.data.as_str()),
             (before.as_str(), "before")
@@ -198,17 +191,17 @@ async fn join_and_leave_reach_subscribers_on_both_nodes(nodes: Nodes) {
     }
     let after = publish(&a, "room.1", "after").await;
     for stream in [&mut on_a, &mut on_b] {
-        let e = next(stream).await;
+        let e = stream.expect().await;
         assert_eq!((e.id.as_str(), e.data.as_str()), (after.as_str(), "after"));
     }
     // Presence events are not history: resuming after `before` gives `after` alone.
     let mut resumed = subscribe_after(&b, "room.1", &before).await;
-    let e = next(&mut resumed).await;
+    let e = resumed.expect().await;
     assert_eq!((e.id.as_str(), e.data.as_str()), (after.as_str(), "after"));
     // quiet.1 is outside presence.events: its subscriber got carol's join and leave, if any,
     // before this event; it must get this event first.
     let marker = publish(&a, "quiet.1", "marker").await;
-    let e = next(&mut quiet).await;
+    let e = quiet.expect().await;
     assert_eq!(
         (e.event.as_str(), e.id.as_str()),
         ("message", marker.as_str())
