@@ -36,18 +36,18 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
-    /// The store cannot be reached. For a batch, `persisted` holds the ids of the leading
-    /// events that were stored before the failure; the others were not acknowledged.
+    /// The store cannot be reached. For a batch, `stored` holds per event its id if it was
+    /// stored, `None` if it was not acknowledged.
     #[error("{message}")]
     Unavailable {
         message: String,
-        persisted: Option<Vec<StreamId>>,
+        stored: Option<Vec<Option<StreamId>>>,
     },
-    /// The store failed in a way retrying will not fix. `persisted` as for `Unavailable`.
+    /// The store failed in a way retrying will not fix. `stored` as for `Unavailable`.
     #[error("the event store failed: {message}")]
     Internal {
         message: String,
-        persisted: Option<Vec<StreamId>>,
+        stored: Option<Vec<Option<StreamId>>>,
     },
 }
 
@@ -73,14 +73,14 @@ impl ApiError {
         }
     }
 
-    /// A store failure after `persisted` leading events of a batch were stored.
-    pub fn from_store(e: StoreError, persisted: Option<Vec<StreamId>>) -> Self {
+    /// A store failure; for a batch, with what was `stored` of it (per event, its id or `None`).
+    pub fn from_store(e: StoreError, stored: Option<Vec<Option<StreamId>>>) -> Self {
         match e {
             StoreError::Unavailable(m) => ApiError::Unavailable {
                 message: format!("the event store is unavailable ({m}); retry later"),
-                persisted,
+                stored,
             },
-            StoreError::Internal(message) => ApiError::Internal { message, persisted },
+            StoreError::Internal(message) => ApiError::Internal { message, stored },
         }
     }
 }
@@ -127,19 +127,28 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
             }
-            ApiError::Unavailable { persisted, .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                persisted,
-            ),
-            ApiError::Internal { message, persisted } => {
+            ApiError::Unavailable { stored, .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", stored)
+            }
+            ApiError::Internal { message, stored } => {
                 tracing::error!(error = %message, "store error");
-                (StatusCode::INTERNAL_SERVER_ERROR, "store_error", persisted)
+                (StatusCode::INTERNAL_SERVER_ERROR, "store_error", stored)
             }
         };
         let mut body = json!({ "error": code, "message": message });
-        if let Some(ids) = extra {
-            body["persisted"] = json!(ids.iter().map(|id| id.to_string()).collect::<Vec<_>>());
+        if let Some(stored) = extra {
+            // `ids`: every event's id, or null where it was not acknowledged. `persisted`: the
+            // leading stored ones, as answered before batches went to the store together.
+            let persisted: Vec<String> = stored
+                .iter()
+                .map_while(|id| id.map(|id| id.to_string()))
+                .collect();
+            let ids: Vec<Option<String>> = stored
+                .iter()
+                .map(|id| id.map(|id| id.to_string()))
+                .collect();
+            body["ids"] = json!(ids);
+            body["persisted"] = json!(persisted);
         }
         let mut response = (status, Json(body)).into_response();
         response.extensions_mut().insert(ErrorCode(code));

@@ -26,6 +26,7 @@ use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic}
 use crate::hub::{Delivery, NoticeDelivery, Output, ReplayPage, Session};
 use crate::metrics::{Metrics, PublishResult, ReasonLabel, ResultLabel};
 use crate::sse;
+use crate::store::{Store, StoreError};
 
 /// Longest accepted idempotency key, in bytes.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
@@ -333,24 +334,44 @@ pub async fn subscribe(
     Ok(response)
 }
 
-/// One event as published in JSON; the topic is borrowed from the body unless escaped.
+/// One event as published in JSON: to one `topic`, or (alone in the body) to each of `topics`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishItem<'a> {
-    #[serde(borrow)]
-    topic: Cow<'a, str>,
+    #[serde(borrow, default)]
+    topic: Option<Name<'a>>,
+    #[serde(borrow, default)]
+    topics: Option<Vec<Name<'a>>>,
     /// A string is sent as is; any other JSON value is sent as its JSON text.
     data: Value,
     event: Option<String>,
     idempotency_key: Option<String>,
 }
 
+/// A topic name as written in the body, borrowed unless escaped (serde borrows a `Cow` only
+/// when it is a field's whole type, hence the wrapper).
+#[derive(Deserialize)]
+struct Name<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// What a publish's body was, which shapes its answer.
+#[derive(Debug, PartialEq)]
+enum Shape {
+    /// One event: `{"id"}`.
+    One,
+    /// An array: `{"ids"}`, one per event, in order.
+    Batch,
+    /// One event to many topics: `{"ids"}`, one per listed topic, in the order listed; entry
+    /// `i` is the event stored for the `i`-th listed topic (a repeated topic is stored once).
+    Topics(Vec<usize>),
+}
+
 /// Stores events and answers `201` once the store has them.
 ///
-/// A batch (JSON array) is validated whole before anything is stored; then consecutive events of
-/// one topic are stored atomically together, in order. If the store fails part-way, the answer is
-/// `503` with `persisted`: the ids of the leading events that were stored. The events after them
-/// were not acknowledged and should be sent again (with idempotency keys, that is always safe).
+/// A batch (a JSON array, or one event to many topics) is validated whole before anything is
+/// stored; then each topic's events are stored atomically together, in order, and the topics
+/// go to the store together. If the store fails for some topics, the answer is `503` or `500`
+/// with `ids`: per event its id when it was stored, `null` when it was not acknowledged (send
+/// those again; with idempotency keys that is always safe).
 pub async fn publish(
     State(state): State<Arc<AppState>>,
     mut request: Request,
@@ -432,13 +453,13 @@ async fn store_events(
         ),
         None => None,
     };
-    let (events, batch) = if let Some(topic) = &query.topic {
+    let (events, shape) = if let Some(topic) = &query.topic {
         let data = String::from_utf8(Vec::from(body)).map_err(|_| {
             ApiError::bad_request("invalid_data", "the event body must be UTF-8 text")
         })?;
         let event = query.event.map(Cow::into_owned);
         let item = limits.check(topic, data, event, header_key, None)?;
-        (vec![item], false)
+        (vec![item], Shape::One)
     } else {
         parse_json_body(&body, &limits, header_key.as_deref())?
     };
@@ -448,20 +469,76 @@ async fn store_events(
         .may_publish(access, events.iter().map(|(topic, _)| topic))
         .map_err(|e| refused(state, e))?;
 
-    let mut ids: Vec<StreamId> = Vec::with_capacity(events.len());
-    for (topic, run) in runs_by_topic(events) {
-        match state.hub.store().append(&topic, run).await {
-            Ok(stored) => ids.extend(stored),
-            Err(e) => return Err(ApiError::from_store(e, batch.then_some(ids))),
+    let outcome = store_by_topic(state.hub.store().as_ref(), events).await;
+    let ids = match (outcome, &shape) {
+        (Ok(ids), _) => ids,
+        (Err((e, _)), Shape::One) => return Err(ApiError::from_store(e, None)),
+        (Err((e, stored)), Shape::Batch) => return Err(ApiError::from_store(e, Some(stored))),
+        (Err((e, stored)), Shape::Topics(listed)) => {
+            let stored = listed.iter().map(|&i| stored[i]).collect();
+            return Err(ApiError::from_store(e, Some(stored)));
         }
-    }
-    let body = if batch {
-        Published::Batch { ids: &ids }
-    } else {
-        Published::One { id: ids.first() }
     };
     let stored = ids.len();
+    let body = match &shape {
+        Shape::One => Published::One { id: ids.first() },
+        Shape::Batch => Published::Batch { ids: &ids },
+        Shape::Topics(listed) => {
+            let ids: Vec<StreamId> = listed.iter().map(|&i| ids[i]).collect();
+            return Ok((
+                (StatusCode::CREATED, Json(Published::Batch { ids: &ids })).into_response(),
+                stored,
+            ));
+        }
+    };
     Ok(((StatusCode::CREATED, Json(body)).into_response(), stored))
+}
+
+/// What a failed store leaves: the first failure, and per event its id if it was stored.
+type PartlyStored = (StoreError, Vec<Option<StreamId>>);
+
+/// Stores events, each topic's as one run (atomically, in order), the runs together: one id per
+/// event in the events' order, or the first failure (in event order) with what was stored.
+async fn store_by_topic(
+    store: &dyn Store,
+    mut events: Vec<(Topic, NewEvent)>,
+) -> Result<Vec<StreamId>, PartlyStored> {
+    if events.len() == 1 {
+        // The usual publish: no grouping to do.
+        let (topic, event) = events
+            .pop()
+            .ok_or_else(|| (StoreError::Internal("no event".into()), Vec::new()))?;
+        return store
+            .append(&topic, vec![event])
+            .await
+            .map_err(|e| (e, vec![None]));
+    }
+    let (runs, places) = runs_by_topic(events);
+    let outcomes = store.append_runs(runs).await;
+    let mut ids = Vec::with_capacity(places.len());
+    let mut first_error = None;
+    for (run, at) in places {
+        match &outcomes[run] {
+            Ok(run_ids) => ids.push(run_ids.get(at).copied()),
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.clone());
+                ids.push(None);
+            }
+        }
+    }
+    match first_error {
+        None => ids
+            .iter()
+            .copied()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                (
+                    StoreError::Internal("the store answered too few ids".into()),
+                    ids,
+                )
+            }),
+        Some(e) => Err((e, ids)),
+    }
 }
 
 /// The answer to a publish: `{"id": …}` for one event, `{"ids": […]}` for an array.
@@ -501,29 +578,41 @@ pub(super) fn refused(state: &AppState, e: AuthError) -> ApiError {
     ApiError::Auth(e)
 }
 
-/// Groups consecutive events of the same topic, in order, moving them (no payload copies): each
-/// run is stored atomically in one store call.
-fn runs_by_topic(events: Vec<(Topic, NewEvent)>) -> Vec<(Topic, Vec<NewEvent>)> {
-    let mut runs: Vec<(Topic, Vec<NewEvent>)> = Vec::new();
+/// A topic's events, stored as one run.
+type Run = (Topic, Vec<NewEvent>);
+
+/// Groups events by topic, each topic's in order, moving them (no payload copies): each run is
+/// stored atomically in one store call. Per event, in order, where it went: its run and its
+/// place in the run.
+fn runs_by_topic(events: Vec<(Topic, NewEvent)>) -> (Vec<Run>, Vec<(usize, usize)>) {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut run_of: HashMap<Topic, usize> = HashMap::new();
+    let mut places = Vec::with_capacity(events.len());
     for (topic, event) in events {
-        match runs.last_mut() {
-            Some((t, run)) if *t == topic => run.push(event),
-            _ => runs.push((topic, vec![event])),
-        }
+        // Consecutive events of one topic (a batch on a hot topic) need no lookup.
+        let run = match runs.last() {
+            Some((last, _)) if *last == topic => runs.len() - 1,
+            _ => *run_of.entry(topic.clone()).or_insert_with(|| {
+                runs.push((topic, Vec::new()));
+                runs.len() - 1
+            }),
+        };
+        places.push((run, runs[run].1.len()));
+        runs[run].1.push(event);
     }
-    runs
+    (runs, places)
 }
 
-/// Parses a JSON object or array into validated events; the bool says whether it was an array.
+/// Parses a JSON object or array into validated events, and what shape the body had.
 ///
-/// An `Idempotency-Key` header gives the key of a single event that has none in its body; in a
-/// batch, event `i` without its own key gets `<header>#<i>`, so a retried batch is deduplicated
-/// event by event.
-fn parse_json_body(
-    body: &[u8],
+/// An `Idempotency-Key` header gives the key of a single event that has none in its body (to
+/// many topics: on each of them); in a batch, event `i` without its own key gets `<header>#<i>`,
+/// so a retried batch is deduplicated event by event.
+fn parse_json_body<'b>(
+    body: &'b [u8],
     limits: &Limits,
     header_key: Option<&str>,
-) -> Result<(Vec<(Topic, NewEvent)>, bool), ApiError> {
+) -> Result<(Vec<(Topic, NewEvent)>, Shape), ApiError> {
     let invalid_json = |e: &dyn std::fmt::Display| {
         ApiError::bad_request(
             "invalid_json",
@@ -534,29 +623,27 @@ fn parse_json_body(
     // then each event into its fields. A `serde_json::Value` tree instead cost a map and two key
     // strings per event, close to half of a batch's CPU time in the gateway.
     let text = std::str::from_utf8(body).map_err(|e| invalid_json(&e))?;
-    let parse_item =
-        |raw: &RawValue, index: Option<usize>| -> Result<(Topic, NewEvent), ApiError> {
-            let item: PublishItem = serde_json::from_str(raw.get()).map_err(|e| {
-                ApiError::bad_request(
-                    "invalid_event",
-                    format!(
-                    "{}expected {{\"topic\", \"data\", \"event\"?, \"idempotency_key\"?}} ({e})",
+    let parse_item = |raw: &'b RawValue,
+                      index: Option<usize>|
+     -> Result<PublishItem<'b>, ApiError> {
+        serde_json::from_str(raw.get()).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_event",
+                format!(
+                    "{}expected {{\"topic\" or \"topics\", \"data\", \"event\"?, \"idempotency_key\"?}} ({e})",
                     at(index)
                 ),
-                )
-            })?;
-            let data = match item.data {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            let key = item.idempotency_key.or_else(|| {
-                header_key.map(|h| match index {
-                    Some(i) => format!("{h}#{i}"),
-                    None => h.to_owned(),
-                })
-            });
-            limits.check(&item.topic, data, item.event, key, index)
-        };
+            )
+        })
+    };
+    let key_of = |item: &mut PublishItem, index: Option<usize>| {
+        item.idempotency_key.take().or_else(|| {
+            header_key.map(|h| match index {
+                Some(i) => format!("{h}#{i}"),
+                None => h.to_owned(),
+            })
+        })
+    };
     if text.trim_start().starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| invalid_json(&e))?;
         if items.is_empty() {
@@ -565,21 +652,25 @@ fn parse_json_body(
                 "the batch has no events",
             ));
         }
-        if items.len() > limits.max_batch_events {
-            return Err(ApiError::too_large(
-                "batch_too_large",
-                format!(
-                    "a batch holds at most {} events (max_batch_events)",
-                    limits.max_batch_events
-                ),
-            ));
-        }
+        limits.check_count(items.len())?;
         let events = items
             .into_iter()
             .enumerate()
-            .map(|(i, raw)| parse_item(raw, Some(i)))
+            .map(|(i, raw)| {
+                let mut item = parse_item(raw, Some(i))?;
+                let key = key_of(&mut item, Some(i));
+                let topic = match (item.topic, item.topics) {
+                    (Some(topic), None) => topic,
+                    (_, Some(_)) => return Err(ApiError::bad_request(
+                        "invalid_event",
+                        format!("{}`topics` is for one event sent alone to many topics; in a batch each event names its `topic`", at(Some(i))),
+                    )),
+                    (None, None) => return Err(missing_topic(Some(i))),
+                };
+                limits.check(&topic.0, data_text(item.data), item.event, key, Some(i))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        return Ok((events, true));
+        return Ok((events, Shape::Batch));
     }
     let raw: &RawValue = serde_json::from_str(text).map_err(|e| invalid_json(&e))?;
     if !raw.get().starts_with('{') {
@@ -588,7 +679,75 @@ fn parse_json_body(
             "the body must be a JSON object or an array of objects",
         ));
     }
-    Ok((vec![parse_item(raw, None)?], false))
+    let mut item = parse_item(raw, None)?;
+    let key = key_of(&mut item, None);
+    match (item.topic, item.topics) {
+        (Some(topic), None) => {
+            let event = limits.check(&topic.0, data_text(item.data), item.event, key, None)?;
+            Ok((vec![event], Shape::One))
+        }
+        (None, Some(listed)) => {
+            let (topics, listed) = distinct_topics(&listed, limits)?;
+            let first = topics
+                .first()
+                .ok_or_else(|| ApiError::bad_request("missing_topic", "`topics` lists no topic"))?;
+            let (_, event) =
+                limits.check(first.as_str(), data_text(item.data), item.event, key, None)?;
+            let events = topics
+                .into_iter()
+                .map(|topic| (topic, event.clone()))
+                .collect();
+            Ok((events, Shape::Topics(listed)))
+        }
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "invalid_event",
+            "give either `topic` or `topics`, not both",
+        )),
+        (None, None) => Err(missing_topic(None)),
+    }
+}
+
+/// The distinct topics of a `topics` list in the order they first appear, and for each listed
+/// one its place among them. Repeats count once towards `max_batch_events`.
+fn distinct_topics(listed: &[Name], limits: &Limits) -> Result<(Vec<Topic>, Vec<usize>), ApiError> {
+    let mut topics: Vec<Topic> = Vec::new();
+    let mut place_of: HashMap<&str, usize> = HashMap::with_capacity(listed.len());
+    let mut places = Vec::with_capacity(listed.len());
+    for (i, name) in listed.iter().enumerate() {
+        let name = name.0.as_ref();
+        let place = match place_of.get(name) {
+            Some(&place) => place,
+            None => {
+                let topic = Topic::parse(name).map_err(|e| {
+                    ApiError::bad_request("invalid_topic", format!("topics[{i}]: {e}"))
+                })?;
+                topics.push(topic);
+                limits.check_count(topics.len())?;
+                place_of.insert(name, topics.len() - 1);
+                topics.len() - 1
+            }
+        };
+        places.push(place);
+    }
+    Ok((topics, places))
+}
+
+fn missing_topic(index: Option<usize>) -> ApiError {
+    ApiError::bad_request(
+        "missing_topic",
+        format!(
+            "{}name the event's `topic` (or, for one event to many topics, `topics`)",
+            at(index)
+        ),
+    )
+}
+
+/// An event's data as sent: a JSON string as is, any other value as its JSON text.
+fn data_text(data: Value) -> String {
+    match data {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
 }
 
 fn at(index: Option<usize>) -> String {
@@ -601,6 +760,20 @@ struct Limits {
 }
 
 impl Limits {
+    /// Refuses a batch of more than `max_batch_events` events (or topics).
+    fn check_count(&self, events: usize) -> Result<(), ApiError> {
+        if events > self.max_batch_events {
+            return Err(ApiError::too_large(
+                "batch_too_large",
+                format!(
+                    "a batch holds at most {} events, or an event {} topics (max_batch_events)",
+                    self.max_batch_events, self.max_batch_events
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Validates one event's fields, naming its place in a batch in the message.
     fn check(
         &self,

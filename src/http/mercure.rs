@@ -397,7 +397,7 @@ async fn store_update(
         (None, None) => {
             return Err(ApiError::Internal {
                 message: "the store returned no id".into(),
-                persisted: None,
+                stored: None,
             })
         }
     };

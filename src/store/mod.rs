@@ -164,6 +164,22 @@ pub trait Store: Send + Sync + 'static {
         events: Vec<NewEvent>,
     ) -> Result<Vec<StreamId>, StoreError>;
 
+    /// Appends several runs, each to its topic as [`append`](Store::append) would, together:
+    /// a store that can send them in fewer round trips does (one script call per group on
+    /// Redis, groups in parallel across a cluster's masters). One outcome per run, in order;
+    /// runs fail independently (on a cluster, one master can fail while the others store).
+    /// Give each topic one run: runs of one topic are not ordered against each other.
+    async fn append_runs(
+        &self,
+        runs: Vec<(Topic, Vec<NewEvent>)>,
+    ) -> Vec<Result<Vec<StreamId>, StoreError>> {
+        let mut outcomes = Vec::with_capacity(runs.len());
+        for (topic, events) in runs {
+            outcomes.push(self.append(&topic, events).await);
+        }
+        outcomes
+    }
+
     /// Reads up to `count` events after `cursor`, with the gap rule applied.
     async fn read(&self, topic: &Topic, cursor: StreamId, count: usize)
         -> Result<Page, StoreError>;

@@ -401,7 +401,7 @@ async fn publishing_without_redis_fails_fast_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_failing_part_way_says_which_events_were_persisted() {
+async fn a_batch_failing_for_one_topic_says_which_events_were_stored() {
     let redis = RedisServer::start().await;
     let app = spawn_app(settings(Some(&redis))).await;
     // Make the second topic's stream key unusable, as a misconfigured Redis would.
@@ -422,13 +422,22 @@ async fn a_batch_failing_part_way_says_which_events_were_persisted() {
         .await;
     assert_eq!(status, 500, "{reply}");
     assert_eq!(reply["error"], "store_error");
-    let persisted: Vec<String> = serde_json::from_value(reply["persisted"].clone()).unwrap();
-    assert_eq!(
-        persisted,
-        redis.stream_ids("fine").await,
-        "exactly the leading events were stored"
+    let ids: Vec<Option<String>> = serde_json::from_value(reply["ids"].clone()).unwrap();
+    assert_eq!(ids.len(), 4, "{reply}");
+    assert!(
+        ids[2].is_none(),
+        "the broken topic's event was not stored: {reply}"
     );
-    assert_eq!(persisted.len(), 2);
+    let stored: Vec<String> = ids.iter().flatten().cloned().collect();
+    assert_eq!(
+        stored,
+        redis.stream_ids("fine").await,
+        "exactly the other topic's events were stored, each with its id"
+    );
+    assert_eq!(stored.len(), 3);
+    // `persisted`: the leading stored events, as before topics were stored together.
+    let persisted: Vec<String> = serde_json::from_value(reply["persisted"].clone()).unwrap();
+    assert_eq!(persisted, stored[..2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

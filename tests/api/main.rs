@@ -10,6 +10,7 @@ mod delivery;
 mod failure;
 mod helpers;
 mod input;
+mod many_topics;
 mod mercure;
 mod mercure_clients;
 mod ops;

@@ -4,7 +4,8 @@
 //! One task, the committer, owns every append. Requests are grouped where one script may touch
 //! all their keys: on one Redis every topic is in one place, so all requests form one group; in
 //! a cluster each hash slot is a group. A request whose group has no call in flight goes out at
-//! once, alone, so an idle gateway adds no latency. Requests arriving while their group's call
+//! once, so an idle gateway adds no latency; the runs of one publish (a batch over many topics)
+//! come as one submission and go out together, one call per group, the groups' calls at once. Requests arriving while their group's call
 //! is in flight wait, in arrival order, and go out together in the group's next call; only when
 //! they add up to a batch's worth of events do they go as a second call beside the first.
 //!
@@ -60,8 +61,11 @@ pub(super) struct AppendRequest {
     /// call.
     pub(super) events: Vec<NewEvent>,
     /// Where the ids, or the error, go.
-    pub(super) reply: oneshot::Sender<Result<Vec<StreamId>, StoreError>>,
+    pub(super) reply: oneshot::Sender<AppendOutcome>,
 }
+
+/// A request's ids, one per event, or why it failed.
+pub(super) type AppendOutcome = Result<Vec<StreamId>, StoreError>;
 
 impl AppendRequest {
     /// About what the request adds to a call's arguments (for the call's size bound): payloads,
@@ -106,7 +110,7 @@ pub(super) fn spawn(
     settings: AppendSettings,
     keys: Keys,
     runner: Runner,
-) -> mpsc::UnboundedSender<AppendRequest> {
+) -> mpsc::UnboundedSender<Vec<AppendRequest>> {
     let (tx, rx) = mpsc::unbounded_channel();
     let call = CallParts {
         script,
@@ -125,8 +129,11 @@ struct CallParts {
     keys: Keys,
 }
 
+/// Takes submissions (the runs of one publish, each a request), files each request with its
+/// group, and sends every group it touched whose turn it is: the groups' calls go out together,
+/// in parallel across a cluster's masters.
 async fn commit(
-    mut requests: mpsc::UnboundedReceiver<AppendRequest>,
+    mut submissions: mpsc::UnboundedReceiver<Vec<AppendRequest>>,
     parts: CallParts,
     runner: Runner,
 ) {
@@ -134,16 +141,23 @@ async fn commit(
     let mut groups: HashMap<Option<Slot>, Group> = HashMap::new();
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
+    // The groups the last submission or finished call touched, in order.
+    let mut touched: Vec<Option<Slot>> = Vec::new();
     while open || !in_flight.is_empty() {
-        let key = tokio::select! {
-            request = requests.recv(), if open => match request {
-                Some(request) => {
-                    let key = request.group;
-                    let group = groups.entry(key).or_default();
-                    group.events += request.events.len();
-                    group.waiting.push_back(request);
-                    runner.appends_waiting(1);
-                    key
+        touched.clear();
+        tokio::select! {
+            submission = submissions.recv(), if open => match submission {
+                Some(requests) => {
+                    runner.appends_waiting(requests.len() as i64);
+                    for request in requests {
+                        let key = request.group;
+                        let group = groups.entry(key).or_default();
+                        group.events += request.events.len();
+                        group.waiting.push_back(request);
+                        if !touched.contains(&key) {
+                            touched.push(key);
+                        }
+                    }
                 }
                 None => {
                     open = false;
@@ -154,19 +168,21 @@ async fn commit(
                 if let Some(group) = groups.get_mut(&key) {
                     group.calls -= 1;
                 }
-                key
+                touched.push(key);
             }
         };
-        let Some(group) = groups.get_mut(&key) else {
-            continue;
-        };
-        if group.may_send() {
-            let batch = group.next_batch();
-            group.calls += 1;
-            runner.appends_waiting(-(batch.len() as i64));
-            in_flight.push(run_call(batch, &parts, &runner));
-        } else if group.calls == 0 {
-            groups.remove(&key);
+        for key in &touched {
+            let Some(group) = groups.get_mut(key) else {
+                continue;
+            };
+            if group.may_send() {
+                let batch = group.next_batch();
+                group.calls += 1;
+                runner.appends_waiting(-(batch.len() as i64));
+                in_flight.push(run_call(batch, &parts, &runner));
+            } else if group.calls == 0 {
+                groups.remove(key);
+            }
         }
     }
 }
@@ -256,7 +272,7 @@ fn build<'a>(
 ) -> (
     Call<'a>,
     Vec<Vec<usize>>,
-    Vec<oneshot::Sender<Result<Vec<StreamId>, StoreError>>>,
+    Vec<oneshot::Sender<AppendOutcome>>,
 ) {
     // Each run's requests (indices into `batch`), in order of their topic's first appearance; a
     // lone request (the usual case on an idle gateway) needs no map.
@@ -413,10 +429,7 @@ fn write_announced_events<'e>(
 /// Splits the script's reply into one outcome per request, in run order. Per run the script
 /// answers `{'ok', "<id>\n<id>…"}` or, when an append failed, `{'err', "<id>…", message}` with the
 /// ids of the events before it: requests wholly among those succeeded, the rest of the run fails.
-fn split_reply(
-    reply: &Value,
-    shapes: &[Vec<usize>],
-) -> Result<Vec<Result<Vec<StreamId>, StoreError>>, StoreError> {
+fn split_reply(reply: &Value, shapes: &[Vec<usize>]) -> Result<Vec<AppendOutcome>, StoreError> {
     let parts = as_array(reply)?;
     if parts.len() != shapes.len() {
         return Err(bad_reply("append answered for a wrong number of runs"));

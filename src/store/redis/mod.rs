@@ -63,7 +63,7 @@ use redis::{PushInfo, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use self::commit::{AppendRequest, AppendSettings};
+use self::commit::{AppendOutcome, AppendRequest, AppendSettings};
 use self::connection::{open_link, ping, query, run_placed, Link, Target};
 use self::keys::{Keys, IDEMPOTENCY, LABEL};
 use self::reply::{as_array, parse_entries, parse_facts, parse_id};
@@ -98,7 +98,7 @@ pub struct RedisStore {
     /// Runs commands with deadlines, replication checks and metrics.
     runner: Runner,
     /// The committer's inbox, started by the first append (after metrics were attached).
-    committer: OnceLock<mpsc::UnboundedSender<AppendRequest>>,
+    committer: OnceLock<mpsc::UnboundedSender<Vec<AppendRequest>>>,
     /// Requests to the task that owns the subscriptions.
     watch_tx: mpsc::UnboundedSender<WatchCommand>,
     /// Whether the subscription connection answered its last health check.
@@ -327,32 +327,30 @@ impl Store for RedisStore {
         topic: &Topic,
         events: Vec<NewEvent>,
     ) -> Result<Vec<StreamId>, StoreError> {
-        let conn = self.link()?.conn;
-        let group = conn
-            .is_cluster()
-            .then(|| Slot::for_key(self.keys.stream(topic.as_str())));
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            group,
-            conn,
-            topic: topic.clone(),
-            events,
-            reply,
+        let (request, answer) = self.append_request(self.link()?.conn, topic.clone(), events);
+        self.commit(vec![request])?;
+        answered(answer).await
+    }
+
+    /// The runs go to the committer as one submission, so that it puts each group's runs in
+    /// one call (as many as a call carries) and sends the groups' calls at once: a batch over
+    /// 100 topics costs one round trip on one Redis, not 100 in a row.
+    async fn append_runs(
+        &self,
+        runs: Vec<(Topic, Vec<NewEvent>)>,
+    ) -> Vec<Result<Vec<StreamId>, StoreError>> {
+        let conn = match self.link() {
+            Ok(link) => link.conn,
+            Err(e) => return runs.iter().map(|_| Err(e.clone())).collect(),
         };
-        let committer = self.committer.get_or_init(|| {
-            commit::spawn(
-                self.scripts.append.clone(),
-                self.append_settings.clone(),
-                self.keys.clone(),
-                self.runner.clone(),
-            )
-        });
-        committer
-            .send(request)
-            .map_err(|_| StoreError::Unavailable("the gateway is shutting down".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the gateway is shutting down".into()))?
+        let (requests, answers): (Vec<_>, Vec<_>) = runs
+            .into_iter()
+            .map(|(topic, events)| self.append_request(conn.clone(), topic, events))
+            .unzip();
+        if let Err(e) = self.commit(requests) {
+            return answers.iter().map(|_| Err(e.clone())).collect();
+        }
+        futures_util::future::join_all(answers.into_iter().map(answered)).await
     }
 
     async fn read(
@@ -537,6 +535,53 @@ impl Store for RedisStore {
         }
         Ok(())
     }
+}
+
+impl RedisStore {
+    /// A run's request for the committer, grouped by the slot its keys are in (in a cluster),
+    /// and where its answer comes.
+    fn append_request(
+        &self,
+        conn: connection::Commands,
+        topic: Topic,
+        events: Vec<NewEvent>,
+    ) -> (AppendRequest, oneshot::Receiver<AppendOutcome>) {
+        let group = conn
+            .is_cluster()
+            .then(|| Slot::for_key(self.keys.stream(topic.as_str())));
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            group,
+            conn,
+            topic,
+            events,
+            reply,
+        };
+        (request, answer)
+    }
+
+    /// Hands requests to the committer (started by the first append, after metrics were
+    /// attached) as one submission.
+    fn commit(&self, requests: Vec<AppendRequest>) -> Result<(), StoreError> {
+        let committer = self.committer.get_or_init(|| {
+            commit::spawn(
+                self.scripts.append.clone(),
+                self.append_settings.clone(),
+                self.keys.clone(),
+                self.runner.clone(),
+            )
+        });
+        committer
+            .send(requests)
+            .map_err(|_| StoreError::Unavailable("the gateway is shutting down".into()))
+    }
+}
+
+/// A request's answer from the committer.
+async fn answered(answer: oneshot::Receiver<AppendOutcome>) -> AppendOutcome {
+    answer
+        .await
+        .map_err(|_| StoreError::Unavailable("the gateway is shutting down".into()))?
 }
 
 impl Runner {
