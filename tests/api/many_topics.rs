@@ -5,6 +5,7 @@
 //! only the rest.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -267,6 +268,150 @@ async fn a_batch_on_a_cluster_is_one_call_per_slot() {
         "one call per slot ({} slots for {USERS} topics)",
         slots.len()
     );
+}
+
+/// Settings for a gateway on a cluster, noticing trouble quickly.
+fn on_cluster(cluster: &RedisCluster) -> ssegate::config::Settings {
+    let mut s = settings(None);
+    s.redis_url = Some(cluster.seeds());
+    s.redis.connect_timeout = Duration::from_millis(500);
+    s.redis.response_timeout = Duration::from_secs(1);
+    s.redis.ping_interval = Duration::from_millis(200);
+    s.presence.enabled = false;
+    s
+}
+
+/// A master is stopped while a batch's calls are in flight, then killed: the answer says per
+/// event whether it was stored (exactly what the other masters took), and once the replica took
+/// over, the same batch with the same keys stores only the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_batch_is_answered_per_event_and_a_retry_stores_the_rest() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let app = spawn_app(on_cluster(&cluster)).await;
+    let users = users();
+    let mut master_of = Vec::new();
+    for user in &users {
+        master_of.push(cluster.master_of(&format!("ssegate:{{{user}}}")).await);
+    }
+    let victim = master_of[0];
+    let heir = cluster.replica_of(victim).await;
+    // Two events per topic, each with its own key; then one event to every topic.
+    let batch: Vec<Value> = (0..2)
+        .flat_map(|round| {
+            users.iter().map(move |u| {
+                json!({"topic": u, "data": format!("{u} #{round}"), "idempotency_key": format!("{u}-{round}")})
+            })
+        })
+        .collect();
+    let batch = json!(batch);
+    let many = json!({"topics": users, "data": "to all", "idempotency_key": "all-1"});
+    // Each node's own connection: a cluster connection would wait on the stopped master.
+    let mut conns = HashMap::new();
+    for &m in master_of.iter().collect::<HashSet<_>>() {
+        conns.insert(m, cluster.nodes[m].conn().await);
+    }
+
+    cluster.nodes[victim].pause();
+    let sent: Vec<_> = [batch.clone(), many.clone()]
+        .into_iter()
+        .map(|body| {
+            let (http, url) = (app.http.clone(), app.url("/v1/events"));
+            tokio::spawn(async move {
+                let r = http.post(&url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    // The other masters store their part of both while the victim's calls hang.
+    for (i, user) in users.iter().enumerate() {
+        if master_of[i] == victim {
+            continue;
+        }
+        let conn = conns.get_mut(&master_of[i]).unwrap();
+        crate::helpers::eventually("the other masters to store their events", &mut async || {
+            entries(conn, user).await.len() == 3
+        })
+        .await;
+    }
+    cluster.nodes[victim].kill();
+    let mut replies = Vec::new();
+    for task in sent {
+        replies.push(task.await.unwrap());
+    }
+
+    let mut first_ids: Vec<Vec<Option<String>>> = Vec::new();
+    for ((status, reply), per_topic) in replies.iter().zip([2, 1]) {
+        assert_eq!(*status, 503, "{reply}");
+        assert_eq!(reply["error"], "store_unavailable");
+        let ids: Vec<Option<String>> = serde_json::from_value(reply["ids"].clone()).unwrap();
+        assert_eq!(ids.len(), per_topic * USERS);
+        for (k, id) in ids.iter().enumerate() {
+            let on_victim = master_of[k % USERS] == victim;
+            assert_eq!(
+                id.is_none(),
+                on_victim,
+                "event {k}: stored unless on the victim"
+            );
+        }
+        first_ids.push(ids);
+    }
+
+    cluster.wait_stable().await;
+    assert_eq!(
+        cluster
+            .master_of(&format!("ssegate:{{{}}}", users[0]))
+            .await,
+        heir
+    );
+    // The retries are answered 201 once the gateway follows the new master; until then a retry
+    // may be refused again, which must be just as safe.
+    let mut retried = Vec::new();
+    for body in [&batch, &many] {
+        let deadline = tokio::time::Instant::now() + crate::helpers::PATIENCE;
+        loop {
+            let (status, reply) = post(&app, body, None, None).await;
+            if status == 201 {
+                retried.push(ids_of(&reply));
+                break;
+            }
+            assert_eq!(status, 503, "{reply}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "retry refused: {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for (first, again) in first_ids.iter().zip(&retried) {
+        for (k, id) in first.iter().enumerate() {
+            if let Some(id) = id {
+                assert_eq!(id, &again[k], "event {k}: the retry answers the stored id");
+            }
+        }
+    }
+    // The two requests were sent at once, so on a topic either may come first; the batch's own
+    // events keep their order. (A write to the victim that was answered null may still have
+    // landed, when the cluster client sent it on to the heir: the retry then answers its id.)
+    let mut conn = cluster.conn().await;
+    for (i, user) in users.iter().enumerate() {
+        let stored = entries(&mut conn, user).await;
+        let mut expected = vec![
+            (retried[0][i].clone(), format!("{user} #0")),
+            (retried[0][USERS + i].clone(), format!("{user} #1")),
+            (retried[1][i].clone(), "to all".to_owned()),
+        ];
+        expected.sort_by_key(|(id, _)| {
+            let (ms, seq) = id.split_once('-').unwrap();
+            (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+        });
+        assert_eq!(stored, expected, "{user}: every event once, in id order");
+        let position = |data: &str| stored.iter().position(|(_, d)| d == data);
+        assert!(
+            position(&format!("{user} #0")) < position(&format!("{user} #1")),
+            "{user}: the batch's events in order"
+        );
+    }
 }
 
 #[tokio::test]

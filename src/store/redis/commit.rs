@@ -22,13 +22,13 @@ use std::fmt::Write as _;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::cluster_routing::Slot;
-use redis::{Script, Value};
+use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::connection::Commands;
 use super::keys::{Keys, IDEMPOTENCY, LABEL, LIVE, TOMBSTONE};
 use super::reply::{as_array, as_bytes, bad_reply};
-use super::scripts::Call;
+use super::scripts::{Call, Lua};
 use super::Runner;
 use crate::event::{NewEvent, StreamId, Topic};
 use crate::store::StoreError;
@@ -106,7 +106,7 @@ pub(super) struct AppendSettings {
 
 /// Starts the committer; it ends once every sender is gone and every request answered.
 pub(super) fn spawn(
-    script: Script,
+    script: Lua,
     settings: AppendSettings,
     keys: Keys,
     runner: Runner,
@@ -123,7 +123,7 @@ pub(super) fn spawn(
 
 /// What every call is made of, besides its requests.
 struct CallParts {
-    script: Script,
+    script: Lua,
     settings: AppendSettings,
     /// Key and channel names, written into the call per topic.
     keys: Keys,

@@ -10,18 +10,19 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{
     AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo,
     RedisFuture, Value,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::reply::{as_array, as_bytes, classify_error, unavailable};
 use crate::config::RedisSettings;
+use crate::shutdown::Shutdown;
 use crate::store::StoreError;
 
 /// Oldest Redis with `max-deleted-entry-id` in `XINFO STREAM`, which the gap rule needs.
@@ -221,6 +222,9 @@ pub(super) struct Link {
     pub(super) conn: Commands,
     /// Subscription connection (RESP3); resubscribes by itself after a reconnect.
     pub(super) pubsub: Commands,
+    /// In a cluster, what opened `conn`: a command connection that stops answering while the
+    /// cluster answers is replaced by a fresh one from it (see `replace_wedged_commands`).
+    pub(super) commands_client: Option<ClusterClient>,
 }
 
 /// Where Redis is: the seed URLs from `redis_url`.
@@ -291,9 +295,8 @@ pub(super) async fn open_link(
             }
             b
         };
-        let conn = builder(false)
-            .build()
-            .map_err(unavailable)?
+        let commands_client = builder(false).build().map_err(unavailable)?;
+        let conn = commands_client
             .get_async_connection()
             .await
             .map_err(unavailable)?;
@@ -308,6 +311,7 @@ pub(super) async fn open_link(
         Link {
             conn: Commands::Cluster(conn),
             pubsub: Commands::Cluster(pubsub),
+            commands_client: Some(commands_client),
         }
     } else {
         if target.seeds.len() > 1 {
@@ -331,6 +335,7 @@ pub(super) async fn open_link(
         Link {
             conn: Commands::Single(conn),
             pubsub: Commands::Single(pubsub),
+            commands_client: None,
         }
     };
     let mut conn = link.conn.clone();
@@ -515,6 +520,63 @@ pub(super) async fn enable_keyspace_notifications(conn: &mut Commands) {
             error = %e,
             "cannot set notify-keyspace-events (set it to include Kt); direct XADDs arrive within catchup_interval"
         ),
+    }
+}
+
+/// Failed checks in a row, each while the subscription connection reached every node, after
+/// which the command connection counts as wedged.
+const WEDGED_AFTER: u32 = 2;
+
+/// Replaces a cluster command connection that stopped answering while the cluster answers.
+///
+/// redis-rs's cluster client can wedge for good after a failover: a slot refresh waits for a
+/// lock that a request it no longer polls was granted (seen after a master was killed under a
+/// batch of calls to 100 slots: every later call, to every master, timed out). A failover in
+/// progress makes both connections fail, so only the command connection failing alone counts;
+/// requests then go to a fresh connection, and those on the old one time out.
+pub(super) async fn replace_wedged_commands(
+    link_tx: watch::Sender<Option<Link>>,
+    interval: Duration,
+    timeout: Duration,
+    shutdown: Shutdown,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        let Some(Link {
+            mut conn,
+            mut pubsub,
+            commands_client: Some(client),
+        }) = link_tx.borrow().clone()
+        else {
+            return;
+        };
+        if ping(&mut conn, timeout).await.is_ok() || ping(&mut pubsub, timeout).await.is_err() {
+            failures = 0;
+            continue;
+        }
+        failures += 1;
+        if failures < WEDGED_AFTER {
+            continue;
+        }
+        match tokio::time::timeout(timeout, client.get_async_connection()).await {
+            Ok(Ok(fresh)) => {
+                warn!("the redis command connection stopped answering while the cluster answers; replaced it");
+                link_tx.send_modify(|link| {
+                    if let Some(link) = link {
+                        link.conn = Commands::Cluster(fresh);
+                    }
+                });
+                failures = 0;
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot replace the wedged redis command connection"),
+            Err(_) => warn!("cannot replace the wedged redis command connection: timed out"),
+        }
     }
 }
 

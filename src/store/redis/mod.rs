@@ -64,7 +64,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use self::commit::{AppendOutcome, AppendRequest, AppendSettings};
-use self::connection::{open_link, ping, query, run_placed, Link, Target};
+use self::connection::{open_link, ping, query, replace_wedged_commands, run_placed, Link, Target};
 use self::keys::{Keys, IDEMPOTENCY, LABEL};
 use self::reply::{as_array, parse_entries, parse_facts, parse_id};
 use self::scripts::{Call, Replication, Scripts};
@@ -206,7 +206,7 @@ impl RedisStore {
             link: self.link.clone(),
             keys: self.keys.clone(),
             runner: self.runner.clone(),
-            heartbeat: redis::Script::new(include_str!("heartbeat.lua")),
+            heartbeat: scripts::Lua::new(include_str!("heartbeat.lua")),
         }
     }
 
@@ -705,7 +705,16 @@ async fn establish(
         timeout: tasks.redis.response_timeout,
         healthy: tasks.healthy,
         watch_tx: tasks.watch_tx,
-        shutdown: tasks.shutdown,
+        shutdown: tasks.shutdown.clone(),
     }));
+    let cluster = link.conn.is_cluster();
     let _ = link_tx.send(Some(link));
+    if cluster {
+        tokio::spawn(replace_wedged_commands(
+            link_tx,
+            tasks.redis.ping_interval,
+            tasks.redis.response_timeout,
+            tasks.shutdown,
+        ));
+    }
 }

@@ -13,13 +13,13 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redis::{Script, Value};
+use redis::Value;
 use tokio::sync::watch;
 
 use super::connection::{query, run_placed, Commands, Link};
 use super::keys::{Keys, PRESENCE};
 use super::reply::{as_array, as_bytes};
-use super::scripts::Call;
+use super::scripts::{Call, Lua};
 use super::Runner;
 use crate::presence::{node_of, Change, Heartbeat, Registry};
 use crate::store::StoreError;
@@ -30,7 +30,7 @@ pub struct RedisRegistry {
     pub(super) link: watch::Receiver<Option<Link>>,
     pub(super) keys: Keys,
     pub(super) runner: Runner,
-    pub(super) heartbeat: Script,
+    pub(super) heartbeat: Lua,
 }
 
 impl RedisRegistry {

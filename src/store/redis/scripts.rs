@@ -1,31 +1,51 @@
 //! The Lua scripts and how they are called.
 //!
-//! redis-rs's `ScriptInvocation` sends `EVALSHA` and falls back to loading the script, but cannot
-//! put another command in the same pipeline. An append that must be replicated needs `WAIT`
+//! redis-rs's `ScriptInvocation` sends `EVALSHA` and falls back to loading the script (on a
+//! cluster, on every master), but cannot put another command in the same pipeline. An append that must be replicated needs `WAIT`
 //! right behind its script on the same connection (in a cluster: on the master the script ran
 //! on, which the cluster client picks by the script's first key for the whole pipeline), so the
 //! call is built here.
 
 use std::time::Duration;
 
-use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, ToRedisArgs, Value};
+use redis::{Arg, Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, ToRedisArgs, Value};
 
 use super::connection::Commands;
 
 pub(super) struct Scripts {
-    pub(super) append: Script,
-    pub(super) read: Script,
-    pub(super) read_labels: Script,
-    pub(super) tail: Script,
+    pub(super) append: Lua,
+    pub(super) read: Lua,
+    pub(super) read_labels: Lua,
+    pub(super) tail: Lua,
 }
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
         Scripts {
-            append: Script::new(include_str!("append.lua")),
-            read: Script::new(include_str!("read.lua")),
-            read_labels: Script::new(include_str!("read_labels.lua")),
-            tail: Script::new(include_str!("tail.lua")),
+            append: Lua::new(include_str!("append.lua")),
+            read: Lua::new(include_str!("read.lua")),
+            read_labels: Lua::new(include_str!("read_labels.lua")),
+            tail: Lua::new(include_str!("tail.lua")),
+        }
+    }
+}
+
+/// A script, called by its SHA, and its source for a node that does not know it yet.
+///
+/// Such a node (restarted, or a replica just promoted) is sent the call again as `EVAL` with the
+/// source, which runs it and caches it there. redis-rs would send `SCRIPT LOAD`, which its
+/// cluster client routes to every master: one hung master then held up every slot's first call.
+#[derive(Clone)]
+pub(super) struct Lua {
+    script: Script,
+    source: &'static str,
+}
+
+impl Lua {
+    pub(super) fn new(source: &'static str) -> Lua {
+        Lua {
+            script: Script::new(source),
+            source,
         }
     }
 }
@@ -34,7 +54,7 @@ impl Scripts {
 /// into the command's one buffer: a publish call carries several per event, and a `Vec` per
 /// argument was a good part of the publish path's allocations.
 pub(super) struct Call<'a> {
-    script: &'a Script,
+    script: &'a Lua,
     cmd: Cmd,
     /// Keys still to come: `EVALSHA` gives their count before them, so they are written first.
     keys_due: usize,
@@ -49,19 +69,19 @@ pub(super) struct Replication {
 
 impl<'a> Call<'a> {
     /// A call with `keys` keys, which the first `key` calls give (all in one topic's slot).
-    pub(super) fn new(script: &'a Script, keys: usize) -> Call<'a> {
+    pub(super) fn new(script: &'a Lua, keys: usize) -> Call<'a> {
         Call::with_capacity(script, keys, keys + 8, 256)
     }
 
     /// Likewise, with room for `args` keys and arguments of `bytes` bytes in all.
     pub(super) fn with_capacity(
-        script: &'a Script,
+        script: &'a Lua,
         keys: usize,
         args: usize,
         bytes: usize,
     ) -> Call<'a> {
         let mut cmd = Cmd::with_capacity(args + 3, bytes + 64);
-        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+        cmd.arg("EVALSHA").arg(script.script.get_hash()).arg(keys);
         Call {
             script,
             cmd,
@@ -91,28 +111,45 @@ impl<'a> Call<'a> {
         replication: Option<Replication>,
     ) -> RedisResult<(Value, Option<u32>)> {
         debug_assert_eq!(self.keys_due, 0, "a call sent without all its keys");
-        let mut loaded = false;
-        loop {
-            let result = match replication {
-                None => self.cmd.query_async::<Value>(conn).await.map(|v| (v, None)),
-                Some(r) => {
-                    let mut pipe = redis::pipe();
-                    pipe.add_command(self.cmd.clone())
-                        .cmd("WAIT")
-                        .arg(r.replicas)
-                        .arg(r.timeout.as_millis() as u64);
-                    pipe.query_async::<(Value, u32)>(conn)
-                        .await
-                        .map(|(v, acked)| (v, Some(acked)))
-                }
-            };
-            match result {
-                Err(e) if !loaded && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    self.script.prepare_invoke().load_async(conn).await?;
-                    loaded = true;
-                }
-                other => return other,
+        match send(&self.cmd, conn, replication).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                send(&self.with_source(), conn, replication).await
             }
+            other => other,
+        }
+    }
+
+    /// The call as `EVAL` with the script's source instead of its SHA (calls have no cursor
+    /// arguments).
+    fn with_source(&self) -> Cmd {
+        let mut eval = Cmd::with_capacity(self.cmd.args_iter().len(), self.script.source.len());
+        eval.arg("EVAL").arg(self.script.source);
+        for arg in self.cmd.args_iter().skip(2) {
+            if let Arg::Simple(bytes) = arg {
+                eval.arg(bytes);
+            }
+        }
+        eval
+    }
+}
+
+/// Sends one script command; with `replication`, `WAIT` right behind it on the same connection.
+async fn send(
+    cmd: &Cmd,
+    conn: &mut Commands,
+    replication: Option<Replication>,
+) -> RedisResult<(Value, Option<u32>)> {
+    match replication {
+        None => cmd.query_async::<Value>(conn).await.map(|v| (v, None)),
+        Some(r) => {
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd.clone())
+                .cmd("WAIT")
+                .arg(r.replicas)
+                .arg(r.timeout.as_millis() as u64);
+            pipe.query_async::<(Value, u32)>(conn)
+                .await
+                .map(|(v, acked)| (v, Some(acked)))
         }
     }
 }
