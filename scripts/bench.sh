@@ -152,6 +152,17 @@ pub_n=$(bench $N publish --concurrency 32 --seconds $secs)
 batch_s=$(bench $S publish --concurrency 8 --batch 100 --seconds $secs)
 ceiling=$(redis-benchmark -p "$REDIS_PORT" -q -n $((secs * 200000)) -c 50 -P 32 xadd bench:ceiling '*' data xxxxxxxxxxxxxxxx \
   | tr '\r' '\n' | sed -n 's/.*: \([0-9.]*\) requests per second.*/\1/p' | tail -n 1)
+echo "== publish to many topics" >&2
+# "Tell these 100 users": arrays of 100 events, one for each of 100 topics, and one event to 100
+# topics ({"topics": [...]}, counted in stream entries), both c=8 like the one-topic arrays; the
+# Redis ceiling is pipelined XADD over 100 keys. nchan has no batches (its multiplexed publish
+# takes at most 4 channels): the same events as single publishes over the 100 topics, c=32.
+spread_s=$(bench $S publish --concurrency 8 --batch 100 --topics 100 --shape per-topic --seconds $secs)
+many_s=$(bench $S publish --concurrency 8 --batch 100 --topics 100 --shape to-many --seconds $secs)
+spread32_s=$(bench $S publish --concurrency 32 --batch 100 --topics 100 --shape per-topic --seconds $secs)
+spread_n=$(bench $N publish --concurrency 32 --topics 100 --seconds $secs)
+ceiling100=$(redis-benchmark -p "$REDIS_PORT" -q -n $((secs * 200000)) -r 100 -c 50 -P 32 xadd 'bench:ceiling:__rand_int__' '*' data xxxxxxxxxxxxxxxx \
+  | tr '\r' '\n' | sed -n 's/.*: \([0-9.]*\) requests per second.*/\1/p' | tail -n 1)
 echo "== single publish: wrk, 3 alternating pairs" >&2
 # The single-publish target's own measure: wrk (a lighter load generator than ssegate-bench, so
 # the hubs get more of the two cores), c=32, 64-byte events on one topic, three runs of each hub
@@ -342,9 +353,14 @@ cluster_run() { # masters
     local pid=$!
     for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$CLUSTER_SSEGATE_PORT/readyz" && break; sleep 0.05; done
     local C="--url http://127.0.0.1:$CLUSTER_SSEGATE_PORT --target ssegate" kind args before after result
-    for kind in single batched; do
-      args="--concurrency 32 --topics 256"
-      [ $kind = batched ] && args="--concurrency 8 --batch 100 --topics 256"
+    local kinds="single batched"
+    [ "$ack" = 0 ] && kinds="single batched per-topic to-many"
+    for kind in $kinds; do
+      case $kind in
+        single) args="--concurrency 32 --topics 256" ;;
+        batched) args="--concurrency 8 --batch 100 --topics 256" ;;
+        *) args="--concurrency 8 --batch 100 --topics 100 --shape $kind" ;;
+      esac
       before=$(cluster_cpu "${master_ports[@]}")
       # shellcheck disable=SC2086
       result=$(bench $C publish $args --seconds $secs)
@@ -415,6 +431,30 @@ PY
   echo "Batched publish (JSON arrays of 100, c=8): $a events/s; pipelined \`redis-benchmark\` XADD"
   echo "(-P 32, c=50) on the same Redis: $ceiling/s; ratio $(ratio "$a" "$ceiling")."
   echo
+  echo "## Publishing to many topics"
+  echo
+  echo "\"Tell these 100 users\": each request carries 100 events, one for each of 100 topics (an array),"
+  echo "or one event to 100 topics (\`{\"topics\": [...]}\`, counted in stream entries); c=8 unless said."
+  echo "The Redis ceiling is pipelined \`redis-benchmark\` XADD (-P 32, c=50) over 100 keys on the same"
+  echo "Redis. nchan takes the same events as single publishes over the 100 topics (c=32)."
+  echo
+  python3 - "$spread_s" "$many_s" "$spread32_s" "$spread_n" "$batch_s" "$ceiling100" "$ceiling" <<'PY'
+import json, sys
+spread, many, spread32, nchan, batch = (json.loads(a) for a in sys.argv[1:6])
+ceiling100, ceiling = float(sys.argv[6] or 0), float(sys.argv[7] or 0)
+print("| publish | events/s | request p50 / p99 (ms) | / pipelined XADD |")
+print("|---|---|---|---|")
+for label, r, c in (("array of 100, one per topic", spread, ceiling100),
+                    ("one event to 100 topics", many, ceiling100),
+                    ("array of 100, one per topic, c=32", spread32, ceiling100),
+                    ("array of 100 on one topic (as above)", batch, ceiling),
+                    ("nchan: single publishes over 100 topics, c=32", nchan, ceiling100)):
+    print(f"| {label} | {r['events_per_sec']:.0f} | {r['request_p50_ms']:.2f} / {r['request_p99_ms']:.2f} | "
+          f"{r['events_per_sec'] / c if c else 0:.2f}x |")
+print()
+print(f"Pipelined XADD: {ceiling100:.0f}/s over 100 keys, {ceiling:.0f}/s on one key.")
+PY
+  echo
   for c in "$cross" "$cross_t"; do
     echo "Across nodes, $(field "$c" '["subscribers"]') subscribers on node B over $(field "$c" '["topics"]') topic(s),"
     echo "$(field "$c" '["rate"]') events/s published to node A: $(field "$c" '["deliveries_per_sec"]') deliveries/s"
@@ -429,7 +469,9 @@ PY
   echo "## Redis Cluster: publish on 1 vs 3 masters"
   echo
   echo "One ssegate node on a Redis Cluster of 1 or 3 masters, each with one replica, on the same"
-  echo "two cores; publishes spread over 256 topics (single events c=32; arrays of 100 c=8)."
+  echo "two cores; publishes spread over 256 topics (single events c=32; arrays of 100 on one topic c=8);"
+  echo "per-topic and to-many: arrays of 100 with one event per topic, and one event to 100 topics, over"
+  echo "100 topics (on 3 masters a third on each), c=8, min_replicas_ack 0."
   echo "Redis CPU is the masters' \`used_cpu_user + used_cpu_sys\` per event published."
   echo
   echo "| masters | min_replicas_ack | publish | events/s | request p50 / p99 (ms) | masters' CPU per event (µs) |"
@@ -447,7 +489,7 @@ PY
   echo
   echo "## Targets"
   echo
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" "$idleu_s" "$lat_s" "$lat_n" "$wrk_s" "$wrk_n" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$ceiling" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$idle_s" "$storm_s" "$cross" "$idleu_s" "$lat_s" "$lat_n" "$wrk_s" "$wrk_n" "$spread_s" "$many_s" "$ceiling100" "$cluster_1" "$cluster_3" <<'PY'
 import json, statistics, sys
 pub_s, pub_n, batch_s = (json.loads(a) for a in sys.argv[1:4])
 ceiling = float(sys.argv[4] or 0)
@@ -463,6 +505,15 @@ r = ws / max(wn, 1)
 row("single-event publish >= 2x nchan (wrk, median of 3 alternating pairs)", f"{r:.2f}x", r >= 2)
 r = batch_s["events_per_sec"] / ceiling if ceiling else 0
 row("batched publish >= 0.5x pipelined XADD", f"{r:.2f}x", r >= 0.5)
+spread, many, ceiling100 = json.loads(sys.argv[17]), json.loads(sys.argv[18]), float(sys.argv[19] or 0)
+r = spread["events_per_sec"] / ceiling100 if ceiling100 else 0
+row("array of 100 events, one per topic, one Redis >= 0.5x pipelined XADD", f"{r:.2f}x", r >= 0.5)
+r = many["events_per_sec"] / ceiling100 if ceiling100 else 0
+row("one event to 100 topics >= 0.5x pipelined XADD (stream entries/s)", f"{r:.2f}x", r >= 0.5)
+cl = {(r["masters"], r["kind"]): r for b in sys.argv[20:22] for r in map(json.loads, b.splitlines()) if r["min_replicas_ack"] == 0}
+for kind in ("per-topic", "to-many"):
+    one, three = cl[(1, kind)]["events_per_sec"], cl[(3, kind)]["events_per_sec"]
+    row(f"{kind} over 100 topics on 3 masters >= 1 master", f"{three:.0f} vs {one:.0f}/s ({three / one:.2f}x)", three >= one)
 for label, s, n in (("1 topic", fan_s, fan_n), ("10 topics", fant_s, fant_n)):
     r = s["deliveries_per_sec"] / max(n["deliveries_per_sec"], 1)
     ok = r >= 1.5 and s["latency_p99_ms"] <= n["latency_p99_ms"]
@@ -568,14 +619,14 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$idlemf" "$fanum" "$match0" "$match9" "$mresume" "$idle_poff" "$idle_pon" "$storm_poff" "$storm_pon"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$spread_s" "$many_s" "$spread32_s" "$spread_n" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$idlemf" "$fanum" "$match0" "$match9" "$mresume" "$idle_poff" "$idle_pon" "$storm_poff" "$storm_pon"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
   cat "$out"
   rm -f "$out"
   # Every scenario must have done real work, on both hubs.
-  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$wrk_s" "$wrk_n" "$cluster_1" "$cluster_3" <<'PY'
+  python3 - "$pub_s" "$pub_n" "$batch_s" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$storm_s" "$cross" "$idleu_s" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$wrk_s" "$wrk_n" "$cluster_1" "$cluster_3" "$spread_s" "$many_s" "$spread32_s" "$spread_n" <<'PY'
 import json, sys
 pub_s, pub_n, batch_s, fan_s, fan_n, fant_s, fant_n, storm_s, cross, idleu_s, fanu_s, fanu_n, fanm_s, fanm_n, lat_s, lat_n = map(json.loads, sys.argv[1:17])
 wrk_s, wrk_n = ([float(x) for x in a.split()] for a in sys.argv[17:19])
@@ -585,6 +636,9 @@ checks = {
     "ssegate publishes": pub_s["events"] > 0 and pub_s["errors"] == 0,
     "nchan publishes": pub_n["events"] > 0 and pub_n["errors"] == 0,
     "ssegate batches": batch_s["events"] > 0 and batch_s["errors"] == 0,
+    **{f"ssegate {r['shape']} publishes, c={r['concurrency']}": r["events"] > 0 and r["errors"] == 0
+       for r in map(json.loads, sys.argv[21:24])},
+    "nchan publishes over 100 topics": json.loads(sys.argv[24])["events"] > 0,
     "ssegate fans out every event": fan_s["delivered"] == fan_s["expected_deliveries"] > 0,
     "nchan fans out": fan_n["delivered"] > 0,
     "ssegate fans out over topics": fant_s["delivered"] == fant_s["expected_deliveries"] > 0,
@@ -600,7 +654,7 @@ checks = {
     "ssegate delivers across nodes below saturation": lat_s["delivered"] == lat_s["expected_deliveries"] > 0,
     "nchan delivers across its two nodes": lat_n["delivered"] > 0,
 }
-for block in sys.argv[19:]:
+for block in sys.argv[19:21]:
     for line in block.splitlines():
         r = json.loads(line)
         checks[f"cluster {r['masters']} masters, ack {r['min_replicas_ack']}, {r['kind']} publishes"] = r["events"] > 0 and r["errors"] == 0

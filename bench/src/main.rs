@@ -60,6 +60,14 @@ enum Target {
     Mercure,
 }
 
+/// How a publish request's events are spread over topics.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Shape {
+    OneTopic,
+    PerTopic,
+    ToMany,
+}
+
 #[derive(Subcommand)]
 enum Scenario {
     /// Publish as fast as `concurrency` connections allow.
@@ -77,6 +85,10 @@ enum Scenario {
         /// Topics published to, round robin.
         #[arg(long, default_value_t = 16)]
         topics: usize,
+        /// What a request of `batch` events holds: all on one topic, one on each of `batch`
+        /// topics, or one event to `batch` topics (`{"topics": [...]}`).
+        #[arg(long, value_enum, default_value_t = Shape::OneTopic)]
+        shape: Shape,
     },
     /// Subscribers spread over topics, fed at a fixed total rate.
     Fanout {
@@ -321,7 +333,8 @@ async fn main() {
             batch,
             size,
             topics,
-        } => publish(hub, concurrency, seconds, batch, size, topics).await,
+            shape,
+        } => publish(hub, concurrency, seconds, batch, size, topics, shape).await,
         Scenario::Fanout {
             subscribers,
             topics,
@@ -382,6 +395,7 @@ async fn publish(
     batch: usize,
     size: usize,
     topics: usize,
+    shape: Shape,
 ) -> Value {
     assert!(
         batch == 1 || hub.target == Target::Ssegate,
@@ -403,25 +417,41 @@ async fn publish(
                 let mut i = w;
                 while Instant::now() < deadline {
                     let topic = format!("bench{}", i % topics);
-                    i += concurrency;
+                    // Request i's k-th topic, for the shapes with a topic per event.
+                    let nth = |k: usize| format!("bench{}", (i * batch + k) % topics);
                     let sent = Instant::now();
-                    let request = if batch == 1 {
-                        hub.publish(&http, &topic, payload.clone())
-                    } else {
-                        let items: Vec<Value> = (0..batch)
-                            .map(|_| json!({"topic": topic, "data": payload}))
-                            .collect();
-                        http.post(format!("{}/v1/events", hub.base)).json(&items)
+                    let ok = {
+                        let request = match (batch, shape) {
+                            (1, _) => hub.publish(&http, &topic, payload.clone()),
+                            (_, Shape::OneTopic) => {
+                                let items: Vec<Value> = (0..batch)
+                                    .map(|_| json!({"topic": topic, "data": payload}))
+                                    .collect();
+                                http.post(format!("{}/v1/events", hub.base)).json(&items)
+                            }
+                            (_, Shape::PerTopic) => {
+                                let items: Vec<Value> = (0..batch)
+                                    .map(|k| json!({"topic": nth(k), "data": payload}))
+                                    .collect();
+                                http.post(format!("{}/v1/events", hub.base)).json(&items)
+                            }
+                            (_, Shape::ToMany) => {
+                                let topics: Vec<String> = (0..batch).map(nth).collect();
+                                http.post(format!("{}/v1/events", hub.base))
+                                    .json(&json!({"topics": topics, "data": payload}))
+                            }
+                        };
+                        match request.send().await {
+                            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                            _ => false,
+                        }
                     };
-                    match request.send().await {
-                        Ok(r) if r.status().is_success() => {
-                            let _ = r.bytes().await;
-                            events.fetch_add(batch as u64, Ordering::Relaxed);
-                            let _ = local.record(sent.elapsed().as_micros().max(1) as u64);
-                        }
-                        _ => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
+                    i += concurrency;
+                    if ok {
+                        events.fetch_add(batch as u64, Ordering::Relaxed);
+                        let _ = local.record(sent.elapsed().as_micros().max(1) as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 latencies
@@ -440,6 +470,9 @@ async fn publish(
     let events = events.load(Ordering::Relaxed);
     json!({
         "scenario": "publish", "concurrency": concurrency, "batch": batch, "size": size,
+        "topics": topics, "shape": match shape {
+            Shape::OneTopic => "one-topic", Shape::PerTopic => "per-topic", Shape::ToMany => "to-many",
+        },
         "events": events, "events_per_sec": events as f64 / elapsed,
         "requests_per_sec": events as f64 / batch as f64 / elapsed,
         "errors": errors.load(Ordering::Relaxed),
