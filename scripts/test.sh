@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
-# (integration tests start their own), haproxy and curl (the test bed behind the chaos run),
+# (integration tests start their own), haproxy and curl (the test bed behind the chaos run; curl
+# also as an HTTP/2 client), openssl (RSA and EC keys in their own PEM forms for the TLS tests),
 # chromium (CORS and cookies in a real browser), node with playwright-core (the built-in page)
 # and eventsource, php with Symfony's Mercure component (real Mercure clients);
 # scripts/validate-deploy.sh installs the deploy file validators, scripts/bench.sh nginx with
@@ -15,6 +16,7 @@ redis_major=$( (redis-server --version 2>/dev/null || true) | sed -n 's/.* v=\([
 [ "${redis_major:-0}" -ge 7 ] || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 # Symfony's Mercure publisher, a real client of the Mercure hub.

@@ -85,6 +85,40 @@ pub struct Settings {
     pub mercure: Mercure,
     /// Who is connected where, across nodes; join and leave events.
     pub presence: Presence,
+    /// HTTPS (and HTTP/2 by ALPN) on `listen`; absent: cleartext HTTP/1.1 and h2c.
+    pub tls: Tls,
+}
+
+/// The listener's certificate. Both paths set: `listen` serves HTTPS only.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM file with the certificate chain, the node's certificate first.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the private key (PKCS#8, RSA or EC).
+    pub key: Option<PathBuf>,
+    /// How often the two files are checked for a change (replaced by cert-manager or certbot);
+    /// `SIGHUP` reloads them at once. New connections get the new certificate; open ones keep
+    /// theirs.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            cert: None,
+            key: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Tls {
+    /// Both files, when TLS is on.
+    pub fn files(&self) -> Option<(&PathBuf, &PathBuf)> {
+        self.cert.as_ref().zip(self.key.as_ref())
+    }
 }
 
 /// The cluster-wide registry of open subscriptions (see [`crate::presence`]).
@@ -185,6 +219,9 @@ pub struct Limits {
     /// an idle kept-alive connection stays open.
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// Requests (streams included) one HTTP/2 connection may have open at once; the client is
+    /// told in its `SETTINGS`. Connections count toward `max_connections`, streams here.
+    pub max_streams_per_connection: u32,
 }
 
 /// How log lines are written.
@@ -269,6 +306,7 @@ impl Default for Settings {
             limits: Limits::default(),
             mercure: Mercure::default(),
             presence: Presence::default(),
+            tls: Tls::default(),
         }
     }
 }
@@ -314,6 +352,7 @@ impl Default for Limits {
         Limits {
             max_connections: None,
             header_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 100,
         }
     }
 }
@@ -478,6 +517,18 @@ impl Settings {
             return invalid(
                 "redis.replica_ack_timeout",
                 "must be more than 0 when redis.min_replicas_ack is set",
+            );
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid("tls", "needs both `cert` and `key`, or neither");
+        }
+        if self.tls.reload_interval < Duration::from_millis(10) {
+            return invalid("tls.reload_interval", "must be at least 10ms");
+        }
+        if !(1..=10_000).contains(&self.limits.max_streams_per_connection) {
+            return invalid(
+                "limits.max_streams_per_connection",
+                "must be between 1 and 10000",
             );
         }
         if self.heartbeat_interval < Duration::from_millis(10) {

@@ -15,6 +15,8 @@
 //!   header timeout, write deadline, and event streams written on the socket (an idle stream
 //!   then costs a few KiB instead of hyper's per-connection buffers), always as the router
 //!   answered them.
+//! - [`tls`]: the listener's certificate from PEM files, ALPN (`h2`, `http/1.1`), reloading on
+//!   `SIGHUP` and on file changes.
 //! - [`auth`]: JWT verification (HMAC, PEM, JWKS), topic patterns, where tokens come from, and
 //!   the publish/subscribe rules.
 //! - [`mercure`]: the Mercure protocol as an adapter over the hub and the store: topic
@@ -43,6 +45,7 @@ pub mod sse;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// What the unit tests share.
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::presence::{MemoryRegistry, Presence, Registry};
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+use crate::tls::Certificates;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("configuration: `auth`: {0}")]
     Auth(String),
+    #[error("configuration: `tls`: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A bound, ready-to-serve gateway.
@@ -42,6 +45,8 @@ pub struct Application {
     presence: Option<Presence>,
     /// `/metrics` on `metrics_listen`, when set.
     metrics_server: Option<(TcpListener, axum::Router)>,
+    /// The listener's certificate, reloaded on `SIGHUP` and on file changes; `None` without TLS.
+    certificates: Option<Arc<Certificates>>,
     shutdown: Shutdown,
     shutdown_timeout: Duration,
 }
@@ -54,6 +59,18 @@ impl Application {
     ) -> Result<Application, StartupError> {
         let auth =
             Authenticator::new(&settings.auth, &settings.mercure).map_err(StartupError::Auth)?;
+        // Before anything connects: a certificate that cannot be used stops start-up.
+        let certificates = match settings.tls.files() {
+            Some((cert, key)) => Some(Certificates::load(cert, key)?),
+            None => None,
+        };
+        let acceptor = certificates.as_ref().map(|c| c.acceptor()).transpose()?;
+        if let Some(certificates) = &certificates {
+            // Listening for SIGHUP from now on: the signal's default would end the process.
+            certificates
+                .clone()
+                .watch(settings.tls.reload_interval, shutdown.clone());
+        }
         if !auth.enabled() && !settings.listen.ip().is_loopback() {
             warn!(
                 listen = %settings.listen,
@@ -139,7 +156,7 @@ impl Application {
         };
         let app = http::app(state);
         let connections = TaskTracker::new();
-        let server = Server::new(
+        let mut server = Server::new(
             listener,
             app,
             &settings,
@@ -148,6 +165,9 @@ impl Application {
             shutdown.clone(),
             metrics,
         );
+        if let Some(acceptor) = acceptor {
+            server = server.with_tls(acceptor);
+        }
         Ok(Application {
             server,
             connections,
@@ -155,6 +175,7 @@ impl Application {
             hub,
             presence,
             metrics_server,
+            certificates,
             shutdown,
             shutdown_timeout,
         })
@@ -169,6 +190,11 @@ impl Application {
         self.hub.clone()
     }
 
+    /// The listener's certificate, when TLS is on: its reloads, or a reload now.
+    pub fn certificates(&self) -> Option<Arc<Certificates>> {
+        self.certificates.clone()
+    }
+
     /// The server's counters (streams written on the socket, open and refused connections).
     pub fn server_stats(&self) -> ServerStats {
         self.server.stats()
@@ -177,7 +203,7 @@ impl Application {
     /// Serves until shutdown. Open streams end at once when shutdown starts, so clients reconnect
     /// elsewhere; connections still open after `shutdown_timeout` are abandoned.
     pub async fn run(self) -> std::io::Result<()> {
-        info!(addr = %self.addr, "ssegate listening");
+        info!(addr = %self.addr, tls = self.certificates.is_some(), "ssegate listening");
         if let Some((listener, router)) = self.metrics_server {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, "metrics listening");

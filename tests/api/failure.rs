@@ -4,13 +4,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::json;
 use ssegate::config::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::helpers::{settings, spawn_app, RedisServer, ResumingClient, TestApp, PATIENCE};
+use crate::helpers::{
+    assert_spread_retries, open_bodies, settings, spawn_app, RedisServer, ResumingClient, TestApp,
+    PATIENCE,
+};
 
 /// Settings that notice Redis trouble quickly, with room for a loaded two-core machine.
 fn fast(redis: &RedisServer) -> Settings {
@@ -288,39 +290,9 @@ async fn shutdown_spreads_reconnects_with_a_jittered_retry() {
     s.retry = Duration::from_secs(1);
     s.shutdown_retry_spread = Duration::from_secs(3);
     let app = spawn_app(s).await;
-    let mut bodies = Vec::new();
-    for _ in 0..5 {
-        let r = app
-            .http
-            .get(app.url("/v1/events?topic=drain"))
-            .send()
-            .await
-            .unwrap();
-        let mut body = r.bytes_stream();
-        let start = body.next().await.unwrap().unwrap();
-        assert_eq!(&start[..], b"retry: 1000\n\n");
-        bodies.push(body);
-    }
+    let bodies = open_bodies(&app, "drain", 5, reqwest::Version::HTTP_11, 1000).await;
     app.shutdown.trigger();
-    let mut retries = Vec::new();
-    for body in bodies {
-        let rest: Vec<u8> =
-            tokio::time::timeout(PATIENCE, body.map(|c| c.unwrap().to_vec()).concat())
-                .await
-                .expect("the stream ends");
-        let text = String::from_utf8(rest).unwrap();
-        let ms: u64 = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("retry: "))
-            .next_back()
-            .expect("a retry before the end")
-            .parse()
-            .unwrap();
-        assert!((1000..=4000).contains(&ms), "{ms}");
-        retries.push(ms);
-    }
-    retries.dedup();
-    assert!(retries.len() > 1, "reconnects are spread out: {retries:?}");
+    assert_spread_retries(bodies, 1000..=4000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

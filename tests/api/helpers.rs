@@ -297,6 +297,10 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// The server's counters: streams written on the socket, open and refused connections.
     pub server: ServerStats,
+    /// `https` with `tls` set (then `http` must be given a client that trusts the test CA).
+    pub scheme: &'static str,
+    /// The listener's certificate, with TLS on.
+    pub certificates: Option<std::sync::Arc<ssegate::tls::Certificates>>,
 }
 
 pub async fn spawn_app(settings: Settings) -> TestApp {
@@ -308,6 +312,12 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
     let addr = app.local_addr();
     let hub = app.hub();
     let server = app.server_stats();
+    let certificates = app.certificates();
+    let scheme = if certificates.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let task = tokio::spawn(app.run());
     TestApp {
         addr,
@@ -316,6 +326,8 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         task: Some(task),
         http: reqwest::Client::new(),
         server,
+        scheme,
+        certificates,
     }
 }
 
@@ -327,7 +339,7 @@ impl Drop for TestApp {
 
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     /// Publishes one JSON event and returns its id; panics unless the answer is 201.
@@ -397,6 +409,60 @@ pub async fn eventually(what: &str, check: &mut impl AsyncFnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Opens `n` streams of `topic` with the app's client, each checked to be `version` and to
+/// start with the app's `retry:` (`retry` ms), and returns their bodies.
+pub async fn open_bodies(
+    app: &TestApp,
+    topic: &str,
+    n: usize,
+    version: reqwest::Version,
+    retry: u64,
+) -> Vec<impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin> {
+    let mut bodies = Vec::new();
+    for _ in 0..n {
+        let r = app
+            .http
+            .get(app.url(&format!("/v1/events?topic={topic}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), version);
+        let mut body = r.bytes_stream();
+        let start = body.next().await.unwrap().unwrap();
+        assert_eq!(start, format!("retry: {retry}\n\n").as_bytes());
+        bodies.push(body);
+    }
+    bodies
+}
+
+/// Reads each stream body to its end and checks the last `retry:` each carried (what a shutdown
+/// tells its clients): every one within `range` (ms), and not all the same, so reconnects spread
+/// out. Panics if a body does not end within [`PATIENCE`] or ends without a `retry:`.
+pub async fn assert_spread_retries(
+    bodies: Vec<impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin>,
+    range: std::ops::RangeInclusive<u64>,
+) {
+    let mut retries = Vec::new();
+    for body in bodies {
+        let rest: Vec<u8> =
+            tokio::time::timeout(PATIENCE, body.map(|c| c.unwrap().to_vec()).concat())
+                .await
+                .expect("the stream ends");
+        let text = String::from_utf8(rest).unwrap();
+        let ms: u64 = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("retry: "))
+            .next_back()
+            .expect("a retry before the end")
+            .parse()
+            .unwrap();
+        assert!(range.contains(&ms), "{ms}");
+        retries.push(ms);
+    }
+    retries.dedup();
+    assert!(retries.len() > 1, "reconnects are spread out: {retries:?}");
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>;

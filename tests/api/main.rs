@@ -19,5 +19,6 @@ mod process;
 mod raw;
 mod security;
 mod store;
+mod tls;
 mod topics;
 mod ui;

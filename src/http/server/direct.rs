@@ -18,9 +18,8 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, Response, StatusCode};
 use bytes::{Buf, Bytes};
 use futures_util::{FutureExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::Connection;
 use crate::metrics::Metrics;
 
 /// Marks a response whose body is a long-lived stream the listener may write on the socket
@@ -67,7 +66,7 @@ fn head(status: StatusCode, headers: &HeaderMap, framing: &str, close: bool) -> 
 
 /// Writes a whole response with its length. An error means the connection is unusable.
 pub async fn write_whole(
-    io: &mut Connection,
+    io: &mut (impl AsyncWrite + Unpin),
     response: Response<Body>,
     close: bool,
 ) -> io::Result<()> {
@@ -78,12 +77,18 @@ pub async fn write_whole(
     let framing = format!("content-length: {}", body.len());
     let mut out = head(parts.status, &parts.headers, &framing, close);
     out.extend_from_slice(&body);
-    io.write_all(&out).await
+    io.write_all(&out).await?;
+    // Over TLS, records the socket did not take yet wait in the session until flushed.
+    io.flush().await
 }
 
 /// Writes a streamed response in chunked framing until it ends or the client goes away: its
 /// side of the connection ends or fails, or a write misses its deadline.
-pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics: &Metrics) {
+pub async fn write_stream(
+    mut io: impl AsyncRead + AsyncWrite + Unpin,
+    response: Response<Body>,
+    metrics: &Metrics,
+) {
     let (parts, body) = response.into_parts();
     let head = head(
         parts.status,
@@ -92,7 +97,9 @@ pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics:
         false,
     );
     drop(parts);
-    if io.write_all(&head).await.is_err() {
+    // Every write is flushed: over TLS, records the socket did not take yet wait in the session
+    // until then (on a plain socket a flush does nothing).
+    if io.write_all(&head).await.is_err() || io.flush().await.is_err() {
         return;
     }
     drop(head);
@@ -123,7 +130,11 @@ pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics:
                 }
                 if chunk.has_remaining() {
                     chunk.frame();
-                    if let Err(e) = io.write_all_buf(&mut chunk).await {
+                    let written = match io.write_all_buf(&mut chunk).await {
+                        Ok(()) => io.flush().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
                         if e.kind() == io::ErrorKind::TimedOut {
                             // The client stopped reading for write_timeout.
                             metrics.slow_client_disconnects.inc();
@@ -142,6 +153,7 @@ pub async fn write_stream(mut io: Connection, response: Response<Body>, metrics:
         }
     }
     let _ = io.write_all(b"0\r\n\r\n").await;
+    let _ = io.flush().await;
     let _ = io.shutdown().await;
 }
 

@@ -17,6 +17,16 @@
 //! same head limits ([`head::MAX_HEAD`], [`head::MAX_HEADERS`]: `431` past them), and
 //! `header_timeout` both for each request head and for the idle time between requests.
 //!
+//! **TLS and HTTP/2.** With `tls.cert` and `tls.key` the listener speaks TLS only, offering
+//! `h2` and `http/1.1` by ALPN; the handshake has `header_timeout` to finish. An `h2` connection
+//! goes to hyper's HTTP/2 server; an `http/1.1` one is served as a cleartext one is, first
+//! request and event streams included. On cleartext, a connection that opens with the HTTP/2
+//! preface (h2c with prior knowledge, as proxies such as Envoy speak upstream) goes to the HTTP/2
+//! server too. Over HTTP/2 a connection may have `limits.max_streams_per_connection` requests
+//! open; request heads are capped at [`head::MAX_HEAD`] as over HTTP/1.1; streams that clients
+//! open and reset at once (rapid reset), and streams the server had to reset, are bounded per
+//! connection, and a connection that stops answering pings is closed.
+//!
 //! **Write deadline.** An SSE response never ends, so a client that stops reading would hold its
 //! connection (and its topic subscription) forever once the socket buffers fill. A write that
 //! cannot make progress for `write_timeout` fails instead; the connection closes, and the client,
@@ -33,13 +43,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Response, StatusCode};
 use axum::Router;
 use bytes::{Buf, Bytes};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
@@ -51,16 +65,39 @@ use crate::shutdown::Shutdown;
 /// A connection with a write deadline.
 pub type Connection = Pin<Box<TimeoutStream<TcpStream>>>;
 
+/// What a connection is read and written through: the socket, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// HTTP/2 streams a client may open and reset before the server has accepted them, per
+/// connection; past it the connection is closed (the rapid-reset attack, CVE-2023-44487).
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams the server may reset for a client's protocol errors, per connection, before the
+/// connection is closed.
+const MAX_LOCAL_RESETS: usize = 256;
+/// How often an HTTP/2 connection is pinged, and how long its answer may take before the
+/// connection is closed as dead.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long a refused connection is kept to let the client read its `503` before the close.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
-/// The answer to a connection over `limits.max_connections`, made once.
-fn too_many_connections() -> Bytes {
-    let body = serde_json::json!({
+/// The body of the answer to a connection over `limits.max_connections`.
+fn too_many_connections_body() -> String {
+    serde_json::json!({
         "error": "too_many_connections",
         "message": "this node is at limits.max_connections; retry later",
     })
-    .to_string();
+    .to_string()
+}
+
+/// The answer to an HTTP/1.1 connection over `limits.max_connections`, made once.
+fn too_many_connections() -> Bytes {
+    let body = too_many_connections_body();
     Bytes::from(format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -70,6 +107,8 @@ fn too_many_connections() -> Bytes {
 /// Accepts connections and serves them until shutdown.
 pub struct Server {
     listener: TcpListener,
+    /// TLS on the listener, when configured: every connection then starts with a handshake.
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
 }
 
@@ -80,6 +119,8 @@ struct Shared {
     write_timeout: Duration,
     header_timeout: Duration,
     max_connections: usize,
+    /// `limits.max_streams_per_connection`, for HTTP/2 connections.
+    max_streams: u32,
     /// The answer to connections over `max_connections`.
     refusal: Bytes,
     /// Streams written on the socket rather than through hyper.
@@ -128,11 +169,13 @@ impl Server {
     ) -> Server {
         Server {
             listener,
+            tls: None,
             shared: Arc::new(Shared {
                 app,
                 write_timeout: settings.write_timeout,
                 header_timeout: settings.limits.header_timeout,
                 max_connections,
+                max_streams: settings.limits.max_streams_per_connection,
                 refusal: too_many_connections(),
                 direct_streams: AtomicU64::new(0),
                 tasks,
@@ -140,6 +183,12 @@ impl Server {
                 metrics,
             }),
         }
+    }
+
+    /// Serves TLS only, with this acceptor's certificate and ALPN.
+    pub fn with_tls(mut self, tls: TlsAcceptor) -> Server {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -172,7 +221,10 @@ impl Server {
             let open = usize::try_from(shared.metrics.open_connections.get()).unwrap_or(0);
             if open >= shared.max_connections {
                 shared.metrics.rejected_connections.inc();
-                shared.tasks.spawn(refuse(stream, shared.refusal.clone()));
+                match self.tls.clone() {
+                    Some(tls) => shared.tasks.spawn(refuse_tls(stream, tls)),
+                    None => shared.tasks.spawn(refuse(stream, shared.refusal.clone())),
+                };
                 continue;
             }
             shared.metrics.open_connections.inc();
@@ -180,8 +232,15 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let mut stream = TimeoutStream::new(stream);
             stream.set_write_timeout(Some(shared.write_timeout));
+            let stream: Connection = Box::pin(stream);
             let open = Open(shared.clone());
-            shared.tasks.spawn(serve(Box::pin(stream), open));
+            match self.tls.clone() {
+                Some(tls) => shared.tasks.spawn(serve_tls(stream, tls, open)),
+                None => shared.tasks.spawn(async move {
+                    serve(stream, &open.0).await;
+                    drop(open);
+                }),
+            };
         }
     }
 }
@@ -198,7 +257,7 @@ impl Drop for Open {
 /// Answers a connection over the limit, then closes it once the client has read the answer (or
 /// after [`REFUSAL_LINGER`]): closing with its request unread would reset the connection and
 /// could destroy the answer.
-async fn refuse(mut stream: TcpStream, refusal: Bytes) {
+async fn refuse(mut stream: impl Io, refusal: Bytes) {
     let _ = tokio::time::timeout(REFUSAL_LINGER, async {
         stream.write_all(&refusal).await?;
         stream.shutdown().await?;
@@ -209,9 +268,56 @@ async fn refuse(mut stream: TcpStream, refusal: Bytes) {
     .await;
 }
 
-/// Serves one connection: its first request here, the rest with hyper.
-async fn serve(mut io: Connection, open: Open) {
+/// [`refuse`] over TLS: the answer can only be read after a handshake, and an `h2` client
+/// reads it as the answer to its first request.
+async fn refuse_tls(stream: TcpStream, tls: TlsAcceptor) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let Ok(stream) = tls.accept(stream).await else {
+            return;
+        };
+        if stream.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+            return refuse(stream, too_many_connections()).await;
+        }
+        let service = hyper::service::service_fn(|_request| async {
+            let mut response = Response::new(Body::from(too_many_connections_body()));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new()).max_concurrent_streams(1);
+        let _ = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
+}
+
+/// Serves one TLS connection after its handshake: HTTP/2 if the client chose `h2`, otherwise as
+/// a cleartext connection is served.
+async fn serve_tls(io: Connection, tls: TlsAcceptor, open: Open) {
     let shared = &open.0;
+    let handshake = tokio::time::timeout(shared.header_timeout, tls.accept(io));
+    let io = tokio::select! {
+        io = handshake => match io {
+            Ok(Ok(io)) => io,
+            _ => return, // not TLS, a certificate the client refused, or too slow
+        },
+        _ = shared.shutdown.wait() => return,
+    };
+    if io.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+        return with_h2(shared, io).await;
+    }
+    serve(io, shared).await
+}
+
+/// Serves one connection: its first request here, the rest with hyper.
+async fn serve(mut io: impl Io, shared: &Shared) {
     let read = tokio::time::timeout(shared.header_timeout, head::read_head(&mut io));
     let head = tokio::select! {
         head = read => match head {
@@ -220,6 +326,9 @@ async fn serve(mut io: Connection, open: Open) {
         },
         _ = shared.shutdown.wait() => return,
     };
+    if is_h2_preface(&head) {
+        return with_h2(shared, Rewind { prefix: head, io }).await;
+    }
     let Some(plain) = head::plain_get(&head) else {
         return with_hyper(shared, Rewind { prefix: head, io }).await;
     };
@@ -247,9 +356,47 @@ async fn serve(mut io: Connection, open: Open) {
     .await
 }
 
+/// Whether a connection's first bytes are (the start of) the HTTP/2 preface. The head reader
+/// stops at the preface's `HTTP/2`, which no HTTP/1 request line has.
+fn is_h2_preface(head: &[u8]) -> bool {
+    let n = head.len().min(H2_PREFACE.len());
+    n >= "PRI * HTTP/2".len() && head[..n] == H2_PREFACE[..n]
+}
+
+/// Serves an HTTP/2 connection with hyper, every request through the same router; on shutdown
+/// sends `GOAWAY` and lets the streams end (they end by themselves on shutdown).
+async fn with_h2(shared: &Shared, io: impl Io) {
+    let service = TowerToHyperService::new(shared.app.clone());
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(shared.max_streams)
+        // The same cap as an HTTP/1.1 head; CONTINUATION frames count toward it.
+        .max_header_list_size(head::MAX_HEAD as u32)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_RESETS)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    until_done(connection, &shared.shutdown).await
+}
+
+/// Drives a hyper connection to its end; on shutdown, starts its graceful end (HTTP/2: `GOAWAY`)
+/// and lets the responses in progress finish.
+async fn until_done(connection: impl GracefulConnection, shutdown: &Shutdown) {
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shutdown.wait() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
 /// Serves the rest of a connection with hyper; on shutdown, lets the response in progress end
 /// (streams end by themselves on shutdown) and closes.
-async fn with_hyper(shared: &Shared, io: Rewind) {
+async fn with_hyper(shared: &Shared, io: Rewind<impl Io>) {
     let service = TowerToHyperService::new(shared.app.clone());
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -258,23 +405,16 @@ async fn with_hyper(shared: &Shared, io: Rewind) {
         // Hyper's default header limit is `head::MAX_HEADERS` (tested: `431` past it).
         .max_buf_size(head::MAX_HEAD);
     let connection = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => {}
-        _ = shared.shutdown.wait() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        }
-    }
+    until_done(connection, &shared.shutdown).await
 }
 
 /// A connection for hyper: the bytes already read come first.
-struct Rewind {
+struct Rewind<I> {
     prefix: Bytes,
-    io: Connection,
+    io: I,
 }
 
-impl AsyncRead for Rewind {
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -290,17 +430,17 @@ impl AsyncRead for Rewind {
             }
             return Poll::Ready(Ok(()));
         }
-        self.io.as_mut().poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.io.as_mut().poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -308,7 +448,7 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.io.as_mut().poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -316,11 +456,11 @@ impl AsyncWrite for Rewind {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.io.as_mut().poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.io.as_mut().poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
