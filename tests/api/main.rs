@@ -8,6 +8,7 @@ mod cluster;
 mod commit;
 mod delivery;
 mod failure;
+mod h2_floods;
 mod helpers;
 mod input;
 mod many_topics;

@@ -89,6 +89,17 @@ impl Binary {
         }
     }
 
+    /// The process's resident memory now.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
