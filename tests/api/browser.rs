@@ -56,7 +56,7 @@ source.onerror = () => {{
     }
 
     /// Serves `/page.html` as `page` makes it, and collects what the page reports.
-    async fn serve_with(page: impl Fn() -> String + Clone + Send + Sync + 'static) -> Page {
+    pub async fn serve_with(page: impl Fn() -> String + Clone + Send + Sync + 'static) -> Page {
         Self::serve_with_headers(page, Vec::new).await
     }
 
@@ -122,6 +122,11 @@ static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Chromium {
     pub fn open(url: &str) -> Chromium {
+        Self::open_with(url, &[])
+    }
+
+    /// Opens `url` with these flags besides the usual ones.
+    pub fn open_with(url: &str, flags: &[String]) -> Chromium {
         // A test that failed with its browser open leaves the lock poisoned, not unusable.
         let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let profile = tempfile::tempdir().unwrap();
@@ -148,6 +153,7 @@ impl Chromium {
                 "--disable-sync",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(flags)
             .arg(url)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -3,6 +3,7 @@
 //! Tests that involve Redis start their own `redis-server` (see `helpers::RedisServer`).
 
 mod browser;
+mod browser_tls;
 mod chaos;
 mod cluster;
 mod commit;

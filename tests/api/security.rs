@@ -792,3 +792,122 @@ async fn cors_answers_listed_origins_with_credentials_and_nobody_else() {
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     assert_eq!(r.header("access-control-allow-credentials"), None);
 }
+
+/// Sends `head`, then `filler` again and again up to `total` bytes, as a client does that has not
+/// seen the answer yet, while reading what the node sends until it closes. Panics unless both
+/// the reading and the writing end without a reset.
+async fn answer_to_a_client_that_keeps_writing(
+    addr: SocketAddr,
+    kept_alive: bool,
+    head: Vec<u8>,
+    filler: Vec<u8>,
+    total: usize,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    if kept_alive {
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 1024];
+        // `/healthz` answers a small JSON object: the response ends with its closing brace.
+        while !seen.ends_with(b"}") {
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "healthz answered");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let (mut read, mut write) = tcp.into_split();
+    // Writes everything, or fails when the node resets the connection over unread input.
+    let writer = tokio::spawn(async move {
+        write.write_all(&head).await?;
+        let mut sent = head.len();
+        while sent < total {
+            write.write_all(&filler).await?;
+            sent += filler.len();
+        }
+        // The write half stays open, as for a client waiting for its answer.
+        std::io::Result::Ok(write)
+    });
+    let mut answer = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let read_all = async {
+        loop {
+            match read.read(&mut chunk).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let ended = tokio::time::timeout(PATIENCE, read_all)
+        .await
+        .expect("the node closes the connection");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert!(
+        ended.is_ok(),
+        "the connection was reset: {ended:?}, read {text:?}"
+    );
+    let written = tokio::time::timeout(PATIENCE, writer)
+        .await
+        .expect("the node reads what follows its answer")
+        .unwrap();
+    assert!(
+        written.is_ok(),
+        "the node reset the connection: {written:?}, read {text:?}"
+    );
+    text
+}
+
+/// An error decided while the request is still arriving reaches the client: the node closes only
+/// after its answer is written, reading what the client still sends for a while (lingering
+/// close, RFC 9112 9.6), instead of resetting the connection over unread input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_answers_reach_clients_that_keep_writing() {
+    let mut s = settings(None);
+    s.max_event_bytes = 1024;
+    s.max_batch_events = 1;
+    let app = spawn_app(s).await;
+    let piece = vec![b'y'; 2048];
+    let cases: [(&[u8], usize, &str); 3] = [
+        // A 64 KiB head (and more) in 2 KiB pieces.
+        (
+            b"GET /v1/events?topic=a HTTP/1.1\r\nHost: t\r\nX-Long: ",
+            4 << 20,
+            "431",
+        ),
+        // A body over the limit, sent on and on.
+        (
+            b"POST /v1/events?topic=a HTTP/1.1\r\nHost: t\r\nContent-Length: 8388608\r\n\r\n",
+            8 << 20,
+            "413",
+        ),
+        // A head hyper cannot parse.
+        (
+            b"GET /v1/events?topic=a HTTP/1.1\r\nHost: t\r\nBad Header Line\r\n",
+            4 << 20,
+            "400",
+        ),
+    ];
+    for kept_alive in [false, true] {
+        for (head, total, status) in cases {
+            let answer = answer_to_a_client_that_keeps_writing(
+                app.addr,
+                kept_alive,
+                head.to_vec(),
+                piece.clone(),
+                total,
+            )
+            .await;
+            let line = format!("HTTP/1.1 {status}");
+            assert!(answer.starts_with(&line), "{kept_alive}: {answer}");
+            if status == "413" {
+                assert!(
+                    answer.contains(r#""error":"#),
+                    "the router's JSON: {answer}"
+                );
+            }
+        }
+    }
+}

@@ -18,12 +18,12 @@ use crate::security::{grants, hs, SECRET};
 
 /// A test certificate authority; each one signs leaf certificates for `localhost` and
 /// `127.0.0.1`.
-struct TestCa {
+pub struct TestCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl TestCa {
-    fn new(name: &str) -> TestCa {
+    pub fn new(name: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -33,12 +33,12 @@ impl TestCa {
         TestCa { issuer }
     }
 
-    fn pem(&self) -> String {
+    pub fn pem(&self) -> String {
         self.issuer.pem()
     }
 
     /// A leaf certificate and its PKCS#8 key, as PEM.
-    fn leaf(&self) -> (String, String) {
+    pub fn leaf(&self) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let params =
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
@@ -47,7 +47,7 @@ impl TestCa {
     }
 
     /// A client that trusts this CA only and speaks whatever ALPN settles (h2 here).
-    fn client(&self) -> reqwest::Client {
+    pub fn client(&self) -> reqwest::Client {
         self.client_builder().build().unwrap()
     }
 
@@ -60,12 +60,12 @@ impl TestCa {
 }
 
 /// A certificate and key written where the gateway reads them.
-struct CertFiles {
-    dir: tempfile::TempDir,
+pub struct CertFiles {
+    pub dir: tempfile::TempDir,
 }
 
 impl CertFiles {
-    fn new(cert: &str, key: &str) -> CertFiles {
+    pub fn new(cert: &str, key: &str) -> CertFiles {
         let files = CertFiles {
             dir: tempfile::tempdir().unwrap(),
         };
@@ -73,7 +73,7 @@ impl CertFiles {
         files
     }
 
-    fn cert(&self) -> PathBuf {
+    pub fn cert(&self) -> PathBuf {
         self.dir.path().join("tls.crt")
     }
 
@@ -90,7 +90,7 @@ impl CertFiles {
         }
     }
 
-    fn settings(&self, base: Settings) -> Settings {
+    pub fn settings(&self, base: Settings) -> Settings {
         let mut s = base;
         s.tls.cert = Some(self.cert());
         s.tls.key = Some(self.key());

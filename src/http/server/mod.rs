@@ -35,6 +35,7 @@
 mod direct;
 mod head;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -327,10 +328,10 @@ async fn serve(mut io: impl Io, shared: &Shared) {
         _ = shared.shutdown.wait() => return,
     };
     if is_h2_preface(&head) {
-        return with_h2(shared, Rewind { prefix: head, io }).await;
+        return with_h2(shared, Rewind::h2(head, io)).await;
     }
     let Some(plain) = head::plain_get(&head) else {
-        return with_hyper(shared, Rewind { prefix: head, io }).await;
+        return with_hyper(shared, Rewind::new(head, io)).await;
     };
     drop(head);
     let response = match shared.app.clone().oneshot(plain.request).await {
@@ -346,14 +347,7 @@ async fn serve(mut io: impl Io, shared: &Shared) {
         let _ = io.shutdown().await;
         return;
     }
-    with_hyper(
-        shared,
-        Rewind {
-            prefix: Bytes::new(),
-            io,
-        },
-    )
-    .await
+    with_hyper(shared, Rewind::new(Bytes::new(), io)).await
 }
 
 /// Whether a connection's first bytes are (the start of) the HTTP/2 preface. The head reader
@@ -409,9 +403,43 @@ async fn with_hyper(shared: &Shared, io: Rewind<impl Io>) {
 }
 
 /// A connection for hyper: the bytes already read come first.
+///
+/// Its close lingers (RFC 9112, 9.6, as nginx's `lingering_close`): hyper closes a connection
+/// after answering an error decided while the request was still arriving (`431`, `400`, `413`),
+/// and a socket closed with input unread is reset, which can destroy the answer before the
+/// client reads it. So the write side is shut first (the answer, then FIN), and what the client
+/// still sends is read and dropped until it closes too, or for at most [`LINGER`].
 struct Rewind<I> {
     prefix: Bytes,
     io: I,
+    /// Whether the close lingers: HTTP/1.1 only. HTTP/2 says why it closes in `GOAWAY`, and a
+    /// connection closed for flooding must stop being read.
+    lingers: bool,
+    /// Set once the write side is shut: the end of the lingering.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The longest a closing connection reads what its client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+impl<I> Rewind<I> {
+    /// For HTTP/1.1: the close lingers.
+    fn new(prefix: Bytes, io: I) -> Rewind<I> {
+        Rewind {
+            prefix,
+            io,
+            lingers: true,
+            linger: None,
+        }
+    }
+
+    /// For HTTP/2: the close does not linger.
+    fn h2(prefix: Bytes, io: I) -> Rewind<I> {
+        Rewind {
+            lingers: false,
+            ..Rewind::new(prefix, io)
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
@@ -434,7 +462,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -459,8 +487,31 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.lingers {
+            return Pin::new(&mut this.io).poll_shutdown(cx);
+        }
+        let linger = match &mut this.linger {
+            Some(linger) => linger,
+            None => {
+                std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+                this.linger.insert(Box::pin(tokio::time::sleep(LINGER)))
+            }
+        };
+        let mut scratch = [0u8; 4096];
+        loop {
+            if linger.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client closed too, or the connection failed: nothing left to protect.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
