@@ -30,6 +30,39 @@ for m in $manifests; do
     || { echo "$m is not in kustomization.yaml"; exit 1; }
 done
 
+echo "== kubernetes-validate: the TLS overlay (deploy/kubernetes/tls), patched as kustomize would"
+overlay=$(mktemp -d)
+python3 - deploy/kubernetes "$overlay" <<'PY'
+import json, os, sys, yaml
+base, out = sys.argv[1], sys.argv[2]
+kustomization = yaml.safe_load(open(f"{base}/tls/kustomization.yaml"))
+assert kustomization["resources"] == ["../"], kustomization["resources"]
+files = {"Deployment": "deployment.yaml", "Service": "service.yaml"}
+for patch in kustomization["patches"]:
+    kind = patch["target"]["kind"]
+    doc = yaml.safe_load(open(f"{base}/{files[kind]}"))
+    assert doc["metadata"]["name"] == patch["target"]["name"]
+    for op in json.load(open(f"{base}/tls/{patch['path']}")):
+        *parents, last = op["path"].strip("/").split("/")
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            if op["op"] == "add" and last == "-":
+                node.append(op["value"])
+            elif op["op"] == "add":
+                node.insert(int(last), op["value"])
+            else:
+                assert int(last) < len(node), op
+                node[int(last)] = op["value"]
+        else:
+            assert op["op"] == "add" or last in node, op
+            node[last] = op["value"]
+    yaml.safe_dump(doc, open(os.path.join(out, f"tls-{files[kind]}"), "w"))
+PY
+kubernetes-validate --strict -k 1.31.0 "$overlay"/tls-*.yaml
+rm -rf "$overlay"
+
 echo "== grafana dashboard"
 python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"], "no panels"' \
   deploy/grafana-dashboard.json

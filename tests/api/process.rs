@@ -428,3 +428,37 @@ async fn json_logs_parse_and_rejections_are_logged_without_tokens() {
         );
     }
 }
+
+/// TLS set as the deploy files set it (`SSEGATE_TLS__CERT`, `SSEGATE_TLS__KEY`): the binary
+/// serves HTTPS and HTTP/2, and the container's health check (`curl -k https://…/healthz`)
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_from_the_environment_serves_https_and_h2() {
+    use crate::tls::{CertFiles, TestCa};
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new("process");
+    let (cert, key) = ca.leaf();
+    let files = CertFiles::new(&cert, &key);
+    let (cert_path, key_path) = (files.cert(), files.dir.path().join("tls.key"));
+    let gateway = Binary::start(
+        &redis,
+        &[
+            ("SSEGATE_TLS__CERT", cert_path.to_str().unwrap()),
+            ("SSEGATE_TLS__KEY", key_path.to_str().unwrap()),
+        ],
+    );
+    let base = gateway.base.replace("http://", "https://");
+    let r = ca
+        .client()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((r.status().as_u16(), r.version()), (200, reqwest::Version::HTTP_2));
+    let check = tokio::process::Command::new("curl")
+        .args(["-kfsS", &format!("{base}/healthz")])
+        .output()
+        .await
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}
