@@ -15,6 +15,10 @@ use crate::security::{grants, hs, secured};
 /// to its own server.
 pub struct Page {
     addr: SocketAddr,
+    /// `http`, or `https` for a page served over TLS.
+    scheme: &'static str,
+    /// The host name the page is opened by (`127.0.0.1`, or `localhost` to be another site).
+    host: &'static str,
     reports: mpsc::UnboundedReceiver<Value>,
 }
 
@@ -65,6 +69,26 @@ source.onerror = () => {{
         page: impl Fn() -> String + Clone + Send + Sync + 'static,
         headers: impl Fn() -> Vec<(String, String)> + Clone + Send + Sync + 'static,
     ) -> Page {
+        Self::serve_on(page, headers, None, "127.0.0.1").await
+    }
+
+    /// The same over TLS with `tls` (HTTP/2 or HTTP/1.1 by ALPN), opened as
+    /// `https://{host}:port`.
+    pub async fn serve_tls(
+        page: impl Fn() -> String + Clone + Send + Sync + 'static,
+        headers: impl Fn() -> Vec<(String, String)> + Clone + Send + Sync + 'static,
+        tls: tokio_rustls::TlsAcceptor,
+        host: &'static str,
+    ) -> Page {
+        Self::serve_on(page, headers, Some(tls), host).await
+    }
+
+    async fn serve_on(
+        page: impl Fn() -> String + Clone + Send + Sync + 'static,
+        headers: impl Fn() -> Vec<(String, String)> + Clone + Send + Sync + 'static,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        host: &'static str,
+    ) -> Page {
         let (tx, reports) = mpsc::unbounded_channel();
         let router = axum::Router::new()
             .route(
@@ -92,12 +116,48 @@ source.onerror = () => {{
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        Page { addr, reports }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        match tls {
+            None => {
+                tokio::spawn(async move { axum::serve(listener, router).await });
+            }
+            Some(tls) => {
+                tokio::spawn(async move {
+                    while let Ok((tcp, _)) = listener.accept().await {
+                        let (tls, router) = (tls.clone(), router.clone());
+                        tokio::spawn(async move {
+                            let Ok(stream) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let service = hyper_util::service::TowerToHyperService::new(router);
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = if h2 {
+                                hyper::server::conn::http2::Builder::new(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                )
+                                .serve_connection(io, service)
+                                .await
+                            } else {
+                                hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(io, service)
+                                    .await
+                            };
+                        });
+                    }
+                });
+            }
+        }
+        Page {
+            addr,
+            scheme,
+            host,
+            reports,
+        }
     }
 
     pub fn origin(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}:{}", self.scheme, self.host, self.addr.port())
     }
 
     pub async fn next_report(&mut self) -> Value {
@@ -108,7 +168,8 @@ source.onerror = () => {{
     }
 }
 
-/// Headless Chromium showing one page; killed on drop.
+/// Headless Chromium showing one page; killed on drop. With `CHROMIUM_LOG` set in the environment
+/// its stderr is shown, for finding out why a page does not report.
 pub struct Chromium {
     child: Child,
     _profile: tempfile::TempDir,
@@ -156,7 +217,11 @@ impl Chromium {
             .args(flags)
             .arg(url)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("CHROMIUM_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
         Chromium {

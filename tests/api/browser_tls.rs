@@ -9,7 +9,14 @@ use serde_json::{json, Value};
 
 use crate::browser::{Chromium, Page};
 use crate::helpers::{settings, spawn_app, RedisServer, TestApp};
+use crate::security::{grants, hs, secured};
 use crate::tls::{CertFiles, TestCa};
+
+/// A page's `report(what)`: posts `what` to the page's server, in the order the page saw things.
+const REPORT: &str = "let reports = Promise.resolve();
+const report = (what) => {
+  reports = reports.then(() => fetch('/report', {method: 'POST', body: JSON.stringify(what)}));
+};";
 
 /// Frames (documents) of the page, each with its own `EventSource`s.
 const FRAMES: usize = 4;
@@ -23,10 +30,7 @@ const SOURCES: usize = FRAMES * PER_FRAME;
 fn page(gateway: &str) -> String {
     format!(
         r#"<!doctype html><html><body><script>
-let reports = Promise.resolve();
-const report = (what) => {{
-  reports = reports.then(() => fetch('/report', {{method: 'POST', body: JSON.stringify(what)}}));
-}};
+{REPORT}
 const frame = new URLSearchParams(location.search).get('frame');
 if (frame === null) {{
   for (let k = 0; k < {FRAMES}; k++) {{
@@ -211,4 +215,89 @@ async fn over_http1_the_seventh_event_source_waits_for_one_of_six() {
     let closing = *seen.opens.keys().next().unwrap();
     publish(&app, &format!("close-{closing}")).await;
     until(&mut page_server, &mut seen, |s| s.opens.len() == 7).await;
+}
+
+/// The stream page of an app on another site: an `EventSource` with credentials to the gateway.
+fn credentialed_page(gateway: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+{REPORT}
+let messages = 0;
+const source = new EventSource('{gateway}/v1/events?topic=secure&lastEventId=0',
+                               {{withCredentials: true}});
+source.onopen = () => report({{kind: 'open'}});
+source.onmessage = (e) => {{
+  messages += 1;
+  report({{kind: 'message', id: e.lastEventId, data: e.data}});
+}};
+source.onerror = () => {{
+  report({{kind: 'error', messages}});
+  source.close();
+}};
+</script></body></html>"#
+    )
+}
+
+/// A cross-origin `EventSource` with credentials over HTTPS, as an app at
+/// `https://app.example.com` uses a gateway at `https://events.example.com`: the app's answer sets
+/// the token cookie `Secure; SameSite=None` for the host, the page (another origin: another
+/// port) opens the stream with credentials, and the browser sends the cookie along. The same
+/// cookie without `Secure` is refused by the browser, and so is the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_origin_stream_carries_a_secure_samesite_none_cookie() {
+    let redis = RedisServer::start().await;
+    let ca = TestCa::new("cookie");
+    let (cert, key) = ca.leaf();
+    let files = CertFiles::new(&cert, &key);
+    let acceptor =
+        ssegate::tls::Certificates::load(&files.cert(), &files.dir.path().join("tls.key"))
+            .unwrap()
+            .acceptor()
+            .unwrap();
+    let reader = hs(&grants(&[], &["secure"], 600));
+    let gateway: Arc<OnceLock<SocketAddr>> = Arc::new(OnceLock::new());
+    let mut pages = Vec::new();
+    for (attributes, streams) in [("Secure; SameSite=None", true), ("SameSite=None", false)] {
+        let g = gateway.clone();
+        let cookie = format!("ssegate_token={reader}; {attributes}; Path=/");
+        let page = Page::serve_tls(
+            move || credentialed_page(&format!("https://{}", g.get().expect("the gateway runs"))),
+            move || vec![("Set-Cookie".to_owned(), cookie.clone())],
+            acceptor.clone(),
+            "127.0.0.1",
+        )
+        .await;
+        pages.push((attributes, streams, page));
+    }
+    let mut s = files.settings(secured(Some(&redis)));
+    s.cors.allowed_origins = pages.iter().map(|(_, _, p)| p.origin()).collect();
+    let mut app = spawn_app(s).await;
+    app.http = ca.client();
+    gateway.set(app.addr).unwrap();
+    let publisher = hs(&grants(&["secure"], &[], 600));
+    let stored = app.publish_as("secure", "for the cookie", &publisher).await;
+    let trust = format!(
+        "--ignore-certificate-errors-spki-list={}",
+        spki_hash(&files)
+    );
+    for (attributes, streams, mut page) in pages {
+        let _browser = Chromium::open_with(
+            &format!("{}/page.html", page.origin()),
+            std::slice::from_ref(&trust),
+        );
+        let first = page.next_report().await;
+        if streams {
+            assert_eq!(first, json!({"kind": "open"}), "{attributes}");
+            assert_eq!(
+                page.next_report().await,
+                json!({"kind": "message", "id": stored, "data": "for the cookie"})
+            );
+        } else {
+            assert_eq!(
+                first,
+                json!({"kind": "error", "messages": 0}),
+                "{attributes}"
+            );
+        }
+    }
 }

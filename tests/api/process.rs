@@ -454,7 +454,10 @@ async fn tls_from_the_environment_serves_https_and_h2() {
         .send()
         .await
         .unwrap();
-    assert_eq!((r.status().as_u16(), r.version()), (200, reqwest::Version::HTTP_2));
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, reqwest::Version::HTTP_2)
+    );
     let check = tokio::process::Command::new("curl")
         .args(["-kfsS", &format!("{base}/healthz")])
         .output()
