@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Usage: scripts/test.sh (the chaos run inside lasts CHAOS_SECONDS, 60 by default).
+# Usage: scripts/test.sh (the chaos run inside lasts CHAOS_SECONDS, 60 by default; the one through
+# TLS CHAOS_TLS_SECONDS, 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,9 +2,13 @@
 # A multi-node ssegate cluster on one machine, without Docker: redis-server with AOF on, three
 # ssegate nodes and HAProxy in front (deploy/haproxy.cfg), all on loopback.
 #
-#   scripts/testbed.sh start [--cluster] start everything; prints the load balancer's URL. With
+#   scripts/testbed.sh start [--cluster] [--tls]
+#                                        start everything; prints the load balancer's URL. With
 #                                        --cluster: a Redis Cluster of 3 masters + 3 replicas
-#                                        instead of one Redis (nodes get the seed list)
+#                                        instead of one Redis (nodes get the seed list). With
+#                                        --tls: the nodes serve HTTPS and HTTP/2 from a test
+#                                        certificate ($TESTBED_DIR/tls, its CA in ca.pem) and
+#                                        HAProxy passes TLS through (deploy/haproxy-tls.cfg)
 #   scripts/testbed.sh stop              stop everything
 #   scripts/testbed.sh status            what runs
 #   scripts/testbed.sh kill-node N       SIGKILL node N (1-3)
@@ -32,6 +36,8 @@ node_port() { echo $((BASE + 1 + $1)); }
 redis_node_port() { echo $((BASE + 4 + $1)); }
 REDIS_NODES="1 2 3 4 5 6"
 cluster_mode() { [ -f "$DIR/cluster" ]; }
+tls_mode() { [ -f "$DIR/tls/tls.crt" ]; }
+scheme() { if tls_mode; then echo https; else echo http; fi; }
 redis_url() {
   if cluster_mode; then
     local urls="" n
@@ -51,7 +57,7 @@ alive() { local p; p=$(pid_of "$1"); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 wait_http() { # URL expected-status seconds
   local deadline=$((SECONDS + $3))
   while [ $SECONDS -lt $deadline ]; do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = "$2" ] && return 0
+    [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = "$2" ] && return 0
     sleep 0.05
   done
   return 1
@@ -129,14 +135,28 @@ masters() { # running masters' node numbers
   return 0
 }
 
+make_certificate() { # a test CA and a certificate for 127.0.0.1 and localhost signed by it
+  local d="$DIR/tls"
+  mkdir -p "$d"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -keyout "$d/ca.key" -out "$d/ca.pem" -subj "/CN=ssegate test bed CA" 2>/dev/null
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$d/tls.key" -out "$d/tls.csr" -subj "/CN=localhost" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$d/leaf.ext"
+  openssl x509 -req -in "$d/tls.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -days 2 \
+    -extfile "$d/leaf.ext" -out "$d/tls.crt" 2>/dev/null
+}
+
 start_node() {
   local n=$1 port
   port=$(node_port "$n")
+  local tls=()
+  tls_mode && tls=(env "SSEGATE_TLS__CERT=$DIR/tls/tls.crt" "SSEGATE_TLS__KEY=$DIR/tls/tls.key")
   SSEGATE_SHUTDOWN_TIMEOUT=${SSEGATE_SHUTDOWN_TIMEOUT:-5s} \
-    "$BIN" --listen "127.0.0.1:$port" --redis-url "$(redis_url)" \
+    "${tls[@]}" "$BIN" --listen "127.0.0.1:$port" --redis-url "$(redis_url)" \
     >>"$DIR/node$n.log" 2>&1 &
   echo $! > "$DIR/node$n.pid"
-  wait_http "http://127.0.0.1:$port/healthz" 200 20 || die "node $n did not start (see $DIR/node$n.log)"
+  wait_http "$(scheme)://127.0.0.1:$port/healthz" 200 20 || die "node $n did not start (see $DIR/node$n.log)"
 }
 
 start_lb() {
@@ -144,9 +164,10 @@ start_lb() {
   SSEGATE_NODE1="127.0.0.1:$(node_port 1)" \
   SSEGATE_NODE2="127.0.0.1:$(node_port 2)" \
   SSEGATE_NODE3="127.0.0.1:$(node_port 3)" \
-    haproxy -f deploy/haproxy.cfg -p "$DIR/haproxy.pid" -D >"$DIR/haproxy.log" 2>&1 \
+    haproxy -f "$(if tls_mode; then echo deploy/haproxy-tls.cfg; else echo deploy/haproxy.cfg; fi)" \
+      -p "$DIR/haproxy.pid" -D >"$DIR/haproxy.log" 2>&1 \
     || die "haproxy did not start (see $DIR/haproxy.log)"
-  wait_http "http://127.0.0.1:$LB_PORT/readyz" 200 20 || die "no node is ready behind the load balancer"
+  wait_http "$(scheme)://127.0.0.1:$LB_PORT/readyz" 200 20 || die "no node is ready behind the load balancer"
 }
 
 stop_one() { # name signal
@@ -171,11 +192,19 @@ case "${1:-}" in
     [ -x "$BIN" ] || cargo build --release --bin ssegate
     alive haproxy && die "already running in $DIR (scripts/testbed.sh stop)"
     mkdir -p "$DIR"
-    rm -f "$DIR/cluster"
-    if [ "${2:-}" = "--cluster" ]; then start_cluster; else start_redis; fi
+    rm -rf "$DIR/cluster" "$DIR/tls"
+    cluster=false
+    for flag in "${@:2}"; do
+      case "$flag" in
+        --cluster) cluster=true ;;
+        --tls) make_certificate ;;
+        *) die "unknown flag $flag" ;;
+      esac
+    done
+    if $cluster; then start_cluster; else start_redis; fi
     for n in 1 2 3; do start_node "$n"; done
     start_lb
-    echo "http://127.0.0.1:$LB_PORT"
+    echo "$(scheme)://127.0.0.1:$LB_PORT"
     ;;
   stop)
     stop_one haproxy TERM

@@ -75,5 +75,7 @@ nginx -t -q -p "$tmp" -c "$PWD/deploy/nginx.conf" -g "pid $tmp/nginx.pid; error_
 echo "== haproxy -c"
 SSEGATE_LB_BIND=127.0.0.1:8080 SSEGATE_NODE1=127.0.0.1:8081 SSEGATE_NODE2=127.0.0.1:8082 \
   SSEGATE_NODE3=127.0.0.1:8083 haproxy -c -q -f deploy/haproxy.cfg
+SSEGATE_LB_BIND=127.0.0.1:8443 SSEGATE_NODE1=127.0.0.1:8081 SSEGATE_NODE2=127.0.0.1:8082 \
+  SSEGATE_NODE3=127.0.0.1:8083 haproxy -c -q -f deploy/haproxy-tls.cfg
 
 echo "deploy files: valid"

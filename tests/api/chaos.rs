@@ -29,32 +29,41 @@ struct TestBed {
     port: u16,
     /// The nodes' `redis.min_replicas_ack`.
     min_replicas_ack: u32,
+    /// The nodes serve TLS, passed through by HAProxy.
+    tls: bool,
 }
 
 impl TestBed {
     fn start() -> TestBed {
-        Self::start_with(false, 0)
+        Self::start_with(false, 0, false)
     }
 
-    fn start_with(cluster: bool, min_replicas_ack: u32) -> TestBed {
+    fn start_with(cluster: bool, min_replicas_ack: u32, tls: bool) -> TestBed {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port_run(if cluster { 11 } else { 5 });
         let bed = TestBed {
             dir,
             port,
             min_replicas_ack,
+            tls,
         };
-        let start: &[&str] = if cluster {
-            &["start", "--cluster"]
-        } else {
-            &["start"]
-        };
-        let out = bed.script(start);
+        let mut start = vec!["start"];
+        if cluster {
+            start.push("--cluster");
+        }
+        if tls {
+            start.push("--tls");
+        }
+        let out = bed.script(&start);
         assert!(
             out.status.success(),
             "testbed start: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if tls {
+            let ca = std::fs::read_to_string(bed.dir.path().join("tls/ca.pem")).unwrap();
+            crate::helpers::trust(&ca);
+        }
         bed
     }
 
@@ -89,7 +98,8 @@ impl TestBed {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn redis_url(&self) -> String {
@@ -140,7 +150,7 @@ async fn publish_until(
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<(&'static str, String)>>>,
 ) -> usize {
-    let http = reqwest::Client::builder()
+    let http = crate::helpers::http_client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -191,7 +201,7 @@ async fn publish_mercure_until(
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<String>>>,
 ) -> usize {
-    let http = reqwest::Client::builder()
+    let http = crate::helpers::http_client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -387,11 +397,31 @@ fn tally(received: &[String], expected: &[String], position: &HashMap<&str, usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_loses_duplicates_and_reorders_nothing() {
-    let seconds: u64 = std::env::var("CHAOS_SECONDS")
+    let seconds: u64 = seconds_from("CHAOS_SECONDS", 60);
+    run_chaos(Arc::new(TestBed::start()), seconds).await;
+}
+
+/// The same run with the nodes serving TLS themselves and HAProxy passing TLS through (`mode
+/// tcp`, deploy/haproxy-tls.cfg): every client speaks HTTP/2 to a node, through node kills,
+/// drains and Redis restarts. `CHAOS_TLS_SECONDS` sets the length (30 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_through_tls_loses_duplicates_and_reorders_nothing() {
+    let seconds: u64 = seconds_from("CHAOS_TLS_SECONDS", 30);
+    run_chaos(Arc::new(TestBed::start_with(false, 0, true)), seconds).await;
+}
+
+/// A run's length: the variable `name` if set, else `default` seconds.
+fn seconds_from(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    let bed = Arc::new(TestBed::start());
+        .unwrap_or(default)
+}
+
+/// Publishes and subscribes through the bed's load balancer while nodes and Redis are killed,
+/// drained and restarted at random for `seconds`, then checks every subscriber against the
+/// streams in Redis: nothing lost, duplicated or reordered, no gap notice.
+async fn run_chaos(bed: Arc<TestBed>, seconds: u64) {
     let lb = bed.url();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -645,15 +675,12 @@ async fn cluster_stream_ids(seeds: Vec<String>, topic: &str) -> Vec<String> {
 /// after it, and misses nothing the stream has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_a_cluster_loses_duplicates_and_reorders_nothing() {
-    let seconds: u64 = std::env::var("CHAOS_CLUSTER_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let seconds: u64 = seconds_from("CHAOS_CLUSTER_SECONDS", 30);
     let min_replicas_ack: u32 = std::env::var("CHAOS_CLUSTER_MIN_REPLICAS_ACK")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let bed = Arc::new(TestBed::start_with(true, min_replicas_ack));
+    let bed = Arc::new(TestBed::start_with(true, min_replicas_ack, false));
     let lb = bed.url();
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));

@@ -528,6 +528,28 @@ impl Sse {
     }
 }
 
+/// Test CAs the clients of [`http_client_builder`] trust besides the public roots: a TLS test
+/// bed registers its own.
+static TRUSTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes every client from [`http_client_builder`] trust this PEM CA from now on.
+pub fn trust(ca_pem: &str) {
+    TRUSTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(ca_pem.to_owned());
+}
+
+/// A client builder that trusts the CAs given to [`trust`].
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    let mut builder = reqwest::Client::builder();
+    for pem in TRUSTED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        builder =
+            builder.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+    }
+    builder
+}
+
 /// A subscriber that behaves like a browser's `EventSource`: when its stream ends or fails, it
 /// reconnects (to the next of its nodes) with `Last-Event-ID` set to the last id it received.
 pub struct ResumingClient {
@@ -564,7 +586,7 @@ impl ResumingClient {
         let (connected_tx, connected) = watch::channel(0);
         let path = path.to_owned();
         let task = tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = http_client_builder().build().unwrap();
             let mut last_id = cursor;
             for attempt in 0usize.. {
                 let url = format!("{}{path}", nodes[attempt % nodes.len()]);
