@@ -528,6 +528,46 @@ impl Sse {
     }
 }
 
+/// The npm `eventsource` client (tests/ui/mercure-eventsource.mjs) subscribed to `url` with a
+/// bearer `token`, trusting `extra_ca` as well when given; its reports come line by line.
+pub fn npm_eventsource(
+    url: &str,
+    token: &str,
+    extra_ca: Option<&std::path::Path>,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/mercure-eventsource.mjs");
+    let mut command = tokio::process::Command::new("node");
+    command.arg(script).arg(url).arg(token);
+    if let Some(ca) = extra_ca {
+        command.env("NODE_EXTRA_CA_CERTS", ca);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node must be installed (scripts/test.sh installs it and the eventsource package)");
+    let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// The next line a client program printed, as JSON (the npm `eventsource` client's reports).
+/// Panics if none comes within [`PATIENCE`] or the program ended.
+pub async fn next_json_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> Value {
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the client reports in time")
+        .unwrap()
+        .expect("the client runs");
+    serde_json::from_str(&line).unwrap()
+}
+
 /// Test CAs the clients of [`http_client_builder`] trust besides the public roots: a TLS test
 /// bed registers its own.
 static TRUSTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());

@@ -2,15 +2,13 @@
 //! Chromium, Symfony's publisher (Debian's php-symfony-mercure) with a browser holding the
 //! cookie Symfony sets, and the npm `eventsource` client resuming across a node kill.
 
-use std::process::Stdio;
 use std::sync::{Arc, OnceLock};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::browser::{Chromium, Page, Proxy};
-use crate::helpers::{spawn_app, RedisServer, PATIENCE};
+use crate::helpers::{spawn_app, RedisServer};
 use crate::mercure::{form, keyed, publisher, query, subscriber, HUB};
 use crate::process::Binary;
 use crate::security::SECRET;
@@ -324,23 +322,8 @@ async fn the_npm_eventsource_client_resumes_across_a_node_kill() {
     let mut proxy = Proxy::start_to(vec![addr(&first), addr(&second)]).await;
     let topic = "https://example.com/npm/{id}";
     let url = format!("http://{}{}", proxy.addr, query(&[topic], &[]));
-    let mut child = tokio::process::Command::new("node")
-        .arg(manifest_dir().join("tests/ui/mercure-eventsource.mjs"))
-        .arg(&url)
-        .arg(subscriber(&[]))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node must be installed (scripts/test.sh installs it and the eventsource package)");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = async || -> Value {
-        let line = tokio::time::timeout(PATIENCE, lines.next_line())
-            .await
-            .expect("the client reports in time")
-            .unwrap()
-            .expect("the client runs");
-        serde_json::from_str(&line).unwrap()
-    };
+    let (_child, mut lines) = crate::helpers::npm_eventsource(&url, &subscriber(&[]), None);
+    let mut next = async || crate::helpers::next_json_line(&mut lines).await;
     assert_eq!(next().await["kind"], "open");
 
     // Published on the second node; the client reads them through the first.

@@ -569,3 +569,68 @@ async fn shutdown_ends_every_h2_stream_with_a_spread_retry() {
         .unwrap()
         .unwrap();
 }
+
+/// The npm `eventsource` client (Node's fetch) over HTTPS, trusting the test CA as Node does
+/// (`NODE_EXTRA_CA_CERTS`): it streams, and after the node restarts it resumes from its last id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_npm_eventsource_client_streams_and_resumes_over_https() {
+    let redis = crate::helpers::RedisServer::start().await;
+    let ca = TestCa::new("npm");
+    let (cert, key) = ca.leaf();
+    let files = CertFiles::new(&cert, &key);
+    let ca_file = files.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let mut s = settings(Some(&redis));
+    s.auth.jwt_key = Some(SECRET.into());
+    s.retry = std::time::Duration::from_millis(200);
+    let s = files.settings(s);
+    let mut app = spawn_tls(&files, s.clone(), &ca).await;
+    let reader = hs(&grants(&[], &["npm"], 600));
+    let publisher = hs(&grants(&["npm"], &[], 600));
+    let (_child, mut lines) =
+        crate::helpers::npm_eventsource(&app.url("/v1/events?topic=npm"), &reader, Some(&ca_file));
+    let mut next = async || crate::helpers::next_json_line(&mut lines).await;
+    assert_eq!(next().await["kind"], "open");
+    let publish = async |app: &TestApp, data: &str| -> String {
+        let r = app
+            .http
+            .post(app.url("/v1/events"))
+            .bearer_auth(&publisher)
+            .json(&json!({"topic": "npm", "data": data}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<serde_json::Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = publish(&app, "first").await;
+    assert_eq!(
+        next().await,
+        json!({"kind": "message", "id": first, "data": "first"})
+    );
+
+    // The node restarts; meanwhile an event is stored straight into Redis.
+    app.shutdown.trigger();
+    app.task.take().unwrap().await.unwrap().unwrap();
+    let meanwhile = redis.xadd("npm", "meanwhile", None).await;
+    let mut s = s;
+    s.listen = app.addr;
+    let app = spawn_tls(&files, s, &ca).await;
+    // Messages only: the client also reports the error and the reopening.
+    let mut next_message = async || loop {
+        let m = next().await;
+        if m["kind"] == "message" {
+            break m;
+        }
+    };
+    assert_eq!(
+        next_message().await,
+        json!({"kind": "message", "id": meanwhile, "data": "meanwhile"})
+    );
+    let live = publish(&app, "live").await;
+    let m = next_message().await;
+    assert_eq!(m, json!({"kind": "message", "id": live, "data": "live"}));
+}
