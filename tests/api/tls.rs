@@ -634,3 +634,48 @@ async fn the_npm_eventsource_client_streams_and_resumes_over_https() {
     let m = next_message().await;
     assert_eq!(m, json!({"kind": "message", "id": live, "data": "live"}));
 }
+
+/// A stream whose HTTP/2 window stays full (its client reads nothing of it) holds up no other
+/// stream of the connection: each stream has its own flow control, and the server writes the
+/// others on.
+#[tokio::test]
+async fn a_stream_with_a_full_window_does_not_stall_its_connection() {
+    let app = spawn_app(settings(None)).await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut open = |topic: &str| {
+        let request = http::Request::get(format!("http://{}/v1/events?topic={topic}", app.addr))
+            .body(())
+            .unwrap();
+        client.send_request(request, true).unwrap().0
+    };
+    let (stuck, flowing) = (open("stuck"), open("flowing"));
+    let (stuck, flowing) = (stuck.await.unwrap(), flowing.await.unwrap());
+    assert_eq!((stuck.status().as_u16(), flowing.status().as_u16()), (200, 200));
+    // `stuck` is never read, so its 16 KiB window fills and stays full.
+    let _stuck = stuck.into_body();
+    let big = "x".repeat(8 * 1024);
+    for _ in 0..8 {
+        app.publish("stuck", &big).await;
+    }
+    let mut body = flowing.into_body();
+    let mut seen = Vec::new();
+    for i in 0..20 {
+        let id = app.publish("flowing", &format!("n{i}")).await;
+        while !String::from_utf8_lossy(&seen).contains(&format!("id: {id}\n")) {
+            let chunk = tokio::time::timeout(PATIENCE, body.data())
+                .await
+                .expect("the other stream keeps flowing")
+                .expect("the stream is open")
+                .unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            seen.extend_from_slice(&chunk);
+        }
+    }
+}
