@@ -657,7 +657,10 @@ async fn a_stream_with_a_full_window_does_not_stall_its_connection() {
     };
     let (stuck, flowing) = (open("stuck"), open("flowing"));
     let (stuck, flowing) = (stuck.await.unwrap(), flowing.await.unwrap());
-    assert_eq!((stuck.status().as_u16(), flowing.status().as_u16()), (200, 200));
+    assert_eq!(
+        (stuck.status().as_u16(), flowing.status().as_u16()),
+        (200, 200)
+    );
     // `stuck` is never read, so its 16 KiB window fills and stays full.
     let _stuck = stuck.into_body();
     let big = "x".repeat(8 * 1024);
