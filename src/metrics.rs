@@ -44,6 +44,14 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    pub call: &'static str,
+}
+
+/// The `call` values of `ssegate_api_calls_total`.
+pub const API_CALLS: [&str; 5] = ["history", "topic", "topics", "delete", "disconnect"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabel {
     pub connection: &'static str,
 }
@@ -112,6 +120,8 @@ pub struct Metrics {
     pub redis_append_calls: Counter,
     /// Whether each Redis connection works: 1 or 0 (set when scraped).
     pub redis_connected: Family<ConnectionLabel, Gauge>,
+    /// Server API calls that passed authorization, by call.
+    pub api_calls: Family<CallLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -145,6 +155,7 @@ impl Metrics {
             redis_appends_waiting: Gauge::default(),
             redis_append_calls: Counter::default(),
             redis_connected: Family::default(),
+            api_calls: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -246,6 +257,11 @@ impl Metrics {
             "Whether each Redis connection (command, subscription) works",
             m.redis_connected.clone(),
         );
+        r.register(
+            "api_calls",
+            "Server API calls (history, topic state, topic list, delete, disconnect)",
+            m.api_calls.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -264,7 +280,10 @@ impl Metrics {
         for source in ["shared", "store"] {
             let _ = m.replay_reads.get_or_create(&SourceLabel { source });
         }
-        for reason in ["trimmed", "unknown_cursor"] {
+        for call in API_CALLS {
+            let _ = m.api_calls.get_or_create(&CallLabel { call });
+        }
+        for reason in ["trimmed", "unknown_cursor", "deleted"] {
             let _ = m.gaps.get_or_create(&ReasonLabel { reason });
         }
         for reason in AUTH_FAILURE_REASONS {

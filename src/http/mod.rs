@@ -14,6 +14,7 @@ mod mercure_subscriptions;
 mod multi;
 mod presence;
 mod server;
+mod topics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,12 @@ pub fn app(state: Arc<AppState>) -> Router {
     let cors = cors(&state.settings.cors);
     let mut routes = Router::new()
         .route("/v1/events", get(events::subscribe).post(events::publish))
+        .route("/v1/topics", get(topics::list))
+        .route(
+            "/v1/topics/{topic}",
+            get(topics::state).delete(topics::delete),
+        )
+        .route("/v1/topics/{topic}/events", get(topics::history))
         .route("/v1/topics/{topic}/presence", get(presence::presence))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz));
@@ -134,7 +141,7 @@ fn cors(settings: &Cors) -> Option<CorsLayer> {
         return None;
     }
     let layer = CorsLayer::new()
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,

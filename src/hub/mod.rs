@@ -133,6 +133,10 @@ pub enum Item {
     /// Something for the topic's readers that is not one of its events (see
     /// [`Store::notify`]): no id, so it moves no cursor and cannot break the seam.
     Notice(Arc<NoticeDelivery>),
+    /// The topic was deleted: every id up to this one is gone, and the items after this one
+    /// are of a new stream, starting from nothing. A session still at or before it tells its
+    /// client (`ssegate.gap`, reason `deleted`) and goes on from nothing.
+    Removed(StreamId),
 }
 
 /// A notice as fanned out: its frame, encoded once, and its parts for streams that encode it
@@ -413,6 +417,13 @@ async fn dispatch(hub: std::sync::Weak<Inner>, mut signals: mpsc::UnboundedRecei
                     h.send(PumpMessage::Read);
                 }
             }
+            Signal::Removed { topic, upto } => {
+                if let Some(h) = hub.handle(&topic) {
+                    // Pages read before the delete must serve no one after it.
+                    h.replays().forget_all();
+                    h.send(PumpMessage::Removed(upto));
+                }
+            }
             Signal::Notice(notice) => {
                 if let Some(h) = hub.handle(&notice.topic) {
                     let frame = sse::frame(None, Some(&notice.event), &notice.data);
@@ -568,5 +579,65 @@ mod tests {
         assert_eq!(hub.active_topics(), 0, "a view is not a registered topic");
         drop((resumed, fresh));
         assert_eq!(hub.active_topics(), 0);
+    }
+
+    /// A deleted topic's live sessions are told (`deleted`, with their cursor) and go on with
+    /// the new stream from nothing, whatever its ids; a session that began after the delete is
+    /// told nothing, and one resuming an old id later hears of a gap from the store.
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_topics_sessions_are_told_and_start_again() {
+        let settings = Settings::default();
+        let store = Arc::new(MemoryStore::new(&settings));
+        let hub = Hub::start(
+            store.clone(),
+            &settings,
+            Shutdown::new(),
+            Arc::new(Metrics::new()),
+        );
+        let topic = Topic::parse("doomed").unwrap();
+        let mut live = hub.subscribe(topic.clone(), None).await.unwrap();
+        let old = store
+            .append(&topic, vec![event("a"), event("b")])
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(next_events(&mut live).await);
+        }
+        assert_eq!(got, ["a", "b"]);
+
+        assert_eq!(store.delete(&topic).await.unwrap(), Some(old[1]));
+        match live.next(std::future::pending()).await {
+            Output::Replayed(page) => {
+                let gap = page.gap.expect("a gap notice");
+                assert_eq!(gap.reason, crate::store::GapReason::Deleted);
+                assert_eq!(gap.cursor, old[1]);
+                assert_eq!(gap.resume_from, None);
+                assert!(page.events.is_empty());
+                assert_eq!(page.next, StreamId::ZERO);
+            }
+            _ => panic!("the delete was due"),
+        }
+        let mut fresh = hub.subscribe(topic.clone(), None).await.unwrap();
+        let new = store.append(&topic, vec![event("c")]).await.unwrap();
+        assert_eq!(
+            next_events(&mut live).await,
+            ["c"],
+            "the new stream, from nothing"
+        );
+        assert_eq!(live.position(), new[0]);
+        assert_eq!(next_events(&mut fresh).await, ["c"], "nothing to be told");
+        let mut resumed = hub.subscribe(topic.clone(), Some(old[0])).await.unwrap();
+        match resumed.next(std::future::pending()).await {
+            Output::Replayed(page) => {
+                assert_eq!(
+                    page.gap.map(|g| g.reason),
+                    Some(crate::store::GapReason::UnknownCursor)
+                );
+                let data: Vec<&str> = page.events.iter().map(|e| e.data.as_str()).collect();
+                assert_eq!(data, ["c"], "never an old event");
+            }
+            _ => panic!("a replay was due"),
+        }
     }
 }

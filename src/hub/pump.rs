@@ -25,6 +25,8 @@ pub(super) enum PumpMessage {
         event: Event,
     },
     Read,
+    /// The topic was deleted; its ids up to this one are gone (see [`Item::Removed`]).
+    Removed(StreamId),
 }
 
 /// A pump's inbox: a queue that grows with what is waiting and is empty (allocating nothing)
@@ -183,6 +185,16 @@ impl Pump {
                 }
                 PumpMessage::ReadTo(id) => must_read || id > self.last,
                 PumpMessage::Read => true,
+                PumpMessage::Removed(upto) => {
+                    // The feed says so first; what the new stream has follows it. A pump that
+                    // already read past the delete (a read found the old stream gone) has
+                    // nothing to start again.
+                    self.feed.send(Item::Removed(upto), None);
+                    if self.last <= upto {
+                        self.set_last(StreamId::ZERO);
+                    }
+                    true
+                }
             };
             if self.inbox.take_overflow() {
                 must_read = true;

@@ -49,6 +49,19 @@ pub struct ReplayPage {
     pub(super) full: bool,
 }
 
+impl ReplayPage {
+    /// A page holding only a gap notice, after which the session goes on from `next`.
+    pub(super) fn notice_only(gap: GapNotice, next: StreamId) -> ReplayPage {
+        ReplayPage {
+            frames: sse::frame(None, Some(sse::GAP_EVENT), &gap.json(None)),
+            gap: Some(gap),
+            events: Vec::new(),
+            next,
+            full: false,
+        }
+    }
+}
+
 /// What an `ssegate.gap` notice says.
 #[derive(Debug, Clone, Copy)]
 pub struct GapNotice {
@@ -94,6 +107,14 @@ impl Replays {
             self.by_cursor = HashMap::new();
             self.started = VecDeque::new();
         }
+    }
+}
+
+impl Replays {
+    /// Drops every read (the topic was deleted); the numbering goes on.
+    pub(super) fn forget_all(&mut self) {
+        self.by_cursor = HashMap::new();
+        self.started = VecDeque::new();
     }
 }
 

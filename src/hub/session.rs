@@ -7,12 +7,12 @@ use bytes::Bytes;
 use tracing::warn;
 
 use super::feed::{Receiver, RecvError};
-use super::replay::ReplayPage;
+use super::replay::{GapNotice, ReplayPage};
 use super::{Delivery, Inner, Item, NoticeDelivery, TopicHandle};
 use crate::event::StreamId;
 use crate::metrics::ReasonLabel;
 use crate::sse;
-use crate::store::StoreError;
+use crate::store::{GapReason, StoreError};
 
 /// A session's place in its topic's feed (see [`TopicHandle::place`]).
 #[derive(Clone, Copy)]
@@ -122,6 +122,22 @@ impl Session {
                 Ok(Item::Event(_)) => {} // sent during the replay
                 Ok(Item::Resync) => self.replay_again(),
                 Ok(Item::Notice(notice)) => return Output::Notice(notice),
+                Ok(Item::Removed(upto)) => {
+                    // A session past it (it began on the new stream, or a read found the old
+                    // one gone and said so) has nothing to be told.
+                    if !self.cursor.is_zero() && self.cursor <= upto {
+                        let gap = GapNotice {
+                            cursor: self.cursor,
+                            reason: GapReason::Deleted,
+                            resume_from: None,
+                        };
+                        self.count_gap(gap.reason);
+                        self.cursor = StreamId::ZERO;
+                        // The feed carries the new stream from its start.
+                        let page = ReplayPage::notice_only(gap, StreamId::ZERO);
+                        return Output::Replayed(Arc::new(page));
+                    }
+                }
                 Err(RecvError::Lagged(_)) => {
                     self.membership.hub.metrics.catch_ups.inc();
                     self.replay_again();
@@ -157,6 +173,16 @@ impl Session {
         self.replaying = true;
     }
 
+    fn count_gap(&self, reason: GapReason) {
+        let reason = reason.as_str();
+        self.membership
+            .hub
+            .metrics
+            .gaps
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
     /// The id of the last event the session sent, or where it started.
     pub fn position(&self) -> StreamId {
         self.cursor
@@ -168,13 +194,7 @@ impl Session {
         let read = topic.replay(&self.membership.hub, self.cursor, self.reread);
         let page = read.page.await?;
         if let Some(gap) = &page.gap {
-            let reason = gap.reason.as_str();
-            self.membership
-                .hub
-                .metrics
-                .gaps
-                .get_or_create(&ReasonLabel { reason })
-                .inc();
+            self.count_gap(gap.reason);
         }
         self.cursor = page.next;
         if !page.full {

@@ -143,6 +143,17 @@ impl Registry for MemoryRegistry {
             .unwrap_or_default())
     }
 
+    async fn topics(&self) -> Result<Vec<String>, StoreError> {
+        let state = self.lock();
+        let topics: HashSet<&String> = state
+            .node_topics
+            .iter()
+            .filter(|(node, _)| state.nodes.contains_key(*node))
+            .flat_map(|(_, topics)| topics)
+            .collect();
+        Ok(topics.into_iter().cloned().collect())
+    }
+
     async fn forget(&self, node: &str) -> Result<(), StoreError> {
         let mut state = self.lock();
         state.nodes.remove(node);

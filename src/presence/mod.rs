@@ -103,6 +103,9 @@ pub trait Registry: Send + Sync + 'static {
     /// lost its list (a failover that lost the key) can never be reaped, and must not show.
     async fn entries(&self, topic: &str) -> Result<Vec<String>, StoreError>;
 
+    /// Every topic a node the registry lists has entries under, each once, in no order.
+    async fn topics(&self) -> Result<Vec<String>, StoreError>;
+
     /// Forgets `node` (it stopped, and removed its entries first).
     async fn forget(&self, node: &str) -> Result<(), StoreError>;
 }
@@ -318,6 +321,13 @@ impl Presence {
     /// Every entry under `topic`, on every node.
     pub async fn entries(&self, topic: &str) -> Result<Vec<String>, StoreError> {
         self.shared.registry.entries(topic).await
+    }
+
+    /// Every topic with an entry on some node, sorted.
+    pub async fn topics(&self) -> Result<Vec<String>, StoreError> {
+        let mut topics = self.shared.registry.topics().await?;
+        topics.sort_unstable();
+        Ok(topics)
     }
 
     /// Completes once the node removed its entries on shutdown (or could not).
@@ -710,6 +720,9 @@ mod tests {
         }
         async fn entries(&self, topic: &str) -> Result<Vec<String>, StoreError> {
             self.inner.entries(topic).await
+        }
+        async fn topics(&self) -> Result<Vec<String>, StoreError> {
+            self.inner.topics().await
         }
         async fn forget(&self, node: &str) -> Result<(), StoreError> {
             self.inner.forget(node).await

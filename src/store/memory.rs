@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{classify, Notice, Page, Signal, Store, StoreError, StreamFacts};
+use super::{classify, Notice, Page, Signal, Store, StoreError, StreamFacts, TopicStat};
 use crate::config::Settings;
 use crate::event::{Event, NewEvent, StreamId, Topic};
 
@@ -341,6 +341,67 @@ impl Store for MemoryStore {
             page.events = log.labelled_after(labels, after, count);
         }
         Ok(page)
+    }
+
+    async fn read_back(
+        &self,
+        topic: &Topic,
+        before: Option<StreamId>,
+        count: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let logs = self.lock();
+        let Some(log) = logs.topics.get(topic.as_str()) else {
+            return Ok(Vec::new());
+        };
+        let end = match before {
+            Some(before) => log.entries.partition_point(|e| e.id < before),
+            None => log.entries.len(),
+        };
+        Ok(log
+            .entries
+            .range(..end)
+            .rev()
+            .take(count)
+            .cloned()
+            .collect())
+    }
+
+    async fn stat(&self, topic: &Topic) -> Result<TopicStat, StoreError> {
+        let logs = self.lock();
+        let Some(log) = logs.topics.get(topic.as_str()) else {
+            let last = logs.tombstones.get(topic.as_str()).map(|(last, _)| *last);
+            return Ok(TopicStat {
+                last_generated: last.unwrap_or(StreamId::ZERO),
+                removed_any: last.is_some(),
+                ..TopicStat::default()
+            });
+        };
+        Ok(TopicStat {
+            exists: true,
+            length: log.entries.len() as u64,
+            first: log.entries.front().map(|e| e.id),
+            last: log.entries.back().map(|e| e.id),
+            last_generated: log.last_generated,
+            removed_any: log.trimmed_any || !log.max_deleted.is_zero(),
+        })
+    }
+
+    async fn delete(&self, topic: &Topic) -> Result<Option<StreamId>, StoreError> {
+        let mut logs = self.lock();
+        let removed = logs
+            .topics
+            .remove(topic.as_str())
+            .map(|log| log.last_generated);
+        let tombstone = logs.tombstones.remove(topic.as_str()).map(|(last, _)| last);
+        let upto = removed.or(tombstone);
+        if let Some(upto) = upto {
+            // Under the lock: no append of the new stream can be announced before it.
+            let _ = self.signal_tx.send(Signal::Removed {
+                topic: topic.as_str().to_owned(),
+                upto,
+            });
+        }
+        Ok(upto)
     }
 
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {

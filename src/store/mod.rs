@@ -36,6 +36,8 @@ pub enum GapReason {
     Trimmed,
     /// The cursor never existed in this stream (data lost, stream recreated, foreign or future id).
     UnknownCursor,
+    /// The topic was deleted (`DELETE /v1/topics/{topic}`): its history is gone on purpose.
+    Deleted,
 }
 
 impl GapReason {
@@ -43,6 +45,7 @@ impl GapReason {
         match self {
             GapReason::Trimmed => "trimmed",
             GapReason::UnknownCursor => "unknown_cursor",
+            GapReason::Deleted => "deleted",
         }
     }
 }
@@ -116,6 +119,24 @@ pub fn classify(
     Some(GapReason::UnknownCursor)
 }
 
+/// What a topic's stream holds now, for the topic's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TopicStat {
+    /// Whether the stream exists (a topic never written, deleted, or removed by `idle_ttl` has
+    /// none).
+    pub exists: bool,
+    /// Retained events.
+    pub length: u64,
+    /// The oldest and the newest retained event.
+    pub first: Option<StreamId>,
+    pub last: Option<StreamId>,
+    /// The highest id the topic ever had (kept by a tombstone after `idle_ttl` removed the
+    /// stream); `0-0` if none.
+    pub last_generated: StreamId,
+    /// Whether any event was ever removed (trimmed), so history before `first` is gone.
+    pub removed_any: bool,
+}
+
 /// Topics checked per store command by [`Store::advanced`].
 pub const ADVANCED_BATCH: usize = 1000;
 
@@ -139,6 +160,9 @@ pub enum Signal {
     CatchUpAll,
     /// A notice for the topic's readers (see [`Store::notify`]).
     Notice(Notice),
+    /// The topic was deleted ([`Store::delete`]); every id up to `upto` is gone for good, and
+    /// what is appended from now on starts a new stream (whose ids may even be lower).
+    Removed { topic: String, upto: StreamId },
 }
 
 /// Something for a topic's current readers on every node that is not an event of the topic: it
@@ -199,6 +223,22 @@ pub trait Store: Send + Sync + 'static {
     /// window holds; `None` if the key was never used there or is forgotten. A protocol whose
     /// clients resume from ids of their own (Mercure's publisher-chosen ids) finds them with it.
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError>;
+
+    /// Up to `count` events before `before` (all, from the newest, with `None`), newest first.
+    async fn read_back(
+        &self,
+        topic: &Topic,
+        before: Option<StreamId>,
+        count: usize,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// What the topic's stream holds now.
+    async fn stat(&self, topic: &Topic) -> Result<TopicStat, StoreError>;
+
+    /// Deletes the topic: its stream, idempotency keys, labels and tombstone. Every node's
+    /// readers of it are told first ([`Signal::Removed`]), then the data goes. Answers the
+    /// highest id the topic had (`None`: there was nothing to delete).
+    async fn delete(&self, topic: &Topic) -> Result<Option<StreamId>, StoreError>;
 
     /// The entry with exactly this id, if the stream still has it.
     async fn event_at(&self, topic: &Topic, id: StreamId) -> Result<Option<Event>, StoreError>;

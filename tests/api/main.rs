@@ -20,6 +20,7 @@ mod presence;
 mod process;
 mod raw;
 mod security;
+mod server_api;
 mod store;
 mod tls;
 mod topics;

@@ -8,7 +8,7 @@ use ssegate::config::Settings;
 use ssegate::event::{NewEvent, StreamId, Topic};
 use ssegate::presence::{Change, MemoryRegistry, Registry};
 use ssegate::shutdown::Shutdown;
-use ssegate::store::{GapReason, MemoryStore, Notice, RedisStore, Signal, Store};
+use ssegate::store::{GapReason, MemoryStore, Notice, RedisStore, Signal, Store, TopicStat};
 
 use crate::helpers::{RedisCluster, RedisServer};
 
@@ -85,6 +85,8 @@ conformance! {
     notices_reach_watchers_and_store_nothing(0);
     presence_entries_are_filed_listed_and_removed(0);
     a_dead_nodes_entries_are_reaped_once(0);
+    reads_back_newest_first_and_states_the_stream(3);
+    delete_removes_the_topic_and_tells_its_readers(0);
 }
 
 fn topic(name: &str) -> Topic {
@@ -718,6 +720,9 @@ async fn presence_entries_are_filed_listed_and_removed(s: Subject) {
         ["{\"a\":1}", "{\"b\":1}", "{\"c\":1}"]
     );
     assert_eq!(r.entries("hall").await.unwrap(), ["{\"a\":1}"]);
+    let mut topics = r.topics().await.unwrap();
+    topics.sort();
+    assert_eq!(topics, ["hall", "room"]);
     // Removing, and adding in the same write.
     r.write(
         "n1",
@@ -736,6 +741,7 @@ async fn presence_entries_are_filed_listed_and_removed(s: Subject) {
         ["{\"b\":1}", "{\"d\":1}", "{\"c\":1}"]
     );
     assert!(r.entries("hall").await.unwrap().is_empty());
+    assert_eq!(r.topics().await.unwrap(), ["room"]);
     // A node the registry knows is not told it was forgotten; a forgotten one is, once.
     let beat = async |node: &str| r.heartbeat(node, Duration::from_secs(60)).await.unwrap();
     assert!(!beat("n1").await.forgotten);
@@ -745,6 +751,12 @@ async fn presence_entries_are_filed_listed_and_removed(s: Subject) {
     // so nobody can reap it) are not shown.
     r.forget("n2").await.unwrap();
     assert_eq!(r.entries("room").await.unwrap(), ["{\"b\":1}", "{\"d\":1}"]);
+    r.forget("n1").await.unwrap();
+    assert!(
+        r.topics().await.unwrap().is_empty(),
+        "only listed nodes' topics"
+    );
+    assert!(beat("n1").await.forgotten);
     assert!(beat("n2").await.forgotten);
     assert_eq!(r.entries("room").await.unwrap().len(), 3, "listed again");
 }
@@ -806,5 +818,143 @@ async fn a_dead_nodes_entries_are_reaped_once(s: Subject) {
     assert!(
         r.heartbeat("dying", ttl).await.unwrap().forgotten,
         "a reaped node that comes back must write its entries again"
+    );
+}
+
+/// Reading back pages newest first, before an id or from the newest; and what the stream says
+/// about itself, before and after trimming (this subject keeps 3 events).
+async fn reads_back_newest_first_and_states_the_stream(s: Subject) {
+    let t = topic("backwards");
+    assert_eq!(s.store.stat(&t).await.unwrap(), TopicStat::default());
+    assert!(s.store.read_back(&t, None, 10).await.unwrap().is_empty());
+    let ids = append_n(&*s.store, &t, 3).await;
+    let back =
+        |events: Vec<ssegate::event::Event>| events.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(
+        back(s.store.read_back(&t, None, 2).await.unwrap()),
+        [ids[2], ids[1]]
+    );
+    assert_eq!(
+        back(s.store.read_back(&t, Some(ids[1]), 10).await.unwrap()),
+        [ids[0]]
+    );
+    assert!(s
+        .store
+        .read_back(&t, Some(ids[0]), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.store.stat(&t).await.unwrap(),
+        TopicStat {
+            exists: true,
+            length: 3,
+            first: Some(ids[0]),
+            last: Some(ids[2]),
+            last_generated: ids[2],
+            removed_any: false,
+        }
+    );
+    let more = append_n(&*s.store, &t, 2).await;
+    let stat = s.store.stat(&t).await.unwrap();
+    assert_eq!(
+        (stat.length, stat.first, stat.last),
+        (3, Some(ids[2]), Some(more[1]))
+    );
+    assert!(stat.removed_any, "trimmed");
+    assert_eq!(
+        back(s.store.read_back(&t, None, 10).await.unwrap()),
+        [more[1], more[0], ids[2]]
+    );
+}
+
+/// A delete tells the topic's watchers first (with the highest id it had), then removes its
+/// stream, idempotency keys and labels, and nothing of another topic, even one whose name
+/// reads as a pattern matching it; its presence entries stay. The topic then starts anew.
+async fn delete_removes_the_topic_and_tells_its_readers(s: Subject) {
+    let t = topic("gone.*");
+    let neighbour = topic("gone.x");
+    let mut signals = s.store.take_signals().expect("signals");
+    tokio::time::timeout(Duration::from_secs(10), s.store.watch(&t))
+        .await
+        .unwrap()
+        .unwrap();
+    let keyed = |data: &str, key: &str| NewEvent {
+        event: Some("note".into()),
+        data: data.into(),
+        idempotency_key: Some(key.into()),
+        labels: vec!["l".into()],
+    };
+    let ids = s
+        .store
+        .append(&t, vec![keyed("a", "k1"), keyed("b", "k2")])
+        .await
+        .unwrap();
+    let kept = s
+        .store
+        .append(&neighbour, vec![keyed("n", "k1")])
+        .await
+        .unwrap();
+    s.registry
+        .heartbeat("n1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    file(&s.registry, "n1", &[("gone.*", "n1.1", "{}")]).await;
+
+    assert_eq!(s.store.delete(&t).await.unwrap(), Some(ids[1]));
+    loop {
+        let signal = tokio::time::timeout(Duration::from_secs(10), signals.recv())
+            .await
+            .expect("told")
+            .expect("open");
+        if let Signal::Removed { topic, upto } = signal {
+            assert_eq!((topic.as_str(), upto), ("gone.*", ids[1]));
+            break;
+        }
+    }
+    assert_eq!(s.store.stat(&t).await.unwrap(), TopicStat::default());
+    assert_eq!(s.store.tail(&t).await.unwrap(), StreamId::ZERO);
+    assert_eq!(s.store.keyed(&t, "k1").await.unwrap(), None);
+    let old = s.store.read(&t, ids[0], 10).await.unwrap();
+    assert_eq!(
+        old.gap,
+        Some(GapReason::UnknownCursor),
+        "an old cursor is told"
+    );
+    assert!(old.events.is_empty());
+    let labelled = s
+        .store
+        .read_labelled(&t, &["l".to_owned()], StreamId::ZERO, 10)
+        .await
+        .unwrap();
+    assert!(labelled.events.is_empty() && labelled.gap.is_none());
+    assert_eq!(
+        s.registry.entries("gone.*").await.unwrap(),
+        ["{}"],
+        "presence kept"
+    );
+    // The neighbour is untouched.
+    assert_eq!(
+        s.store.keyed(&neighbour, "k1").await.unwrap(),
+        Some(kept[0])
+    );
+    assert_eq!(
+        s.store
+            .read(&neighbour, StreamId::ZERO, 10)
+            .await
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
+    // The same key appends again: it belonged to the deleted history.
+    let again = s.store.append(&t, vec![keyed("c", "k1")]).await.unwrap();
+    let page = s.store.read(&t, StreamId::ZERO, 10).await.unwrap();
+    assert_eq!(page.events.iter().map(|e| e.id).collect::<Vec<_>>(), again);
+    assert_eq!(s.store.delete(&t).await.unwrap(), Some(again[0]));
+    assert_eq!(
+        s.store.delete(&t).await.unwrap(),
+        None,
+        "nothing left to delete"
     );
 }

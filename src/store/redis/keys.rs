@@ -54,6 +54,20 @@ impl Keys {
         self.name(topic, TOMBSTONE)
     }
 
+    /// A `SCAN MATCH` pattern for every key of the topic but its stream
+    /// (`<prefix>:{<topic>}:*`), glob characters in the topic escaped.
+    pub(super) fn others_pattern(&self, topic: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + topic.len() + 8);
+        for c in self.prefix.chars().chain([':', '{']).chain(topic.chars()) {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push_str("}:*");
+        out
+    }
+
     /// `<prefix>:{<topic>}<suffix>`, the shape of every name a topic uses, written into `out`
     /// (cleared first): the publish path reuses one buffer for all the names of a call.
     pub(super) fn write_name(&self, out: &mut String, topic: &str, suffix: &str) {
@@ -107,6 +121,8 @@ mod tests {
             Some(Channel::Keyspace("x"))
         ));
         assert!(keys.parse_channel("other:{x}:live").is_none());
+        assert_eq!(keys.others_pattern("a.b"), "ssegate:{a.b}:*");
+        assert_eq!(keys.others_pattern(r"x*[?]\y"), r"ssegate:{x\*\[\?\]\\y}:*");
     }
 
     #[test]

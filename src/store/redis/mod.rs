@@ -65,14 +65,14 @@ use tracing::{info, warn};
 
 use self::commit::{AppendOutcome, AppendRequest, AppendSettings};
 use self::connection::{open_link, ping, query, replace_wedged_commands, run_placed, Link, Target};
-use self::keys::{Keys, IDEMPOTENCY, LABEL};
-use self::reply::{as_array, parse_entries, parse_facts, parse_id};
+use self::keys::{Keys, IDEMPOTENCY, LABEL, PRESENCE};
+use self::reply::{as_array, as_text, bad_reply, parse_entries, parse_facts, parse_id, parse_stat};
 use self::scripts::{Call, Replication, Scripts};
 use self::subscriptions::{
     check_health, own_subscriptions, translate_pushes, Health, WatchCommand, ANNOUNCE_CALL_BUDGET,
     ANNOUNCE_INLINE_MAX,
 };
-use super::{classify, Notice, Page, Signal, Store, StoreError, ADVANCED_BATCH};
+use super::{classify, Notice, Page, Signal, Store, StoreError, TopicStat, ADVANCED_BATCH};
 use crate::config::{RedisSettings, Settings};
 use crate::event::{Event, NewEvent, StreamId, Topic};
 use crate::metrics::Metrics;
@@ -81,6 +81,9 @@ use crate::shutdown::Shutdown;
 /// Streams checked at once by [`Store::advanced`] in a cluster, where each slot is its own
 /// command.
 const CLUSTER_ADVANCED_CONCURRENCY: usize = 32;
+
+/// Keys one step of a topic's delete visits (`SCAN … COUNT`).
+const DELETE_SCAN_COUNT: usize = 10_000;
 
 /// Events in Redis Streams, announced through Redis pub/sub.
 pub struct RedisStore {
@@ -370,6 +373,86 @@ impl Store for RedisStore {
         count: usize,
     ) -> Result<Page, StoreError> {
         self.read_page(topic, labels, cursor, count).await
+    }
+
+    async fn read_back(
+        &self,
+        topic: &Topic,
+        before: Option<StreamId>,
+        count: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(self.keys.stream(topic.as_str()));
+        match before {
+            Some(before) => cmd.arg(format!("({before}")),
+            None => cmd.arg("+"),
+        };
+        cmd.arg("-").arg("COUNT").arg(count);
+        let started = Instant::now();
+        let reply: Result<Value, StoreError> =
+            query(&mut self.link()?.conn, &cmd, self.runner.response_timeout).await;
+        self.runner.observe(started, &reply);
+        parse_entries(Some(&reply?))
+    }
+
+    async fn stat(&self, topic: &Topic) -> Result<TopicStat, StoreError> {
+        let mut invocation = Call::new(&self.scripts.stat, 2);
+        invocation
+            .key(self.keys.stream(topic.as_str()))
+            .key(self.keys.tombstone(topic.as_str()));
+        let reply = self
+            .runner
+            .run(&mut self.link()?.conn, &invocation, None)
+            .await?;
+        parse_stat(&reply)
+    }
+
+    /// `delete.lua` step by step: the first call tells the nodes and removes the stream, each
+    /// one removes a `SCAN` step's worth of the topic's other keys. `SCAN` walks the whole
+    /// keyspace of the node holding the topic (a pattern does not narrow what it visits), so a
+    /// delete costs about one call per [`DELETE_SCAN_COUNT`] keys there: rare, and never one
+    /// long call holding Redis.
+    async fn delete(&self, topic: &Topic) -> Result<Option<StreamId>, StoreError> {
+        let mut conn = self.link()?.conn;
+        let publish = if conn.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let pattern = self.keys.others_pattern(topic.as_str());
+        let mut name = String::new();
+        self.keys.write_name(&mut name, topic.as_str(), PRESENCE);
+        let presence = name.clone();
+        let channel = self.keys.live_channel(topic.as_str());
+        let mut cursor = "0".to_owned();
+        let mut first = true;
+        let mut upto = None;
+        loop {
+            let mut invocation = Call::new(&self.scripts.delete, 2);
+            invocation
+                .key(self.keys.stream(topic.as_str()))
+                .key(self.keys.tombstone(topic.as_str()))
+                .arg(if first { "1" } else { "0" })
+                .arg(cursor.as_str())
+                .arg(pattern.as_str())
+                .arg(presence.as_str())
+                .arg(channel.as_str())
+                .arg(publish)
+                .arg(DELETE_SCAN_COUNT);
+            let reply = self.runner.run(&mut conn, &invocation, None).await?;
+            let parts = as_array(&reply)?;
+            cursor = as_text(parts.first())?;
+            if first {
+                let id = as_text(parts.get(1))?;
+                if !id.is_empty() {
+                    upto = Some(id.parse().map_err(|_| bad_reply("highest id"))?);
+                }
+            }
+            first = false;
+            if cursor == "0" {
+                return Ok(upto);
+            }
+        }
     }
 
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {

@@ -253,6 +253,33 @@ impl Registry for RedisRegistry {
         Ok(pairs.into_iter().map(|(_, entry)| entry).collect())
     }
 
+    /// The live nodes, then one `SMEMBERS` of each one's index (pipelined; in a cluster, by
+    /// slot).
+    async fn topics(&self) -> Result<Vec<String>, StoreError> {
+        let nodes_key = self.nodes_key();
+        let mut list = redis::cmd("ZRANGE");
+        list.arg(&nodes_key).arg(0).arg(-1);
+        let reply = self.run(vec![(nodes_key, list)]).await?;
+        let nodes = match reply.first() {
+            Some(nodes) => texts(nodes)?,
+            None => Vec::new(),
+        };
+        let reads = nodes
+            .iter()
+            .map(|node| {
+                let index = self.node_key(node);
+                let mut members = redis::cmd("SMEMBERS");
+                members.arg(&index);
+                (index, members)
+            })
+            .collect();
+        let mut topics = std::collections::HashSet::new();
+        for set in self.run(reads).await? {
+            topics.extend(texts(&set)?);
+        }
+        Ok(topics.into_iter().collect())
+    }
+
     async fn forget(&self, node: &str) -> Result<(), StoreError> {
         let index = self.node_key(node);
         let mut del = redis::cmd("DEL");

@@ -3,7 +3,7 @@
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use crate::event::{Event, StreamId};
-use crate::store::{StoreError, StreamFacts};
+use crate::store::{StoreError, StreamFacts, TopicStat};
 
 pub(super) fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -126,4 +126,29 @@ pub(super) fn parse_entries(v: Option<&Value>) -> Result<Vec<Event>, StoreError>
             Ok(event)
         })
         .collect()
+}
+
+/// Parses `stat.lua`'s answer.
+pub(super) fn parse_stat(v: &Value) -> Result<TopicStat, StoreError> {
+    let parts = as_array(v)?;
+    let flag = |i: usize| matches!(parts.get(i), Some(Value::Int(1)));
+    let id = |i: usize| -> Result<Option<StreamId>, StoreError> {
+        let text = as_text(parts.get(i))?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| bad_reply("stream id"))
+    };
+    let length = match parts.get(1) {
+        Some(Value::Int(n)) => u64::try_from(*n).map_err(|_| bad_reply("length"))?,
+        _ => return Err(bad_reply("length")),
+    };
+    Ok(TopicStat {
+        exists: flag(0),
+        length,
+        first: id(2)?,
+        last: id(3)?,
+        last_generated: id(4)?.unwrap_or(StreamId::ZERO),
+        removed_any: flag(5),
+    })
 }

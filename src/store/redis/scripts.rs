@@ -17,6 +17,8 @@ pub(super) struct Scripts {
     pub(super) read: Lua,
     pub(super) read_labels: Lua,
     pub(super) tail: Lua,
+    pub(super) stat: Lua,
+    pub(super) delete: Lua,
 }
 
 impl Scripts {
@@ -26,6 +28,8 @@ impl Scripts {
             read: Lua::new(include_str!("read.lua")),
             read_labels: Lua::new(include_str!("read_labels.lua")),
             tail: Lua::new(include_str!("tail.lua")),
+            stat: Lua::new(include_str!("stat.lua")),
+            delete: Lua::new(include_str!("delete.lua")),
         }
     }
 }

@@ -283,6 +283,21 @@ pub(super) async fn translate_pushes(
                             });
                         }
                     },
+                    Some(Channel::Live(topic)) if payload.starts_with(REMOVED) => {
+                        match StreamId::parse_ascii(&payload[REMOVED.len()..]) {
+                            Ok(upto) => {
+                                let _ = signals.send(Signal::Removed {
+                                    topic: topic.to_owned(),
+                                    upto,
+                                });
+                            }
+                            Err(_) => {
+                                let _ = signals.send(Signal::Poke {
+                                    topic: topic.to_owned(),
+                                });
+                            }
+                        }
+                    }
                     Some(Channel::Live(topic)) if payload.starts_with(b"!\n") => {
                         if let Some(notice) = read_notice(topic, &payload[2..]) {
                             let _ = signals.send(Signal::Notice(notice));
@@ -321,6 +336,10 @@ pub(super) async fn translate_pushes(
         }
     }
 }
+
+/// How `delete.lua` starts its message on a topic's live channel, before the highest id the
+/// topic had. Not an id, so a node of an older version reads the stream instead.
+const REMOVED: &[u8] = b"#removed\n";
 
 /// A notice's `<type>\n<data>` (after its leading `!\n`); `None` without a type.
 fn read_notice(topic: &str, rest: &[u8]) -> Option<Notice> {
