@@ -197,6 +197,10 @@ pub struct Auth {
     pub cookie_name: String,
     /// Topic patterns anyone may subscribe to without a token.
     pub anonymous_subscribe: Vec<String>,
+    /// The longest a token lives (`exp` − `iat`): a revocation is kept this long (plus the
+    /// leeway), after which every token it refused has expired anyway.
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
 }
 
 /// Cross-origin access for browser pages.
@@ -334,6 +338,7 @@ impl Default for Auth {
             audience: None,
             issuer: None,
             leeway: Duration::from_secs(5),
+            max_token_lifetime: Duration::from_secs(24 * 3600),
             cookie_name: "ssegate_token".into(),
             anonymous_subscribe: Vec::new(),
         }
@@ -609,6 +614,9 @@ impl Settings {
             if !(url.starts_with("https://") || url.starts_with("http://")) {
                 return invalid("auth.jwks_url", "must be an http:// or https:// URL");
             }
+        }
+        if self.auth.max_token_lifetime < Duration::from_secs(1) {
+            return invalid("auth.max_token_lifetime", "must be at least 1s");
         }
         if self.auth.leeway > Duration::from_secs(300) {
             return invalid("auth.leeway", "must be at most 5m");

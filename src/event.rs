@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest accepted topic name, in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
@@ -9,6 +10,14 @@ pub const MAX_TOPIC_LEN: usize = 256;
 pub const MAX_EVENT_TYPE_LEN: usize = 256;
 /// Event types starting with this are the gateway's own (e.g. `ssegate.gap`).
 pub const RESERVED_EVENT_PREFIX: &str = "ssegate.";
+
+/// Now, in unix milliseconds: the clock stream ids and the store's expiry times are read in.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// A Redis stream entry id, `<ms>-<seq>`. It is also the SSE `id` of the event.
 ///
@@ -25,6 +34,14 @@ impl StreamId {
 
     pub fn new(ms: u64, seq: u64) -> Self {
         StreamId { ms, seq }
+    }
+
+    /// The least id above this one.
+    pub fn next(&self) -> StreamId {
+        match self.seq.checked_add(1) {
+            Some(seq) => StreamId::new(self.ms, seq),
+            None => StreamId::new(self.ms + 1, 0),
+        }
     }
 
     pub fn is_zero(&self) -> bool {

@@ -18,7 +18,10 @@
 //! - [`tls`]: the listener's certificate from PEM files, ALPN (`h2`, `http/1.1`), reloading on
 //!   `SIGHUP` and on file changes.
 //! - [`auth`]: JWT verification (HMAC, PEM, JWKS), topic patterns, where tokens come from, and
-//!   the publish/subscribe rules.
+//!   the publish/subscribe rules, and the node's copy of the revocation list.
+//! - [`control`]: every open stream filed by its token's `sub` and `jti` and its topics, so a
+//!   disconnect (announced to every node) ends them; revocations filed in the store and
+//!   followed live by every node.
 //! - [`mercure`]: the Mercure protocol as an adapter over the hub and the store: topic
 //!   selectors, the hub-wide log of updates, resuming from an update's id.
 //! - [`presence`]: who is subscribed where across nodes (a registry in Redis, batched writes,
@@ -33,6 +36,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod control;
 pub mod cursor;
 pub mod event;
 pub mod http;

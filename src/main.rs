@@ -51,7 +51,8 @@ enum Command {
         /// Topic pattern the token may subscribe to (repeatable; `*` matches any run).
         #[arg(long)]
         subscribe: Vec<String>,
-        /// Topic pattern whose server API (presence, …) the token may use (repeatable).
+        /// Topic pattern whose server API (presence, topic state, delete, disconnect: `*` for
+        /// a `sub` or a `jti`) the token may use (repeatable).
         #[arg(long)]
         admin: Vec<String>,
         /// The token's `sub`: who it is for, shown in presence.

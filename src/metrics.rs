@@ -62,7 +62,7 @@ struct BuildLabels {
 }
 
 /// The `reason` values of `ssegate_auth_failures_total` (see [`crate::auth::AuthError::code`]).
-pub const AUTH_FAILURE_REASONS: [&str; 12] = [
+pub const AUTH_FAILURE_REASONS: [&str; 13] = [
     "missing",
     "malformed",
     "signature",
@@ -73,6 +73,7 @@ pub const AUTH_FAILURE_REASONS: [&str; 12] = [
     "issuer",
     "unknown_key",
     "keys_unavailable",
+    "revoked",
     "forbidden",
     "uncovered",
 ];
@@ -122,6 +123,12 @@ pub struct Metrics {
     pub redis_connected: Family<ConnectionLabel, Gauge>,
     /// Server API calls that passed authorization, by call.
     pub api_calls: Family<CallLabel, Counter>,
+    /// Revocations filed through this node.
+    pub revocations: Counter,
+    /// Streams this node ended because a disconnect or a revocation selected them.
+    pub streams_ended: Counter,
+    /// Entries in the revocation list, as last read from the store.
+    pub revocation_entries: Gauge,
 }
 
 impl Default for Metrics {
@@ -156,6 +163,9 @@ impl Metrics {
             redis_append_calls: Counter::default(),
             redis_connected: Family::default(),
             api_calls: Family::default(),
+            revocations: Counter::default(),
+            streams_ended: Counter::default(),
+            revocation_entries: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -261,6 +271,21 @@ impl Metrics {
             "api_calls",
             "Server API calls (history, topic state, topic list, delete, disconnect)",
             m.api_calls.clone(),
+        );
+        r.register(
+            "revocations",
+            "Token revocations filed through this node",
+            m.revocations.clone(),
+        );
+        r.register(
+            "streams_ended",
+            "Streams ended because a disconnect or a revocation selected them",
+            m.streams_ended.clone(),
+        );
+        r.register(
+            "revocation_entries",
+            "Entries in the revocation list, as last read from the store",
+            m.revocation_entries.clone(),
         );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build

@@ -132,6 +132,21 @@ impl Application {
             .max_connections
             .unwrap_or_else(default_max_connections);
         info!(max_connections, "connection limit");
+        let control = crate::control::Control::start(
+            hub.clone(),
+            auth.revocations().clone(),
+            settings.auth.max_token_lifetime + settings.auth.leeway,
+            settings.catchup_interval,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        // Before serving: a token revoked before this node started is refused from the start.
+        let loading = tokio::time::timeout(settings.redis.connect_timeout, control.load());
+        if !matches!(loading.await, Ok(Ok(()))) {
+            warn!(
+                "the revocation list cannot be read yet; it is read again every catchup_interval"
+            );
+        }
         let settings = Arc::new(settings);
         let state = Arc::new(AppState {
             hub: hub.clone(),
@@ -140,6 +155,7 @@ impl Application {
             metrics: metrics.clone(),
             mercure: crate::mercure::router::Router::new(hub.clone()),
             presence: presence.clone(),
+            control,
         });
         // `/metrics` on its own address, when asked: kept off the public port.
         let metrics_server = match settings.metrics_listen {

@@ -15,9 +15,11 @@
 
 mod keys;
 pub mod pattern;
+pub mod revocations;
 pub mod token;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
@@ -26,6 +28,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use self::keys::{Jwks, Key, Keys};
+use self::revocations::Revocations;
 use crate::config::{Auth as AuthSettings, Mercure as MercureSettings};
 use crate::event::Topic;
 
@@ -44,6 +47,8 @@ pub enum Door {
 }
 
 /// A request's credentials before any token is verified.
+// Lives on the stack for one request; boxing the access would allocate on every request.
+#[allow(clippy::large_enum_variant)]
 enum Credentials<'k> {
     /// No token to verify: the access is known.
     Decided(Access),
@@ -89,6 +94,8 @@ pub enum AuthError {
     UnknownKey,
     #[error("the signing keys cannot be fetched right now; retry later")]
     KeysUnavailable,
+    #[error("the token was revoked (by its jti, or every token of its sub issued until then); get a new one")]
+    Revoked,
     #[error("the token does not allow {action} to topic `{topic}`")]
     Forbidden { action: &'static str, topic: String },
     #[error("{0}")]
@@ -113,6 +120,7 @@ impl AuthError {
             AuthError::Issuer => "issuer",
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::Revoked => "revoked",
             AuthError::Forbidden { .. } | AuthError::Refused(_) => "forbidden",
             AuthError::Uncovered(_) => "uncovered",
         }
@@ -125,6 +133,9 @@ impl AuthError {
 }
 
 /// What a request may do, decided once per request from its token.
+// Decided once per request and moved, not stored in bulk: boxing the token would cost an
+// allocation per request for a few bytes saved on the other variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Access {
     /// No key is configured: everything is allowed.
@@ -193,6 +204,9 @@ struct Claims {
     exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// The token's id, by which it can be revoked alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
     /// Who the token is for, shown in presence. Any JSON value is accepted and kept as text: a
     /// number where a string was meant should not lock a user out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,6 +219,9 @@ pub struct Verified {
     pub grants: Grants,
     /// The token's `sub`, as text.
     pub sub: Option<String>,
+    /// The token's `jti` and `iat`, which revocations name.
+    pub jti: Option<String>,
+    pub iat: Option<u64>,
     /// The `mercure` claim, if the token has one.
     pub mercure: Option<MercureGrants>,
     /// `exp` plus the leeway; `None` if the token has no `exp`.
@@ -228,6 +245,8 @@ pub struct Authenticator {
     leeway: Duration,
     cookie_name: String,
     anonymous_subscribe: Vec<String>,
+    /// Tokens refused before their `exp`, kept in step across nodes by [`crate::control`].
+    revocations: Arc<Revocations>,
 }
 
 impl Authenticator {
@@ -271,7 +290,13 @@ impl Authenticator {
             leeway: settings.leeway,
             cookie_name: settings.cookie_name.clone(),
             anonymous_subscribe: settings.anonymous_subscribe.clone(),
+            revocations: Arc::default(),
         })
+    }
+
+    /// The node's revocation list, which every verified token is checked against.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     pub fn enabled(&self) -> bool {
@@ -409,9 +434,19 @@ impl Authenticator {
             serde_json::Value::String(s) => s,
             other => other.to_string(),
         });
+        let (jti, iat) = (data.claims.jti, data.claims.iat);
+        // In memory: no round trip, and nothing at all while nothing is revoked.
+        if self
+            .revocations
+            .revoked(jti.as_deref(), sub.as_deref(), iat)
+        {
+            return Err(AuthError::Revoked);
+        }
         Ok(Verified {
             grants: data.claims.ssegate,
             sub,
+            jti,
+            iat,
             mercure: data.claims.mercure.or(data.claims.mercure_namespaced),
             expires,
             from_cookie: false,
@@ -520,6 +555,8 @@ pub fn issue(
         mercure_namespaced: None,
         exp: Some(now + ttl.as_secs()),
         iat: Some(now),
+        // Each token its own id, so that it can be revoked alone.
+        jti: Some(format!("{:032x}", rand::random::<u128>())),
         sub,
     };
     jsonwebtoken::encode(
@@ -663,6 +700,7 @@ mod tests {
                 action: "subscribing",
                 topic: "t".into(),
             },
+            AuthError::Revoked,
         ];
         assert_eq!(AuthError::Refused("x".into()).code(), "forbidden");
         for e in &all {

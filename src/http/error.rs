@@ -112,6 +112,10 @@ impl IntoResponse for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", None)
             }
             ApiError::Auth(e) if e.is_forbidden() => (StatusCode::FORBIDDEN, "forbidden", None),
+            ApiError::Auth(AuthError::Revoked) => {
+                challenge = Some("Bearer realm=\"ssegate\", error=\"invalid_token\"");
+                (StatusCode::UNAUTHORIZED, "token_revoked", None)
+            }
             ApiError::Auth(e) => {
                 // RFC 6750: a request without credentials gets the bare challenge.
                 challenge = Some(match e {

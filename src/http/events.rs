@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -165,12 +165,13 @@ impl Frames for SharedFrames {
 }
 
 /// A subscription's body: `first` (the `retry:`), then the replay after the cursor, then live
-/// events, with heartbeat comments while idle. It ends at `expires` (the token's `exp`): the
-/// client comes back with a fresh token and resumes from its `Last-Event-ID`.
+/// events, with heartbeat comments while idle. It ends when `end` completes (the token's `exp`,
+/// or a disconnect, see [`Control::ending`](crate::control::Control::ending)): the client
+/// comes back with a fresh token and resumes from its `Last-Event-ID`.
 pub(super) fn event_stream(
     session: Session,
     settings: &Settings,
-    expires: Option<SystemTime>,
+    end: impl std::future::Future<Output = ()> + Send + 'static,
     metrics: Arc<Metrics>,
     first: Bytes,
     frames: impl Frames,
@@ -224,7 +225,7 @@ pub(super) fn event_stream(
             Some((out, (session, frames, open, idle, last_frame)))
         },
     );
-    first.chain(rest).take_until(expiry(expires))
+    first.chain(rest).take_until(end)
 }
 
 /// Counts an open stream for as long as it lives, and what it delivers.
@@ -244,17 +245,6 @@ impl OpenStream {
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.open_streams.dec();
-    }
-}
-
-/// Completes at `expires` (the token's `exp`, plus the leeway); never without.
-pub(super) async fn expiry(expires: Option<SystemTime>) {
-    match expires {
-        Some(at) => {
-            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::time::sleep(left).await
-        }
-        None => std::future::pending().await,
     }
 }
 
@@ -300,7 +290,10 @@ pub async fn subscribe(
             .map(|(topic, cursor)| state.hub.subscribe(topic.clone(), cursor)),
     )
     .await?;
-    let expires = access.expires();
+    // Filed for disconnects; ends the stream at the token's `exp` or when one selects it.
+    let end = state
+        .control
+        .ending(&access, topics.iter().map(|t| t.as_str()));
     // The stream's presence entry, held by the body: it goes when the stream does.
     let present = state.presence.as_ref().map(|presence| {
         let names = topics.iter().map(|t| t.as_str().to_owned()).collect();
@@ -310,7 +303,7 @@ pub async fn subscribe(
         let session = sessions.into_iter().next().ok_or(ApiError::NotFound)?;
         let retry = sse::retry_frame(settings.retry.as_millis() as u64);
         let metrics = state.metrics.clone();
-        let frames = event_stream(session, settings, expires, metrics, retry, SharedFrames);
+        let frames = event_stream(session, settings, end, metrics, retry, SharedFrames);
         Body::from_stream(frames.map(move |frame| {
             let _held = &present;
             Ok::<_, Infallible>(frame)
@@ -319,7 +312,7 @@ pub async fn subscribe(
         let retry = sse::retry_frame(settings.retry.as_millis() as u64);
         let open = OpenStream::new(state.metrics.clone());
         let frames = multi::stream(topics, sessions, retry, settings.heartbeat_interval, open);
-        Body::from_stream(frames.take_until(expiry(expires)).map(move |frame| {
+        Body::from_stream(frames.take_until(end).map(move |frame| {
             let _held = &present;
             Ok::<_, Infallible>(frame)
         }))
@@ -905,7 +898,7 @@ mod tests {
         let mut frames = Box::pin(event_stream(
             session,
             &settings,
-            None,
+            std::future::pending(),
             metrics,
             first,
             SharedFrames,

@@ -117,6 +117,11 @@ pub async fn subscribe(
         }
         _ => None,
     };
+    // Filed for disconnects under its selectors (a topic's disconnect names it as written).
+    let end = state.control.ending(
+        &access,
+        query.selectors.iter().map(|s| s.as_str().to_owned()),
+    );
     let subscriber = Subscriber::new(query.selectors, private);
     let (session, registration) = state.mercure.subscribe(subscriber, start).await?;
     let mut first = BytesMut::from(&b":\n\n"[..]);
@@ -133,7 +138,7 @@ pub async fn subscribe(
     let body = event_stream(
         session,
         settings,
-        access.expires(),
+        end,
         state.metrics.clone(),
         first.freeze(),
         frames,

@@ -5,6 +5,7 @@
 //! same layers (CORS, authentication, body limit). `/v1/events` and the Mercure hub
 //! (`/.well-known/mercure`) are two faces of the same hub and store behind those layers.
 
+mod disconnect;
 mod error;
 mod events;
 mod health;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub mercure: crate::mercure::router::Router,
     /// Who is subscribed where; `None` with `presence.enabled` off.
     pub presence: Option<crate::presence::Presence>,
+    /// The node's open streams, for disconnects, and its copy of the revocation list.
+    pub control: crate::control::Control,
 }
 
 /// The routes of the public API behind every layer: the one door all requests pass.
@@ -56,6 +59,10 @@ pub fn app(state: Arc<AppState>) -> Router {
     let cors = cors(&state.settings.cors);
     let mut routes = Router::new()
         .route("/v1/events", get(events::subscribe).post(events::publish))
+        .route(
+            "/v1/disconnect",
+            axum::routing::post(disconnect::disconnect),
+        )
         .route("/v1/topics", get(topics::list))
         .route(
             "/v1/topics/{topic}",

@@ -614,7 +614,7 @@ mod tests {
                 assert_eq!(gap.cursor, old[1]);
                 assert_eq!(gap.resume_from, None);
                 assert!(page.events.is_empty());
-                assert_eq!(page.next, StreamId::ZERO);
+                assert_eq!(page.next, old[1].next());
             }
             _ => panic!("the delete was due"),
         }
@@ -632,7 +632,8 @@ mod tests {
             Output::Replayed(page) => {
                 assert_eq!(
                     page.gap.map(|g| g.reason),
-                    Some(crate::store::GapReason::UnknownCursor)
+                    Some(crate::store::GapReason::Trimmed),
+                    "the deleted history is gone"
                 );
                 let data: Vec<&str> = page.events.iter().map(|e| e.data.as_str()).collect();
                 assert_eq!(data, ["c"], "never an old event");

@@ -132,9 +132,9 @@ impl Session {
                             resume_from: None,
                         };
                         self.count_gap(gap.reason);
-                        self.cursor = StreamId::ZERO;
-                        // The feed carries the new stream from its start.
-                        let page = ReplayPage::notice_only(gap, StreamId::ZERO);
+                        // The store starts the new stream past `upto`: its first event follows.
+                        self.cursor = upto.next();
+                        let page = ReplayPage::notice_only(gap, self.cursor);
                         return Output::Replayed(Arc::new(page));
                     }
                 }

@@ -5,14 +5,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{classify, Notice, Page, Signal, Store, StoreError, StreamFacts, TopicStat};
 use crate::config::Settings;
-use crate::event::{Event, NewEvent, StreamId, Topic};
+use crate::event::{unix_ms, Event, NewEvent, StreamId, Topic};
 
 /// Events per topic, in memory.
 pub struct MemoryStore {
@@ -39,6 +39,8 @@ struct Logs {
     topics: HashMap<String, TopicLog>,
     /// Removed topics: their last id, and until when it is kept (Redis's `:last` key).
     tombstones: HashMap<String, (StreamId, Instant)>,
+    /// Shared lists ([`Store::file_until`]): entry → until when (unix ms).
+    lists: HashMap<String, HashMap<String, u64>>,
     /// When idle topics were last looked for.
     swept: Instant,
 }
@@ -71,6 +73,7 @@ impl MemoryStore {
             logs: Mutex::new(Logs {
                 topics: HashMap::new(),
                 tombstones: HashMap::new(),
+                lists: HashMap::new(),
                 swept: Instant::now(),
             }),
             max_events: settings.retention.max_events,
@@ -141,17 +144,12 @@ impl Logs {
 
 impl TopicLog {
     fn next_id(&self) -> StreamId {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = unix_ms();
         let last = self.last_generated;
         if now_ms > last.ms {
             StreamId::new(now_ms, 0)
-        } else if last.seq < u64::MAX {
-            StreamId::new(last.ms, last.seq + 1)
         } else {
-            StreamId::new(last.ms + 1, 0)
+            last.next()
         }
     }
 
@@ -388,13 +386,22 @@ impl Store for MemoryStore {
 
     async fn delete(&self, topic: &Topic) -> Result<Option<StreamId>, StoreError> {
         let mut logs = self.lock();
+        // An emptied log holds no events: nothing to delete (as Redis, whose delete leaves one).
         let removed = logs
             .topics
             .remove(topic.as_str())
+            .filter(|log| !log.entries.is_empty())
             .map(|log| log.last_generated);
         let tombstone = logs.tombstones.remove(topic.as_str()).map(|(last, _)| last);
         let upto = removed.or(tombstone);
         if let Some(upto) = upto {
+            // The log comes back empty, past the deleted one's last id: no new event gets an id a
+            // client may hold, and an old cursor is told of the gap.
+            let fence = upto.next();
+            let now = Instant::now();
+            let log = logs.log_for(topic.as_str(), now);
+            log.last_generated = fence;
+            log.max_deleted = fence;
             // Under the lock: no append of the new stream can be announced before it.
             let _ = self.signal_tx.send(Signal::Removed {
                 topic: topic.as_str().to_owned(),
@@ -402,6 +409,31 @@ impl Store for MemoryStore {
             });
         }
         Ok(upto)
+    }
+
+    async fn file_until(&self, list: &str, entry: &str, until_ms: u64) -> Result<(), StoreError> {
+        let now = unix_ms();
+        let mut logs = self.lock();
+        let entries = logs.lists.entry(list.to_owned()).or_default();
+        let until = entries.entry(entry.to_owned()).or_default();
+        *until = (*until).max(until_ms);
+        entries.retain(|_, until| *until > now);
+        if entries.is_empty() {
+            logs.lists.remove(list);
+        }
+        Ok(())
+    }
+
+    async fn filed(&self, list: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let now = unix_ms();
+        let logs = self.lock();
+        Ok(logs.lists.get(list).map_or_else(Vec::new, |entries| {
+            entries
+                .iter()
+                .filter(|(_, until)| **until > now)
+                .map(|(entry, until)| (entry.clone(), *until))
+                .collect()
+        }))
     }
 
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {

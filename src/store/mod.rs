@@ -240,6 +240,14 @@ pub trait Store: Send + Sync + 'static {
     /// highest id the topic had (`None`: there was nothing to delete).
     async fn delete(&self, topic: &Topic) -> Result<Option<StreamId>, StoreError>;
 
+    /// Files `entry` in the shared list `list` until `until_ms` (unix ms; for an entry already
+    /// there, the later time wins). Entries past their time are dropped, and the list goes
+    /// with its last one: it holds only what is in force.
+    async fn file_until(&self, list: &str, entry: &str, until_ms: u64) -> Result<(), StoreError>;
+
+    /// The entries of `list` still in force, with until when (unix ms).
+    async fn filed(&self, list: &str) -> Result<Vec<(String, u64)>, StoreError>;
+
     /// The entry with exactly this id, if the stream still has it.
     async fn event_at(&self, topic: &Topic, id: StreamId) -> Result<Option<Event>, StoreError>;
 

@@ -8,7 +8,7 @@ use rand::seq::IndexedRandom;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::helpers::{settings, spawn_app, RedisServer, TestApp};
+use crate::helpers::{settings, spawn_app, RedisServer, TestApp, NODE_TOPICS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_live_events_and_resume_each_other() {
@@ -233,8 +233,8 @@ async fn clients_leave_nothing_behind() {
     for i in 0..100 {
         clients.push(app.subscribe(&format!("t{}", i % 10), None).await);
     }
-    assert_eq!(app.hub.active_topics(), 10);
-    assert_eq!(app.hub.running_pumps(), 10);
+    assert_eq!(app.hub.active_topics(), 10 + NODE_TOPICS);
+    assert_eq!(app.hub.running_pumps(), 10 + NODE_TOPICS);
     // One live and one keyspace channel per topic, not per client. Subscribing completes in
     // the background, so wait for it.
     app.eventually("one subscription per topic", async || {
@@ -245,7 +245,9 @@ async fn clients_leave_nothing_behind() {
     drop(clients);
     let hub = app.hub.clone();
     app.eventually("every topic is released", async || {
-        hub.active_topics() == 0 && hub.running_pumps() == 0 && redis.channels().await.is_empty()
+        hub.active_topics() == NODE_TOPICS
+            && hub.running_pumps() == NODE_TOPICS
+            && redis.channels().await.is_empty()
     })
     .await;
 

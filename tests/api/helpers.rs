@@ -169,14 +169,19 @@ impl RedisServer {
         cmd.query_async(&mut self.conn().await).await.unwrap()
     }
 
-    /// Pub/sub channels with at least one subscriber.
+    /// Pub/sub channels with at least one subscriber, but the nodes' own control topic's (every
+    /// node follows it, for disconnects).
     pub async fn channels(&self) -> Vec<String> {
-        redis::cmd("PUBSUB")
+        let channels: Vec<String> = redis::cmd("PUBSUB")
             .arg("CHANNELS")
             .arg("*")
             .query_async(&mut self.conn().await)
             .await
-            .unwrap()
+            .unwrap();
+        channels
+            .into_iter()
+            .filter(|c| !c.contains(CONTROL_TOPIC))
+            .collect()
     }
 
     /// How many times Redis ran `command` (scripts' calls included), from INFO commandstats.
@@ -984,9 +989,16 @@ pub enum Backend {
 }
 
 /// Two nodes on one backend (one Redis, or a cluster of three masters), with an HMAC key ([`SECRET`]) and whatever `adjust` sets.
+/// The topic every node reads itself, from start to shutdown: disconnects are announced on it.
+pub use ssegate::control::CONTROL_TOPIC;
+/// Topics a node holds with no client: its control topic.
+pub const NODE_TOPICS: usize = 1;
+
 pub struct Nodes {
     pub a: TestApp,
     pub b: TestApp,
+    /// What both nodes were started with: a third node joins with the same.
+    pub settings: Settings,
     pub _backend: Backend,
 }
 
@@ -1012,10 +1024,11 @@ pub async fn two_nodes(cluster: bool, adjust: impl Fn(&mut Settings)) -> Nodes {
     };
     adjust(&mut s);
     let a = spawn_app(s.clone()).await;
-    let b = spawn_app(s).await;
+    let b = spawn_app(s.clone()).await;
     Nodes {
         a,
         b,
+        settings: s,
         _backend: backend,
     }
 }

@@ -132,7 +132,7 @@ on_both! {
 /// one node reaches a subscriber on the other with its id, its type and its data, lines and
 /// empty lines included; by raw string, several topics, several selectors, URI and URI template.
 async fn conformance_cases_across_nodes(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let token = subscriber(&[]);
     let selectors = [
         "https://example.com/raw string",
@@ -198,7 +198,7 @@ async fn conformance_cases_across_nodes(nodes: Nodes) {
 /// `*` receives everything; a subscriber sees updates published through either node, in the
 /// log's order.
 async fn every_topic_with_the_star_in_one_order(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let token = subscriber(&[]);
     let mut on_a = stream(&a, &query(&["*"], &[]), Some(&token), None).await;
     let mut on_b = stream(&b, &query(&["*"], &[]), Some(&token), None).await;
@@ -215,7 +215,7 @@ async fn every_topic_with_the_star_in_one_order(nodes: Nodes) {
 /// their topics (alternates included), live and in replay; public ones reach everyone whose
 /// selectors match, anonymous subscribers too when allowed.
 async fn private_updates_live_and_in_replay(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
 
     let books = "https://example.com/books/{id}";
     let user_foo = subscriber(&["https://example.com/users/foo/{?topic}"]);
@@ -485,7 +485,7 @@ async fn cookie_publishing_needs_a_listed_origin() {
 /// Publishers' ids and generated ones resume exactly on the other node; `earliest` replays all
 /// history; the response's `Last-Event-ID` says where the stream starts.
 async fn resuming_from_ids_on_the_other_node(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let token = subscriber(&[]);
     let topic = "https://example.com/feed";
     let path = query(&[topic], &[]);
@@ -535,7 +535,7 @@ async fn resuming_from_ids_on_the_other_node(nodes: Nodes) {
 /// An id the hub cannot find is answered with `Last-Event-ID: earliest` and an `ssegate.gap`
 /// event before everything retained: never a silent jump to live.
 async fn an_unknown_id_is_told(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let token = subscriber(&[]);
     let topic = "urn:told";
     let first = published(&a, &[("topic", topic), ("data", "1")]).await;
@@ -560,7 +560,7 @@ async fn an_unknown_id_is_told(nodes: Nodes) {
 
 /// History trimmed past a client's id: the notice names the id, the header says `earliest`.
 async fn trimmed_history_is_told(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let token = subscriber(&[]);
     let old = published(&a, &[("topic", "urn:t"), ("id", "rev-0")]).await;
     let mut kept = Vec::new();
@@ -584,7 +584,7 @@ async fn trimmed_history_is_told(nodes: Nodes) {
 /// A repeated publisher id with the same update is a retry: answered with the id, stored once.
 /// Another update under a used id is refused with `409`, not acknowledged and dropped.
 async fn a_repeated_id_is_stored_once(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let token = subscriber(&[]);
     let mut sse = stream(&b, &query(&["urn:r"], &[]), Some(&token), None).await;
     let fields = [("topic", "urn:r"), ("id", "same"), ("data", "first")];
@@ -693,7 +693,7 @@ async fn the_stream_ends_at_the_tokens_expiry() {
 /// resumed (by label) like any other, on one Redis and on a cluster, where they sit in key names
 /// after the log's hash tag.
 async fn iris_of_every_shape(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let token = subscriber(&[]);
     let long = format!("https://example.com/{}", "a".repeat(2048));
     let topics = [
@@ -842,7 +842,7 @@ pub async fn subscription_events(
 /// with `lastEventID` (from which subscription events resume), an `ETag` and `304`; an unknown
 /// subscription is `404`; a token whose selectors miss the URL is `401`.
 async fn active_subscriptions_across_nodes(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let mut events = stream(&a, &query(&[SUBSCRIPTIONS], &[]), Some(&observer()), None).await;
     // Its own subscription is announced too.
     let own = subscription_event(&mut events).await;

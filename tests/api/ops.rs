@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{settings, spawn_app, RedisServer};
+use crate::helpers::{settings, spawn_app, RedisServer, NODE_TOPICS};
 
 /// The ids of Redis's pub/sub connections: a connection Redis dropped and the gateway opened
 /// again has a new id.
@@ -78,7 +78,8 @@ pub fn sample(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn scrape(url: &str) -> String {
+/// A `/metrics` text, checked to be OpenMetrics.
+pub async fn scrape(url: &str) -> String {
     let r = reqwest::get(url).await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
@@ -119,7 +120,11 @@ async fn metrics_move_as_the_gateway_is_used() {
     assert_eq!(sample(&now, "ssegate_events_published_total"), 3.0);
     assert_eq!(sample(&now, "ssegate_publish_duration_seconds_count"), 3.0);
     assert_eq!(sample(&now, "ssegate_open_streams"), 2.0);
-    assert_eq!(sample(&now, "ssegate_active_topics"), 1.0);
+    // The topic read, and the node's control topic.
+    assert_eq!(
+        sample(&now, "ssegate_active_topics"),
+        1.0 + NODE_TOPICS as f64
+    );
     assert!(sample(&now, "ssegate_deliveries_total") >= 3.0);
     assert!(sample(&now, "ssegate_replay_reads_total{source=\"store\"}") >= 1.0);
     assert_eq!(

@@ -117,7 +117,7 @@ on_both! {
 /// Subscribers on both nodes are listed from either, with their `sub`, info, node and
 /// connection time; counts; a closed stream leaves the list.
 async fn presence_lists_every_nodes_subscribers(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let _ada = subscribe(&a, "?topic=doc.1", &member("ada")).await;
     let bob = subscribe(&b, "?topic=doc.1", &member("bob")).await;
     let _ada_again = subscribe(&b, "?topic=doc.1&topic=doc.2", &member("ada")).await;
@@ -162,7 +162,7 @@ async fn presence_lists_every_nodes_subscribers(nodes: Nodes) {
 /// events keep their ids and a resume replays no presence event. Topics outside
 /// `presence.events` get none.
 async fn join_and_leave_reach_subscribers_on_both_nodes(nodes: Nodes) {
-    let Nodes { a, b, _backend } = nodes;
+    let Nodes { a, b, _backend, .. } = nodes;
     let mut on_a = subscribe(&a, "?topic=room.1", &member("wa")).await;
     presence_event(&mut on_a, "ssegate.join", "wa").await;
     let mut on_b = subscribe(&b, "?topic=room.1", &member("wb")).await;

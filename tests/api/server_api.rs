@@ -1,12 +1,15 @@
 //! The server API across two nodes, on one Redis and on a cluster: history pages equal to what a
-//! stream replays, a topic's state counting subscribers on both nodes, the topic list, and a
-//! delete reaching every node's subscribers; admin tokens required where they must be.
+//! stream replays, a topic's state counting subscribers on both nodes, the topic list, a
+//! delete reaching every node's subscribers, disconnects and revocations ending streams on both
+//! nodes and refusing revoked tokens everywhere; admin tokens required where they must be.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{on_both, Nodes, Sse, TestApp};
+use crate::helpers::{on_both, spawn_app, Nodes, Sse, TestApp};
+use crate::mercure::{self, HUB};
+use crate::ops::{sample, scrape};
 use crate::security::hs;
 
 fn exp() -> u64 {
@@ -115,6 +118,8 @@ on_both! {
     });
     topic_state_and_list_count_subscribers_on_both_nodes(|_| {});
     delete_reaches_every_nodes_subscribers(|_| {});
+    disconnect_ends_streams_on_both_nodes(|_| {});
+    revoke_refuses_the_token_on_every_node_and_path(|_| {});
 }
 
 /// Pages of 2 through node B, after `0` and after an id, equal what a stream resuming from the
@@ -367,4 +372,283 @@ async fn delete_reaches_every_nodes_subscribers(nodes: Nodes) {
     })
     .await
     .expect("told within a second");
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A user's token for their own topic, with its `jti` and `iat`.
+fn user(sub: &str, jti: &str, iat: u64) -> String {
+    let topic = format!("user.{sub}");
+    token(json!({
+        "sub": sub, "jti": jti, "iat": iat,
+        "ssegate": {"subscribe": [topic, "room.*"], "publish": [topic]}
+    }))
+}
+
+async fn disconnect(app: &TestApp, token: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = app.http.post(app.url("/v1/disconnect")).json(&body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits for the stream to end (it may still deliver events before it does).
+async fn ends_within_a_second(stream: &mut Sse, what: &str) {
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(e) = stream.next().await {
+            assert_ne!(e.event, "ssegate.gap", "{what}: ended, not told of a gap");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not ended within a second"));
+}
+
+/// A published event reaches each of `streams`: they are still open.
+async fn still_open(app: &TestApp, topic: &str, streams: &mut [&mut Sse]) {
+    let id = publish(app, topic, "still here").await;
+    for s in streams.iter_mut() {
+        assert_eq!(s.expect().await.id, id);
+    }
+}
+
+/// Disconnects by `jti`, by `sub` and by topic, taken by one node, end the matching streams on
+/// both within a second and no other; without `revoke`, the same token connects again. Only
+/// an admin token covering what is named may disconnect; a body naming nothing, or two
+/// things, is refused with a 400.
+async fn disconnect_ends_streams_on_both_nodes(nodes: Nodes) {
+    let (a, b) = (&nodes.a, &nodes.b);
+    let iat = now() - 10;
+    let (ada1, ada2, bob) = (
+        user("ada", "ada-1", iat),
+        user("ada", "ada-2", iat),
+        user("bob", "bob-1", iat),
+    );
+    let mut ada1_a = subscribe(a, "user.ada", None, &ada1).await;
+    let mut ada1_b = subscribe(b, "user.ada", None, &ada1).await;
+    let mut ada2_b = subscribe(b, "user.ada", None, &ada2).await;
+    let mut bob_a = subscribe(a, "user.bob", None, &bob).await;
+    let mut room_a = subscribe(a, "room.1", None, &bob).await;
+    let mut room_b = subscribe(b, "room.1", None, &ada2).await;
+    still_open(a, "user.ada", &mut [&mut ada1_a, &mut ada1_b, &mut ada2_b]).await;
+    still_open(b, "room.1", &mut [&mut room_a, &mut room_b]).await;
+
+    // Refused: no token, a reader's, an admin of some topics naming a user, bad bodies.
+    let by_jti = json!({"jti": "ada-1"});
+    assert_eq!(disconnect(a, None, by_jti.clone()).await.0, 401);
+    assert_eq!(disconnect(a, Some(&ada1), by_jti.clone()).await.0, 403);
+    let (status, body) = disconnect(a, Some(&admin(&["user.*"])), by_jti.clone()).await;
+    assert_eq!((status, body["error"].clone()), (403, json!("forbidden")));
+    for bad in [
+        json!({}),
+        json!({"sub": "ada", "jti": "ada-1"}),
+        json!({"sub": ""}),
+        json!({"topic": "room.1", "revoke": true}),
+    ] {
+        let (status, body) = disconnect(a, Some(&root()), bad.clone()).await;
+        assert_eq!(status, 400, "{bad}");
+        assert_eq!(body["error"], "invalid_disconnect", "{bad}");
+    }
+    let (status, body) = disconnect(a, Some(&root()), json!({"jti": "x", "what": 1})).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (400, json!("invalid_json"))
+    );
+    let (status, body) = disconnect(a, Some(&root()), json!({"topic": "no spaces"})).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (400, json!("invalid_topic"))
+    );
+
+    // By jti, through node B: that token's streams on both nodes, not the same user's other.
+    let (status, body) = disconnect(b, Some(&admin(&["*"])), by_jti).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"revoked": false, "revoked_until": null, "ended_here": 1})
+    );
+    ends_within_a_second(&mut ada1_a, "ada-1 on A").await;
+    ends_within_a_second(&mut ada1_b, "ada-1 on B").await;
+    still_open(b, "user.ada", &mut [&mut ada2_b]).await;
+    // Not revoked: the same token connects again.
+    let mut ada1_again = subscribe(a, "user.ada", None, &ada1).await;
+    still_open(a, "user.ada", &mut [&mut ada1_again, &mut ada2_b]).await;
+
+    // By topic, through node A, by an admin of the topic: its streams on both nodes.
+    let by_topic = json!({"topic": "room.1"});
+    assert_eq!(
+        disconnect(a, Some(&admin(&["user.*"])), by_topic.clone())
+            .await
+            .0,
+        403
+    );
+    let (status, body) = disconnect(a, Some(&admin(&["room.*"])), by_topic).await;
+    assert_eq!((status, body["ended_here"].clone()), (200, json!(1)));
+    ends_within_a_second(&mut room_a, "room.1 on A").await;
+    ends_within_a_second(&mut room_b, "room.1 on B").await;
+
+    // By sub: every stream of that user, on both nodes; the others go on.
+    let (status, _) = disconnect(a, Some(&root()), json!({"sub": "ada"})).await;
+    assert_eq!(status, 200);
+    ends_within_a_second(&mut ada1_again, "ada again on A").await;
+    ends_within_a_second(&mut ada2_b, "ada-2 on B").await;
+    still_open(b, "user.bob", &mut [&mut bob_a]).await;
+
+    let text = scrape(&a.url("/metrics")).await;
+    assert_eq!(sample(&text, "ssegate_streams_ended_total"), 3.0, "{text}");
+    assert_eq!(
+        sample(&text, "ssegate_api_calls_total{call=\"disconnect\"}"),
+        2.0
+    );
+}
+
+/// A revoking disconnect by `sub` through node A ends that user's streams on both nodes
+/// within a second; from then on their tokens issued until then are refused on both nodes
+/// with `401 token_revoked`, by header, cookie and query, for subscribing and publishing, on
+/// `/v1` and on the Mercure face (whose stream of that user ends too), while a token issued
+/// later is accepted. A `jti` revoked through node B is refused on both,
+/// and on a node started afterwards.
+async fn revoke_refuses_the_token_on_every_node_and_path(nodes: Nodes) {
+    let (a, b) = (&nodes.a, &nodes.b);
+    let iat = now() - 10;
+    let (ada1, ada2, bob1, bob2) = (
+        user("ada", "ada-1", iat),
+        user("ada", "ada-2", iat),
+        user("bob", "bob-1", iat),
+        user("bob", "bob-2", iat),
+    );
+    let mut ada_a = subscribe(a, "user.ada", None, &ada1).await;
+    let mut ada_b = subscribe(b, "user.ada", None, &ada2).await;
+    let mut bob_b = subscribe(b, "user.bob", None, &bob1).await;
+    still_open(a, "user.ada", &mut [&mut ada_a, &mut ada_b]).await;
+    still_open(a, "user.bob", &mut [&mut bob_b]).await;
+    // The same user on the Mercure face: the same revocation covers it.
+    let ada_mercure = token(json!({
+        "sub": "ada", "jti": "ada-m", "iat": iat,
+        "mercure": {"subscribe": ["*"], "publish": ["*"]}
+    }));
+    let mercure_path = format!("{HUB}?topic=https://example.com/ada");
+    let response = b
+        .http
+        .get(b.url(&mercure_path))
+        .bearer_auth(&ada_mercure)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut ada_mercure_b = Sse::from_response(response);
+    let (status, _) = mercure::publish(
+        a,
+        Some(&ada_mercure),
+        &[
+            ("topic", "https://example.com/ada"),
+            ("data", "hi"),
+            ("id", "m1"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(ada_mercure_b.expect().await.id, "m1");
+
+    let (status, body) = disconnect(a, Some(&root()), json!({"sub": "ada", "revoke": true})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revoked"], true);
+    assert!(body["revoked_until"].is_string(), "{body}");
+    ends_within_a_second(&mut ada_a, "ada on A").await;
+    ends_within_a_second(&mut ada_b, "ada on B").await;
+    ends_within_a_second(&mut ada_mercure_b, "ada's Mercure stream on B").await;
+    for node in [a, b] {
+        let response = node
+            .http
+            .get(node.url(&mercure_path))
+            .bearer_auth(&ada_mercure)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "Mercure subscribe");
+        let (status, _) = mercure::publish(
+            node,
+            Some(&ada_mercure),
+            &[("topic", "https://example.com/ada"), ("data", "x")],
+        )
+        .await;
+        assert_eq!(status, 401, "Mercure publish");
+    }
+
+    // Refused on both nodes, by every path, within a second of the answer.
+    let later = user("ada", "ada-3", now() + 1);
+    for node in [a, b] {
+        assert_revoked(node, &ada1, "user.ada").await;
+        assert_revoked(node, &ada2, "user.ada").await;
+        // A token issued after the revocation is not covered by it.
+        let mut fresh = subscribe(node, "user.ada", None, &later).await;
+        still_open(node, "user.ada", &mut [&mut fresh]).await;
+        // Nor are the other users' tokens.
+        still_open(node, "user.bob", &mut [&mut bob_b]).await;
+    }
+
+    // One token by jti, through node B, kept until its exp: bob's other token goes on.
+    let by_jti = json!({"jti": "bob-1", "revoke": true, "exp": exp()});
+    let (status, body) = disconnect(b, Some(&root()), by_jti).await;
+    assert_eq!((status, body["ended_here"].clone()), (200, json!(1)));
+    ends_within_a_second(&mut bob_b, "bob-1 on B").await;
+    for node in [a, b] {
+        assert_revoked(node, &bob1, "user.bob").await;
+        let mut other = subscribe(node, "user.bob", None, &bob2).await;
+        still_open(node, "user.bob", &mut [&mut other]).await;
+    }
+
+    // A node started afterwards has the list from the start.
+    let c = spawn_app(nodes.settings.clone()).await;
+    assert_revoked(&c, &bob1, "user.bob").await;
+    assert_revoked(&c, &ada1, "user.ada").await;
+    subscribe(&c, "user.bob", None, &bob2).await;
+
+    let text = scrape(&a.url("/metrics")).await;
+    assert_eq!(sample(&text, "ssegate_revocations_total"), 1.0, "{text}");
+    assert_eq!(
+        sample(&text, "ssegate_auth_failures_total{reason=\"revoked\"}"),
+        14.0,
+        "{text}"
+    );
+}
+
+/// `token` is refused with `401 token_revoked` on `node`: as a bearer token, a cookie and a
+/// query parameter when subscribing, and when publishing.
+async fn assert_revoked(node: &TestApp, token: &str, topic: &str) {
+    let path = format!("/v1/events?topic={topic}");
+    let requests = [
+        ("header", node.http.get(node.url(&path)).bearer_auth(token)),
+        (
+            "cookie",
+            node.http
+                .get(node.url(&path))
+                .header("cookie", format!("ssegate_token={token}")),
+        ),
+        (
+            "query",
+            node.http
+                .get(node.url(&format!("{path}&access_token={token}"))),
+        ),
+        (
+            "publish",
+            node.http
+                .post(node.url("/v1/events"))
+                .bearer_auth(token)
+                .json(&json!({"topic": topic, "data": "x"})),
+        ),
+    ];
+    for (path, request) in requests {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "token_revoked", "{path}: {body}");
+    }
 }

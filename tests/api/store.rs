@@ -87,6 +87,7 @@ conformance! {
     a_dead_nodes_entries_are_reaped_once(0);
     reads_back_newest_first_and_states_the_stream(3);
     delete_removes_the_topic_and_tells_its_readers(0);
+    shared_lists_keep_entries_until_their_time(0);
 }
 
 fn topic(name: &str) -> Topic {
@@ -912,16 +913,20 @@ async fn delete_removes_the_topic_and_tells_its_readers(s: Subject) {
             break;
         }
     }
-    assert_eq!(s.store.stat(&t).await.unwrap(), TopicStat::default());
-    assert_eq!(s.store.tail(&t).await.unwrap(), StreamId::ZERO);
-    assert_eq!(s.store.keyed(&t, "k1").await.unwrap(), None);
-    let old = s.store.read(&t, ids[0], 10).await.unwrap();
+    // Left empty, past the deleted history: no new id at or below an old one.
+    let fence = s.store.tail(&t).await.unwrap();
+    assert!(fence > ids[1], "{fence} after {}", ids[1]);
+    let stat = s.store.stat(&t).await.unwrap();
     assert_eq!(
-        old.gap,
-        Some(GapReason::UnknownCursor),
-        "an old cursor is told"
+        (stat.length, stat.first, stat.last, stat.last_generated),
+        (0, None, None, fence)
     );
-    assert!(old.events.is_empty());
+    assert_eq!(s.store.keyed(&t, "k1").await.unwrap(), None);
+    for cursor in [ids[0], ids[1]] {
+        let old = s.store.read(&t, cursor, 10).await.unwrap();
+        assert_eq!(old.gap, Some(GapReason::Trimmed), "an old cursor is told");
+        assert!(old.events.is_empty());
+    }
     let labelled = s
         .store
         .read_labelled(&t, &["l".to_owned()], StreamId::ZERO, 10)
@@ -949,12 +954,63 @@ async fn delete_removes_the_topic_and_tells_its_readers(s: Subject) {
     );
     // The same key appends again: it belonged to the deleted history.
     let again = s.store.append(&t, vec![keyed("c", "k1")]).await.unwrap();
-    let page = s.store.read(&t, StreamId::ZERO, 10).await.unwrap();
+    assert!(again[0] > fence);
+    let page = s.store.read(&t, ids[1], 10).await.unwrap();
+    assert_eq!(page.gap, Some(GapReason::Trimmed));
     assert_eq!(page.events.iter().map(|e| e.id).collect::<Vec<_>>(), again);
     assert_eq!(s.store.delete(&t).await.unwrap(), Some(again[0]));
     assert_eq!(
         s.store.delete(&t).await.unwrap(),
         None,
         "nothing left to delete"
+    );
+}
+
+/// An entry filed in a shared list is listed until its time, with that time; filing it again
+/// keeps the later time; entries past their time are listed no more; lists are apart.
+async fn shared_lists_keep_entries_until_their_time(s: Subject) {
+    let store = &*s.store;
+    let now = ssegate::event::unix_ms();
+    let (long, short) = (now + 60_000, now + 300);
+    assert_eq!(store.filed("revocations").await.unwrap(), vec![]);
+    store
+        .file_until("revocations", "jti:a", long)
+        .await
+        .unwrap();
+    store
+        .file_until("revocations", "jti:b", short)
+        .await
+        .unwrap();
+    // An earlier time for an entry already there changes nothing.
+    store
+        .file_until("revocations", "jti:a", now + 1_000)
+        .await
+        .unwrap();
+    store.file_until("other", "x", long).await.unwrap();
+    let mut listed = store.filed("revocations").await.unwrap();
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![("jti:a".to_owned(), long), ("jti:b".to_owned(), short)]
+    );
+    // The short entry's time passes (time itself is what is tested here).
+    let left = (short + 50).saturating_sub(ssegate::event::unix_ms());
+    tokio::time::sleep(Duration::from_millis(left)).await;
+    assert_eq!(
+        store.filed("revocations").await.unwrap(),
+        vec![("jti:a".to_owned(), long)]
+    );
+    // A later time for an entry wins.
+    store
+        .file_until("revocations", "jti:a", long + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.filed("revocations").await.unwrap(),
+        vec![("jti:a".to_owned(), long + 1)]
+    );
+    assert_eq!(
+        store.filed("other").await.unwrap(),
+        vec![("x".to_owned(), long)]
     );
 }

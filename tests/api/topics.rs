@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use ssegate::event::Topic;
 
-use crate::helpers::{envelope, settings, spawn_app, RedisServer, ResumingClient, Sse, TestApp};
+use crate::helpers::{
+    envelope, settings, spawn_app, RedisServer, ResumingClient, Sse, TestApp, NODE_TOPICS,
+};
 
 /// Commands Redis runs for the test itself or for connection health, not for topics.
 const OVERHEAD: [&str; 4] = ["info", "config", "ping", "client"];
@@ -50,7 +52,7 @@ async fn idle_topics_cost_redis_one_command_per_interval_however_many() {
             app.publish(&topic, "hello").await;
             streams.push(app.subscribe(&topic, None).await);
         }
-        assert_eq!(app.hub.active_topics(), total);
+        assert_eq!(app.hub.active_topics(), total + NODE_TOPICS);
         let calls = commands_over_ticks(&redis, &app, ticks).await;
         // Only the batched check ran: one XREAD per interval for up to 1000 topics. (Before, every
         // interval read every topic: `total` EVALSHAs each.)

@@ -54,6 +54,12 @@ impl Keys {
         self.name(topic, TOMBSTONE)
     }
 
+    /// A shared list ([`Store::file_until`](crate::store::Store::file_until)):
+    /// `<prefix>:list:{<name>}`, outside every topic's names.
+    pub(super) fn list(&self, name: &str) -> String {
+        format!("{}:list:{{{name}}}", self.prefix)
+    }
+
     /// A `SCAN MATCH` pattern for every key of the topic but its stream
     /// (`<prefix>:{<topic>}:*`), glob characters in the topic escaped.
     pub(super) fn others_pattern(&self, topic: &str) -> String {

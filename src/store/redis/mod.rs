@@ -438,7 +438,8 @@ impl Store for RedisStore {
                 .arg(presence.as_str())
                 .arg(channel.as_str())
                 .arg(publish)
-                .arg(DELETE_SCAN_COUNT);
+                .arg(DELETE_SCAN_COUNT)
+                .arg(self.append_settings.idle_ttl_ms);
             let reply = self.runner.run(&mut conn, &invocation, None).await?;
             let parts = as_array(&reply)?;
             cursor = as_text(parts.first())?;
@@ -453,6 +454,38 @@ impl Store for RedisStore {
                 return Ok(upto);
             }
         }
+    }
+
+    async fn file_until(&self, list: &str, entry: &str, until_ms: u64) -> Result<(), StoreError> {
+        let now = crate::event::unix_ms();
+        let mut invocation = Call::new(&self.scripts.file_until, 1);
+        invocation
+            .key(self.keys.list(list))
+            .arg(entry)
+            .arg(until_ms)
+            .arg(now);
+        self.runner
+            .run(&mut self.link()?.conn, &invocation, None)
+            .await
+            .map(|_| ())
+    }
+
+    async fn filed(&self, list: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let now = crate::event::unix_ms();
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(self.keys.list(list))
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("WITHSCORES");
+        let started = Instant::now();
+        let reply: Result<Vec<(String, f64)>, StoreError> =
+            query(&mut self.link()?.conn, &cmd, self.runner.response_timeout).await;
+        self.runner.observe(started, &reply);
+        Ok(reply?
+            .into_iter()
+            .map(|(entry, until)| (entry, until as u64))
+            .collect())
     }
 
     async fn keyed(&self, topic: &Topic, key: &str) -> Result<Option<StreamId>, StoreError> {

@@ -19,6 +19,7 @@ pub(super) struct Scripts {
     pub(super) tail: Lua,
     pub(super) stat: Lua,
     pub(super) delete: Lua,
+    pub(super) file_until: Lua,
 }
 
 impl Scripts {
@@ -30,6 +31,7 @@ impl Scripts {
             tail: Lua::new(include_str!("tail.lua")),
             stat: Lua::new(include_str!("stat.lua")),
             delete: Lua::new(include_str!("delete.lua")),
+            file_until: Lua::new(include_str!("file_until.lua")),
         }
     }
 }
