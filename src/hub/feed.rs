@@ -12,7 +12,10 @@
 //!
 //! Each receiver has a slot in the queue's state, under the lock it reads items with: its place
 //! in the queue, and its waker while it waits. A send takes the wakers and wakes them outside the
-//! lock. A receiver of a topic with
+//! lock. The slot list shrinks back as receivers leave: a new receiver takes the lowest free
+//! slot, free slots at the end go, and while more than half the list is free a receiver that
+//! reads (or waits again) moves down into the lowest free slot, so that the end frees up. A
+//! topic whose clients all left but one holds one slot, wherever that one was. A receiver of a topic with
 //! many clients then takes one lock per item it reads, where a `Notify` cost it two turns of
 //! the notifier's lock besides (enabling and dropping its waiter), all contended by the topic's
 //! other receivers.
@@ -21,7 +24,7 @@
 //! started; `None` until the pump knows. It moves under the same lock as the items, so a
 //! receiver subscribing sees exactly the horizon of what it will not receive.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -58,9 +61,12 @@ struct State<T> {
     closed: bool,
     /// One per receiver (see [`Receiver::slot`]).
     slots: Vec<Slot>,
-    /// Slots of receivers gone, for the next ones: clients that come and go do not grow
-    /// `slots`.
-    free_slots: Vec<usize>,
+    /// Slots of receivers gone, for the next ones, lowest first: clients that come and go do
+    /// not grow `slots`, and the list's end empties so that it can shrink.
+    free_slots: BTreeSet<usize>,
+    /// Receivers moved down so far, for the tests.
+    #[cfg(test)]
+    moves: usize,
 }
 
 /// A receiver's state, kept in the feed rather than in the receiver: a receiver is part of every
@@ -86,6 +92,45 @@ impl<T> State<T> {
         self.first + self.items.len() as u64
     }
 
+    /// Drops the free slots at the end of the list, and gives back its memory once it is mostly
+    /// unused.
+    fn release_tail(&mut self) {
+        while self
+            .free_slots
+            .last()
+            .is_some_and(|&last| last + 1 == self.slots.len())
+        {
+            self.free_slots.pop_last();
+            self.slots.pop();
+        }
+        if self.slots.len() < self.slots.capacity() / 4 || self.slots.is_empty() {
+            self.slots.shrink_to(self.slots.len() * 2);
+        }
+    }
+
+    /// Where the receiver in `slot` should be: while more than half the list is free, the
+    /// lowest free slot below it (moved there, its own freed), else where it is.
+    fn settle(&mut self, slot: usize) -> usize {
+        if self.free_slots.len() * 2 <= self.slots.len() {
+            return slot;
+        }
+        match self.free_slots.first() {
+            Some(&lower) if lower < slot => {
+                self.free_slots.pop_first();
+                self.slots.swap(lower, slot);
+                self.slots[slot].waker = None;
+                self.free_slots.insert(slot);
+                self.release_tail();
+                #[cfg(test)]
+                {
+                    self.moves += 1;
+                }
+                lower
+            }
+            _ => slot,
+        }
+    }
+
     /// Drops items every receiver has read, and gives back memory after a burst.
     fn drop_read(&mut self) {
         while self.items.front().is_some_and(|(_, unread)| *unread == 0) {
@@ -108,7 +153,9 @@ impl<T: Clone> Feed<T> {
                 horizon: None,
                 closed: false,
                 slots: Vec::new(),
-                free_slots: Vec::new(),
+                free_slots: BTreeSet::new(),
+                #[cfg(test)]
+                moves: 0,
             }),
             changed: Notify::new(),
         })
@@ -125,7 +172,7 @@ impl<T: Clone> Feed<T> {
             next: state.end(),
             waker: None,
         };
-        let slot = match state.free_slots.pop() {
+        let slot = match state.free_slots.pop_first() {
             Some(slot) => {
                 state.slots[slot] = place;
                 slot
@@ -249,6 +296,8 @@ impl<T: Clone> Receiver<T> {
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<T, RecvError>> {
         let mut state = self.feed.lock();
+        // Under the lock a send holds while it queues: moving does not hide an item from it.
+        self.slot = state.settle(self.slot);
         if let Some(result) = take(&mut state, self.slot) {
             return Poll::Ready(result);
         }
@@ -285,11 +334,12 @@ impl<T: Clone> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut state = self.feed.lock();
         state.slots[self.slot].waker = None;
-        state.free_slots.push(self.slot);
         let from = state.slots[self.slot].next.saturating_sub(state.first) as usize;
         for (_, unread) in state.items.iter_mut().skip(from) {
             *unread -= 1;
         }
+        state.free_slots.insert(self.slot);
+        state.release_tail();
         state.drop_read();
     }
 }
@@ -404,12 +454,112 @@ mod tests {
         }
         assert_eq!(
             feed.lock().slots.len(),
-            2,
-            "the visitors took turns in one slot"
+            1,
+            "the visitors took turns in one slot, and it went with the last"
         );
         assert_eq!(waiting(&feed), 1, "a visitor gone leaves no waker");
         feed.send(7, None);
         assert_eq!(stays.recv().await, Ok(7));
+    }
+
+    /// Slots in the list, and its capacity.
+    fn slot_list<T: Clone>(feed: &Feed<T>) -> (usize, usize) {
+        let state = feed.lock();
+        (state.slots.len(), state.slots.capacity())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_slot_list_shrinks_back_when_receivers_leave() {
+        let feed = Feed::new(4);
+        let mut receivers: Vec<_> = (0..20_000).map(|_| feed.subscribe().0).collect();
+        assert_eq!(slot_list(&feed).0, 20_000);
+        // All leave but the last one to come: it reads on, from a slot near the start.
+        let mut last = receivers.pop().unwrap();
+        drop(receivers);
+        feed.send(1, None);
+        assert_eq!(last.recv().await, Ok(1));
+        let (len, capacity) = slot_list(&feed);
+        assert_eq!(len, 1, "the one left moved down");
+        assert!(capacity <= 2, "the list's memory went back: {capacity}");
+        // An idle receiver polled again (a heartbeat's timeout) moves down too.
+        let mut receivers: Vec<_> = (0..1000).map(|_| feed.subscribe().0).collect();
+        let mut idle = receivers.pop().unwrap();
+        drop(receivers);
+        let waited = tokio::time::timeout(Duration::from_secs(1), idle.recv()).await;
+        assert!(waited.is_err());
+        assert_eq!(slot_list(&feed).0, 2);
+        // Everyone gone: nothing held.
+        drop((last, idle));
+        assert_eq!(slot_list(&feed), (0, 0));
+        let mut again = feed.subscribe().0;
+        feed.send(2, None);
+        assert_eq!(again.recv().await, Ok(2));
+    }
+
+    /// Receivers coming, reading and leaving at random (seeded), with the list moving them
+    /// down as it shrinks: every receiver reads every item sent while it was there, in order;
+    /// once each has read again, the list holds at most twice the receivers.
+    #[tokio::test]
+    async fn receivers_moved_down_miss_nothing() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let feed = Feed::new(1 << 20);
+        // Each receiver, with the next item it must read.
+        let mut receivers: Vec<(Receiver<u64>, u64)> = Vec::new();
+        let mut sent = 0u64;
+        for step in 0..21_000 {
+            // Phases of 1,000 steps, coming then leaving: the list turns sparse, and
+            // receivers move down.
+            let coming = step / 1000 % 2 == 0;
+            let op = rng.random_range(0..10);
+            let op = match (coming, op) {
+                (true, 0..=3) => 0,
+                (true, 4) | (false, 0..=4) => 3,
+                (_, op) => op.max(6),
+            };
+            match op {
+                0 => receivers.push((feed.subscribe().0, sent)),
+                3 if !receivers.is_empty() => {
+                    let i = rng.random_range(0..receivers.len());
+                    receivers.swap_remove(i);
+                }
+                6 => {
+                    feed.send(sent, None);
+                    sent += 1;
+                }
+                _ if !receivers.is_empty() => {
+                    let i = rng.random_range(0..receivers.len());
+                    let (r, next) = &mut receivers[i];
+                    while *next < sent {
+                        assert_eq!(r.recv().await, Ok(*next), "seed {seed}");
+                        *next += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // One more item: every receiver reads at least once, and moves down if it should.
+        feed.send(sent, None);
+        sent += 1;
+        for (r, next) in &mut receivers {
+            while *next < sent {
+                assert_eq!(r.recv().await, Ok(*next), "seed {seed}");
+                *next += 1;
+            }
+        }
+        let (len, _) = slot_list(&feed);
+        assert!(len <= 2 * receivers.len(), "seed {seed}: {len} slots");
+        let moves = feed.lock().moves;
+        assert!(
+            moves > 100,
+            "seed {seed}: receivers moved down {moves} times"
+        );
+        println!("{moves} moves, {} receivers left", receivers.len());
+        drop(receivers);
+        assert_eq!(slot_list(&feed), (0, 0));
+        assert_eq!(feed.held(), 0);
     }
 
     #[tokio::test]
