@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # chromium (CORS and cookies in a real browser), node with playwright-core (the built-in page)
 # and eventsource, php with Symfony's Mercure component (real Mercure clients);
 # scripts/validate-deploy.sh installs the deploy file validators, scripts/bench.sh nginx with
-# nchan for its smoke run.
+# nchan for its smoke run; scripts/soak.sh runs its short form on what these installed.
 missing=()
 # `|| true`: on a fresh machine redis-server is not there yet, and pipefail would end the script.
 redis_major=$( (redis-server --version 2>/dev/null || true) | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
@@ -49,5 +49,7 @@ echo "== deploy files"
 scripts/validate-deploy.sh
 echo "== bench smoke run (ssegate and nchan)"
 scripts/bench.sh --smoke
+echo "== soak, short form (two nodes on one Redis, two idle checkpoints)"
+scripts/soak.sh --seconds 40 --checkpoint-every 20 --connections 300 --rate 100
 # One closing line for the whole run.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

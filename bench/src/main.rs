@@ -10,6 +10,7 @@
 //! - `storm`: clients all resuming the same range at once; time until all caught up, and the
 //!   Redis commands that cost.
 //! - `resume`: Mercure subscribers resuming from an id far back in the log versus near.
+//! - `soak`: churn with idle checkpoints, for what grows with uptime (see [`soak`]).
 //!
 //! `--target mercure` runs them against ssegate's Mercure hub (form publishes, topic selectors);
 //! `--token` sends a bearer token with every request.
@@ -26,6 +27,8 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod soak;
 
 #[derive(Parser)]
 #[command(
@@ -156,6 +159,39 @@ enum Scenario {
         /// The hub's key prefix.
         #[arg(long, default_value = "ssegate")]
         key_prefix: String,
+    },
+    /// Churn on every node of `--nodes`, with idle checkpoints (see `scripts/soak.sh`).
+    Soak {
+        /// The nodes' base URLs, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// The nodes' process ids, in the same order.
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
+        #[arg(long)]
+        redis_url: String,
+        #[arg(long, default_value = "ssegate")]
+        key_prefix: String,
+        #[arg(long, default_value_t = 900.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1500)]
+        connections: usize,
+        /// Topic names per generation.
+        #[arg(long, default_value_t = 3000)]
+        topics: usize,
+        /// Published events per second, over all nodes.
+        #[arg(long, default_value_t = 300.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 300.0)]
+        checkpoint_every: f64,
+        #[arg(long, default_value_t = 25.0)]
+        quiet: f64,
+        /// Seconds each generation of topic names is used before it is abandoned.
+        #[arg(long, default_value_t = 60.0)]
+        generation: f64,
+        /// Seed of the run's choices (random when not given; printed).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Clients resuming the same range at the same moment.
     Storm {
@@ -384,8 +420,43 @@ async fn main() {
             behind,
             redis_url,
         } => storm(hub, clients, behind, redis_url).await,
+        Scenario::Soak {
+            nodes,
+            pids,
+            redis_url,
+            key_prefix,
+            seconds,
+            connections,
+            topics,
+            rate,
+            checkpoint_every,
+            quiet,
+            generation,
+            seed,
+        } => {
+            let seed = seed.unwrap_or_else(|| now_micros() ^ u64::from(std::process::id()));
+            soak::run(soak::Plan {
+                nodes,
+                pids,
+                redis_url,
+                key_prefix,
+                seconds,
+                connections,
+                topics,
+                rate,
+                checkpoint_every,
+                quiet,
+                generation,
+                seed,
+            })
+            .await
+        }
     };
     println!("{result}");
+    // A soak that saw something grow fails the command, for scripts/soak.sh.
+    if result["ok"] == Value::Bool(false) {
+        std::process::exit(1);
+    }
 }
 
 async fn publish(

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The churn soak: two ssegate nodes on one Redis (retention.idle_ttl on), clients and topics coming
+# and going, publishers through both nodes (single events, arrays, one event to many topics, direct
+# XADDs), with idle checkpoints. Fails when something grew with uptime instead of with load: a
+# node's idle RSS beyond max(8 MiB, 10 %) of the first checkpoint's, or its fds, streams,
+# connections, topics or presence entries, or Redis's clients, channels or keys above the first
+# checkpoint's, or Redis's used_memory beyond 10 % over it.
+#
+#   scripts/soak.sh [--seconds N] [--checkpoint-every N] [--connections N] [--topics N]
+#                   [--rate N] [--seed N]
+#                         defaults: 3600 s, a checkpoint every 300 s, 1,500 connections,
+#                         3,000 topics a generation, 300 events/s. scripts/test.sh runs a short
+#                         form. Each checkpoint prints a JSON line; the last line is the verdict.
+#
+# Environment: SOAK_PORT (first of three loopback ports: Redis and the two nodes; default 7700),
+# SOAK_IDLE_TTL (retention.idle_ttl, default 5s; checkpoints wait three times as long, so that
+# abandoned topics and their tombstones are gone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=3600 every=300 connections=1500 topics=3000 rate=300 seed=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=${2:?}; shift 2 ;;
+    --checkpoint-every) every=${2:?}; shift 2 ;;
+    --connections) connections=${2:?}; shift 2 ;;
+    --topics) topics=${2:?}; shift 2 ;;
+    --rate) rate=${2:?}; shift 2 ;;
+    --seed) seed=${2:?}; shift 2 ;;
+    *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+  esac
+done
+command -v redis-server >/dev/null 2>&1 || {
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+}
+cargo build --release --workspace --locked -q
+
+ttl_s=${SOAK_IDLE_TTL:-5}
+ttl_s=${ttl_s%s}
+DIR=$(mktemp -d)
+BASE=${SOAK_PORT:-7700}
+REDIS_PORT=$BASE A_PORT=$((BASE + 1)) B_PORT=$((BASE + 2))
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$DIR" --save '' --appendonly no \
+  --daemonize yes --logfile "$DIR/redis.log"
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
+for port in "$A_PORT" "$B_PORT"; do
+  SSEGATE_RETENTION__IDLE_TTL="${ttl_s}s" SSEGATE_IDEMPOTENCY_WINDOW="${ttl_s}s" RUST_LOG=warn \
+    target/release/ssegate --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
+    >"$DIR/node-$port.log" 2>&1 &
+  pids+=("$!")
+done
+for port in "$A_PORT" "$B_PORT"; do
+  for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/readyz" && break; sleep 0.05; done
+done
+args=(soak --nodes "http://127.0.0.1:$A_PORT,http://127.0.0.1:$B_PORT" --pids "${pids[0]},${pids[1]}"
+  --redis-url "redis://127.0.0.1:$REDIS_PORT/0" --seconds "$seconds" --checkpoint-every "$every"
+  --connections "$connections" --topics "$topics" --rate "$rate" --quiet $((ttl_s * 3))
+  --generation $((ttl_s * 4)))
+[ -n "$seed" ] && args+=(--seed "$seed")
+status=0
+target/release/ssegate-bench "${args[@]}" || status=$?
+for p in "${pids[@]}"; do
+  kill -0 "$p" 2>/dev/null || { echo "soak: a node died; its log:" >&2; cat "$DIR"/node-*.log >&2; status=1; }
+done
+[ $status -eq 0 ] && echo "soak: nothing grew with uptime" || echo "soak: FAILED" >&2
+exit $status
