@@ -615,6 +615,8 @@ print(f"Private topic each: p50 {fanum['latency_p50_ms']:.2f} ms (native {fanu['
 PY
   echo
   cat bench/FINDINGS.md
+  # The last recorded soak (scripts/soak.sh --record), which runs for an hour on its own.
+  if [ -f bench/SOAK.md ]; then echo; cat bench/SOAK.md; fi
   echo
   echo "## Raw results"
   echo

@@ -7,17 +7,19 @@
 # checkpoint's, or Redis's used_memory beyond 10 % over it.
 #
 #   scripts/soak.sh [--seconds N] [--checkpoint-every N] [--connections N] [--topics N]
-#                   [--rate N] [--seed N]
+#                   [--rate N] [--seed N] [--record]
 #                         defaults: 3600 s, a checkpoint every 300 s, 1,500 connections,
 #                         3,000 topics a generation, 300 events/s. scripts/test.sh runs a short
 #                         form. Each checkpoint prints a JSON line; the last line is the verdict.
+#                         --record writes the checkpoint table to bench/SOAK.md, which
+#                         BENCHMARKS.md includes.
 #
 # Environment: SOAK_PORT (first of three loopback ports: Redis and the two nodes; default 7700),
 # SOAK_IDLE_TTL (retention.idle_ttl, default 5s; checkpoints wait three times as long, so that
 # abandoned topics and their tombstones are gone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds=3600 every=300 connections=1500 topics=3000 rate=300 seed=""
+seconds=3600 every=300 connections=1500 topics=3000 rate=300 seed="" record=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=${2:?}; shift 2 ;;
@@ -26,7 +28,8 @@ while [ $# -gt 0 ]; do
     --topics) topics=${2:?}; shift 2 ;;
     --rate) rate=${2:?}; shift 2 ;;
     --seed) seed=${2:?}; shift 2 ;;
-    *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+    --record) record=1; shift ;;
+    *) sed -n '2,17p' "$0" >&2; exit 2 ;;
   esac
 done
 command -v redis-server >/dev/null 2>&1 || {
@@ -68,9 +71,38 @@ args=(soak --nodes "http://127.0.0.1:$A_PORT,http://127.0.0.1:$B_PORT" --pids "$
   --generation $((ttl_s * 4)))
 [ -n "$seed" ] && args+=(--seed "$seed")
 status=0
-target/release/ssegate-bench "${args[@]}" || status=$?
+target/release/ssegate-bench "${args[@]}" | tee "$DIR/soak.jsonl" || status=$?
 for p in "${pids[@]}"; do
   kill -0 "$p" 2>/dev/null || { echo "soak: a node died; its log:" >&2; cat "$DIR"/node-*.log >&2; status=1; }
 done
+if [ $record -eq 1 ]; then
+  python3 - "$DIR/soak.jsonl" "$(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/')" \
+    "$connections" "$topics" "$rate" "$ttl_s" >bench/SOAK.md <<'PY'
+import json, sys, datetime
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+points, verdict = lines[:-1], lines[-1]
+mib = lambda b: f"{b / 1048576:.1f}"
+print("## Soak (`scripts/soak.sh --record`)")
+print()
+print(f"Run on {datetime.date.today()}: {verdict['seconds'] / 60:.0f} minutes, seed {verdict['seed']}. Two nodes on one "
+      f"Redis {sys.argv[2]} (idle_ttl {sys.argv[6]} s); {sys.argv[3]} clients coming and going (1-15 s each, "
+      f"one to three of {sys.argv[4]} topics a generation, a third resuming), {sys.argv[5]} events/s through both "
+      f"nodes (single, arrays, to many topics, direct XADDs). {verdict['streams_opened']} streams opened, "
+      f"{verdict['events_published']} events published, {verdict['events_received']} received, "
+      f"{verdict['gaps_received']} gap notices (resumes into expired topics), {verdict['publish_errors']} publish errors.")
+print()
+print("| idle checkpoint | at (min) | node A RSS (MiB) | node B RSS (MiB) | fds A / B | threads A / B | streams | topics A / B | Redis used_memory (MiB) | Redis clients | channels | keys |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for p in points:
+    a, b = p["nodes"]
+    r = p["redis"]
+    print(f"| {p['checkpoint']} | {p['at_seconds'] / 60:.0f} | {mib(a['rss_bytes'])} | {mib(b['rss_bytes'])} | "
+          f"{a['fds']} / {b['fds']} | {a['threads']} / {b['threads']} | {a['open_streams'] + b['open_streams']:.0f} | "
+          f"{a['active_topics']:.0f} / {b['active_topics']:.0f} | {mib(r['used_memory'])} | {r['connected_clients']} | "
+          f"{r['pubsub_channels']} | {r['keys']} |")
+print()
+print("Verdict: " + ("nothing grew with uptime." if verdict["ok"] else "grew: " + "; ".join(verdict["failures"])))
+PY
+fi
 [ $status -eq 0 ] && echo "soak: nothing grew with uptime" || echo "soak: FAILED" >&2
 exit $status

@@ -6,11 +6,12 @@ cd "$(dirname "$0")/.."
 
 # Runs every check and test. Installs what the tests use when it is missing: redis-server 7.0+
 # (integration tests start their own), haproxy and curl (the test bed behind the chaos run; curl
-# also as an HTTP/2 client), openssl (RSA and EC keys in their own PEM forms for the TLS tests),
-# chromium (CORS and cookies in a real browser), node with playwright-core (the built-in page)
-# and eventsource, php with Symfony's Mercure component (real Mercure clients);
-# scripts/validate-deploy.sh installs the deploy file validators, scripts/bench.sh nginx with
-# nchan for its smoke run; scripts/soak.sh runs its short form on what these installed.
+# also as an HTTP/2 client), openssl (RSA
+# and EC keys in their own PEM forms for the TLS tests), chromium (CORS and cookies in a real
+# browser), node with playwright-core (the built-in page) and eventsource, php with Symfony's
+# Mercure component (real Mercure clients); scripts/validate-deploy.sh installs the deploy file
+# validators, scripts/bench.sh nginx with nchan for its smoke run; scripts/soak.sh runs its short
+# form on what these installed.
 missing=()
 # `|| true`: on a fresh machine redis-server is not there yet, and pipefail would end the script.
 redis_major=$( (redis-server --version 2>/dev/null || true) | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')

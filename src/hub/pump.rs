@@ -12,7 +12,7 @@ use super::feed::Feed;
 use super::{Delivery, Inner, Item};
 use crate::event::{Event, StreamId, Topic};
 use crate::sse;
-use crate::store::StoreError;
+use crate::store::{GapReason, StoreError};
 
 /// Pause before a pump retries a failed store read.
 const PUMP_RETRY: Duration = Duration::from_millis(250);
@@ -245,6 +245,13 @@ impl Pump {
             if let Some(reason) = page.gap {
                 // The feed cannot continue where it was; sessions re-read from their cursors.
                 warn!(topic = %self.topic, reason = reason.as_str(), after = %self.last, "live feed lost its place");
+                if reason == GapReason::UnknownCursor {
+                    // The stream lost what this node delivered (a failover to a replica without
+                    // it): new events must come after it, whatever the new master's clock says.
+                    if self.hub.store.fence(&self.topic, self.last).await? {
+                        warn!(topic = %self.topic, above = %self.last, "stream fenced past the ids it lost");
+                    }
+                }
                 let tail = self.hub.store.tail(&self.topic).await?;
                 self.last = tail;
                 self.feed.send(Item::Resync, Some(tail));

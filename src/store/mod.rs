@@ -240,6 +240,12 @@ pub trait Store: Send + Sync + 'static {
     /// highest id the topic had (`None`: there was nothing to delete).
     async fn delete(&self, topic: &Topic) -> Result<Option<StreamId>, StoreError>;
 
+    /// Makes the topic's next id come after `above`, an id that was delivered but that the
+    /// stream no longer has (a Redis Cluster failover promoted a replica without it): no new
+    /// event may get an id a client already holds for another one. Whether anything changed
+    /// (`false`: the stream was past it already).
+    async fn fence(&self, topic: &Topic, above: StreamId) -> Result<bool, StoreError>;
+
     /// Files `entry` in the shared list `list` until `until_ms` (unix ms; for an entry already
     /// there, the later time wins). Entries past their time are dropped, and the list goes
     /// with its last one: it holds only what is in force.

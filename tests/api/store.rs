@@ -88,6 +88,7 @@ conformance! {
     reads_back_newest_first_and_states_the_stream(3);
     delete_removes_the_topic_and_tells_its_readers(0);
     shared_lists_keep_entries_until_their_time(0);
+    a_fence_puts_new_ids_past_it(0);
 }
 
 fn topic(name: &str) -> Topic {
@@ -1013,4 +1014,36 @@ async fn shared_lists_keep_entries_until_their_time(s: Subject) {
         store.filed("other").await.unwrap(),
         vec![("x".to_owned(), long)]
     );
+}
+
+/// A fence above a stream's last id makes the next event's id come after it, on a stream that
+/// exists and on one that is gone; a fence at or below the last id changes nothing. A cursor at
+/// the fence is covered until the next event; one between the last event and the fence is told
+/// of the gap.
+async fn a_fence_puts_new_ids_past_it(s: Subject) {
+    let store = &*s.store;
+    let t = topic("fenced");
+    let ids = append_n(store, &t, 2).await;
+    // An hour ahead: no clock gets there during the test.
+    let above = StreamId::new(ids[1].ms + 3_600_000, 5);
+    assert!(!store.fence(&t, ids[0]).await.unwrap(), "below the last id");
+    assert!(!store.fence(&t, ids[1]).await.unwrap(), "at the last id");
+    assert!(store.fence(&t, above).await.unwrap());
+    assert!(!store.fence(&t, above).await.unwrap(), "once is enough");
+    // A reader at the fence has missed nothing; one between the last event and the fence
+    // holds an id the stream never had.
+    assert_eq!(store.read(&t, above, 10).await.unwrap().gap, None);
+    let between = StreamId::new(ids[1].ms + 1, 0);
+    assert_eq!(
+        store.read(&t, between, 10).await.unwrap().gap,
+        Some(GapReason::UnknownCursor)
+    );
+    let next = append_n(store, &t, 1).await;
+    assert!(next[0] > above, "{} after {above}", next[0]);
+
+    // A stream gone altogether (Redis restarted without its data, say).
+    let gone = topic("fenced.gone");
+    assert!(store.fence(&gone, above).await.unwrap());
+    let next = append_n(store, &gone, 1).await;
+    assert!(next[0] > above, "{} after {above}", next[0]);
 }

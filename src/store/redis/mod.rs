@@ -456,6 +456,19 @@ impl Store for RedisStore {
         }
     }
 
+    async fn fence(&self, topic: &Topic, above: StreamId) -> Result<bool, StoreError> {
+        let mut invocation = Call::new(&self.scripts.fence, 1);
+        invocation
+            .key(self.keys.stream(topic.as_str()))
+            .arg(above.to_string())
+            .arg(self.append_settings.idle_ttl_ms);
+        let reply = self
+            .runner
+            .run(&mut self.link()?.conn, &invocation, None)
+            .await?;
+        Ok(matches!(reply, redis::Value::Int(1)))
+    }
+
     async fn file_until(&self, list: &str, entry: &str, until_ms: u64) -> Result<(), StoreError> {
         let now = crate::event::unix_ms();
         let mut invocation = Call::new(&self.scripts.file_until, 1);

@@ -20,6 +20,7 @@ pub(super) struct Scripts {
     pub(super) stat: Lua,
     pub(super) delete: Lua,
     pub(super) file_until: Lua,
+    pub(super) fence: Lua,
 }
 
 impl Scripts {
@@ -32,6 +33,7 @@ impl Scripts {
             stat: Lua::new(include_str!("stat.lua")),
             delete: Lua::new(include_str!("delete.lua")),
             file_until: Lua::new(include_str!("file_until.lua")),
+            fence: Lua::new(include_str!("fence.lua")),
         }
     }
 }
