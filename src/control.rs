@@ -136,7 +136,7 @@ impl Drop for Unfile {
 
 impl Control {
     /// Starts following disconnects announced by any node, and reading the revocation list
-    /// every `reload` (the first time now).
+    /// every `reload` (the first read is the caller's: [`Control::load`], before serving).
     pub fn start(
         hub: Hub,
         revocations: Arc<Revocations>,
@@ -371,7 +371,8 @@ async fn follow(inner: Weak<Inner>, shutdown: Shutdown) {
 }
 
 async fn reload_now_and_then(inner: Weak<Inner>, every: Duration, shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(every);
+    // Start-up has just read it (`Control::load`): the first read here is one interval on.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -161,38 +161,7 @@ enum Scenario {
         key_prefix: String,
     },
     /// Churn on every node of `--nodes`, with idle checkpoints (see `scripts/soak.sh`).
-    Soak {
-        /// The nodes' base URLs, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        nodes: Vec<String>,
-        /// The nodes' process ids, in the same order.
-        #[arg(long, value_delimiter = ',')]
-        pids: Vec<u32>,
-        #[arg(long)]
-        redis_url: String,
-        #[arg(long, default_value = "ssegate")]
-        key_prefix: String,
-        #[arg(long, default_value_t = 900.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 1500)]
-        connections: usize,
-        /// Topic names per generation.
-        #[arg(long, default_value_t = 3000)]
-        topics: usize,
-        /// Published events per second, over all nodes.
-        #[arg(long, default_value_t = 300.0)]
-        rate: f64,
-        #[arg(long, default_value_t = 300.0)]
-        checkpoint_every: f64,
-        #[arg(long, default_value_t = 25.0)]
-        quiet: f64,
-        /// Seconds each generation of topic names is used before it is abandoned.
-        #[arg(long, default_value_t = 60.0)]
-        generation: f64,
-        /// Seed of the run's choices (random when not given; printed).
-        #[arg(long)]
-        seed: Option<u64>,
-    },
+    Soak(soak::Plan),
     /// Clients resuming the same range at the same moment.
     Storm {
         #[arg(long, default_value_t = 1000)]
@@ -420,37 +389,7 @@ async fn main() {
             behind,
             redis_url,
         } => storm(hub, clients, behind, redis_url).await,
-        Scenario::Soak {
-            nodes,
-            pids,
-            redis_url,
-            key_prefix,
-            seconds,
-            connections,
-            topics,
-            rate,
-            checkpoint_every,
-            quiet,
-            generation,
-            seed,
-        } => {
-            let seed = seed.unwrap_or_else(|| now_micros() ^ u64::from(std::process::id()));
-            soak::run(soak::Plan {
-                nodes,
-                pids,
-                redis_url,
-                key_prefix,
-                seconds,
-                connections,
-                topics,
-                rate,
-                checkpoint_every,
-                quiet,
-                generation,
-                seed,
-            })
-            .await
-        }
+        Scenario::Soak(plan) => soak::run(plan).await,
     };
     println!("{result}");
     // A soak that saw something grow fails the command, for scripts/soak.sh.

@@ -22,24 +22,40 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 /// What to run.
+#[derive(clap::Args)]
 pub struct Plan {
-    /// Every node's base URL; clients and publishers spread over them.
+    /// The nodes' base URLs, comma-separated; clients and publishers spread over them.
+    #[arg(long, value_delimiter = ',')]
     pub nodes: Vec<String>,
-    /// Every node's process id, in the order of `nodes`.
+    /// The nodes' process ids, in the same order.
+    #[arg(long, value_delimiter = ',')]
     pub pids: Vec<u32>,
+    #[arg(long)]
     pub redis_url: String,
+    #[arg(long, default_value = "ssegate")]
     pub key_prefix: String,
+    #[arg(long, default_value_t = 900.0)]
     pub seconds: f64,
+    #[arg(long, default_value_t = 1500)]
     pub connections: usize,
+    /// Topic names per generation.
+    #[arg(long, default_value_t = 3000)]
     pub topics: usize,
+    /// Published events per second, over all nodes.
+    #[arg(long, default_value_t = 300.0)]
     pub rate: f64,
     /// Seconds of load between checkpoints.
+    #[arg(long, default_value_t = 300.0)]
     pub checkpoint_every: f64,
     /// Seconds of quiet before a checkpoint is read.
+    #[arg(long, default_value_t = 25.0)]
     pub quiet: f64,
-    /// Seconds a generation of topic names is used.
+    /// Seconds each generation of topic names is used before it is abandoned.
+    #[arg(long, default_value_t = 60.0)]
     pub generation: f64,
-    pub seed: u64,
+    /// Seed of the run's choices (random when not given; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// A small seeded generator (xorshift64*): the run's choices replay from its seed. Not a crate:
@@ -83,13 +99,16 @@ fn generation(started: Instant, every: f64) -> u64 {
     (started.elapsed().as_secs_f64() / every) as u64
 }
 
-pub async fn run(plan: Plan) -> Value {
-    eprintln!("soak: seed {}", plan.seed);
+pub async fn run(mut plan: Plan) -> Value {
+    let seed = *plan
+        .seed
+        .get_or_insert_with(|| crate::now_micros() ^ u64::from(std::process::id()));
+    eprintln!("soak: seed {seed}");
     let plan = Arc::new(plan);
     let counts = Arc::new(Counts::default());
     let started = Instant::now();
     let mut checkpoints = Vec::new();
-    let mut rng = Rng(plan.seed | 1);
+    let mut rng = Rng(seed | 1);
     let mut round = 0u64;
     // The first checkpoint comes after one round of load, as every later one does.
     while started.elapsed().as_secs_f64() < plan.seconds || checkpoints.is_empty() {
@@ -125,7 +144,7 @@ pub async fn run(plan: Plan) -> Value {
     let failures = grown(first, last);
     json!({
         "ok": failures.is_empty(), "failures": failures,
-        "scenario": "soak", "seed": plan.seed, "seconds": started.elapsed().as_secs_f64(),
+        "scenario": "soak", "seed": seed, "seconds": started.elapsed().as_secs_f64(),
         "checkpoints": checkpoints.len(),
         "streams_opened": counts.streams.load(Ordering::Relaxed),
         "streams_refused": counts.refused.load(Ordering::Relaxed),

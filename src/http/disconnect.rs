@@ -63,10 +63,7 @@ pub async fn disconnect(
         .map_err(|_| ApiError::too_large("body_too_large", "the body is over 16 KiB"))?;
     let body: Body = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))?;
-    let sub = body.sub.map(|sub| match sub {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
-    });
+    let sub = body.sub.map(crate::auth::sub_text);
     let selector = match (sub, body.jti, body.topic) {
         (Some(sub), None, None) if !sub.is_empty() => Selector::Sub(sub),
         (None, Some(jti), None) if !jti.is_empty() => Selector::Jti(jti),

@@ -12,12 +12,16 @@ use crate::mercure::{self, HUB};
 use crate::ops::{sample, scrape};
 use crate::security::hs;
 
-fn exp() -> u64 {
+/// Unix seconds now.
+fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-        + 300
+}
+
+fn exp() -> u64 {
+    now() + 300
 }
 
 fn token(claims: Value) -> String {
@@ -372,13 +376,6 @@ async fn delete_reaches_every_nodes_subscribers(nodes: Nodes) {
     })
     .await
     .expect("told within a second");
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// A user's token for their own topic, with its `jti` and `iat`.
