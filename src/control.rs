@@ -1,10 +1,15 @@
 //! Ending streams on every node, and revoking tokens: `POST /v1/disconnect`.
 //!
-//! Every stream a node serves is filed here while it is open, with what the token that opened
-//! it says (`sub`, `jti`, `iat`) and the topics it reads. A disconnect names a `sub`, a `jti` or
-//! a topic; the node that takes it announces it to every node as a store notice on an internal
-//! topic that each node's hub follows (like any topic's live channel: through reconnects and
-//! cluster failovers), and each node ends its matching streams at once.
+//! A disconnect names a `sub`, a `jti` or a topic; the node that takes it announces it to every
+//! node as a store notice on an internal topic that each node's hub follows (like any topic's
+//! live channel: through reconnects and cluster failovers), and each node ends its matching
+//! streams at once:
+//! - a topic's streams through the topic's feed in the hub, one item for all of them (and, for
+//!   Mercure streams, through the feeds of the subscriptions with that selector): nothing is
+//!   kept per stream for this;
+//! - a `sub`'s or a `jti`'s streams through the filing here: each stream opened with a token
+//!   that has a `sub` or a `jti` is filed, while it is open, with those claims and its `iat`.
+//!   Streams without them (anonymous, open access) are not filed.
 //!
 //! A revoking disconnect first files the revocation in the store's list ([`REVOCATIONS`]),
 //! kept until the longest a revoked token can still live, then announces it; every node adds
@@ -29,6 +34,7 @@ use crate::auth::revocations::{Revocation, Revocations};
 use crate::auth::Access;
 use crate::event::{unix_ms, Topic};
 use crate::hub::{Hub, Output};
+use crate::mercure::router::Router;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{Notice, StoreError};
@@ -81,6 +87,9 @@ pub struct Control {
 
 struct Inner {
     hub: Hub,
+    /// Mercure streams read the subscriptions routed here: a topic's disconnect ends those
+    /// with that selector.
+    mercure: Arc<Router>,
     /// The node's copy of the list, shared with the authenticator that checks every token.
     revocations: Arc<Revocations>,
     /// Open streams, by filing number.
@@ -96,13 +105,12 @@ struct Streams {
     open: HashMap<u64, Filed>,
 }
 
-/// One open stream, as a disconnect matches it.
+/// One open stream of a token with a `sub` or a `jti`, as a disconnect matches it.
 struct Filed {
     sub: Option<Box<str>>,
     jti: Option<Box<str>>,
+    /// For a revocation by `sub`, which covers the tokens issued until then.
     iat: Option<u64>,
-    /// The topics it reads (a Mercure stream: its selectors).
-    topics: Box<[Box<str>]>,
     /// Ends the stream.
     end: oneshot::Sender<()>,
 }
@@ -115,7 +123,8 @@ impl Filed {
         match selector {
             Selector::Sub(sub) => self.sub.as_deref() == Some(sub.as_str()),
             Selector::Jti(jti) => self.jti.as_deref() == Some(jti.as_str()),
-            Selector::Topic(topic) => self.topics.iter().any(|t| **t == **topic),
+            // Ended through the topic's feed.
+            Selector::Topic(_) => false,
         }
     }
 }
@@ -139,6 +148,7 @@ impl Control {
     /// every `reload` (the first read is the caller's: [`Control::load`], before serving).
     pub fn start(
         hub: Hub,
+        mercure: Arc<Router>,
         revocations: Arc<Revocations>,
         revocation_ttl: Duration,
         reload: Duration,
@@ -147,6 +157,7 @@ impl Control {
     ) -> Control {
         let inner = Arc::new(Inner {
             hub,
+            mercure,
             revocations,
             streams: Mutex::new(Streams::default()),
             revocation_ttl,
@@ -166,48 +177,44 @@ impl Control {
         self.inner.reload().await
     }
 
-    /// Files a stream opened with `access` on `topics`. The future completes when the stream
-    /// must end: at the token's `exp` (plus the leeway), or when a disconnect selects it.
+    /// Files a stream opened with `access`, if its token has a `sub` or a `jti`. The future
+    /// completes when the stream must end: at the token's `exp` (plus the leeway), or when a
+    /// disconnect by `sub` or `jti` selects it (a topic's ends its sessions in the hub).
     /// Dropping it takes the stream out of the filing.
-    pub fn ending(
-        &self,
-        access: &Access,
-        topics: impl IntoIterator<Item = impl Into<Box<str>>>,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let (end, ended) = oneshot::channel();
-        let (sub, jti, iat) = match access {
-            Access::Token(v) => (
-                v.sub.as_deref().map(Into::into),
-                v.jti.as_deref().map(Into::into),
-                v.iat,
-            ),
-            _ => (None, None, None),
-        };
-        let filed = Filed {
-            sub,
-            jti,
-            iat,
-            topics: topics.into_iter().map(Into::into).collect(),
-            end,
-        };
-        let number = {
-            let mut streams = self.inner.streams();
-            streams.next += 1;
-            let number = streams.next;
-            streams.open.insert(number, filed);
-            number
-        };
-        let unfile = Unfile {
-            inner: Arc::downgrade(&self.inner),
-            number,
+    pub fn ending(&self, access: &Access) -> impl Future<Output = ()> + Send + 'static {
+        let filing = match access {
+            Access::Token(v) if v.sub.is_some() || v.jti.is_some() => {
+                let (end, ended) = oneshot::channel();
+                let filed = Filed {
+                    sub: v.sub.as_deref().map(Into::into),
+                    jti: v.jti.as_deref().map(Into::into),
+                    iat: v.iat,
+                    end,
+                };
+                let number = {
+                    let mut streams = self.inner.streams();
+                    streams.next += 1;
+                    let number = streams.next;
+                    streams.open.insert(number, filed);
+                    number
+                };
+                let unfile = Unfile {
+                    inner: Arc::downgrade(&self.inner),
+                    number,
+                };
+                Some((unfile, ended))
+            }
+            _ => None,
         };
         let expires = access.expires();
         async move {
-            let _unfile = unfile;
-            tokio::select! {
-                _ = expiry(expires) => {}
-                // Sent, or dropped with the filing on shutdown: the stream ends either way.
-                _ = ended => {}
+            match filing {
+                Some((_unfile, ended)) => tokio::select! {
+                    _ = expiry(expires) => {}
+                    // Sent, or dropped with the filing on shutdown: the stream ends either way.
+                    _ = ended => {}
+                },
+                None => expiry(expires).await,
             }
         }
     }
@@ -271,8 +278,8 @@ impl Control {
         })
     }
 
-    /// Streams filed now.
-    pub fn open_streams(&self) -> usize {
+    /// Streams filed now (those of tokens with a `sub` or a `jti`).
+    pub fn filed_streams(&self) -> usize {
         self.inner.streams().open.len()
     }
 }
@@ -284,6 +291,11 @@ impl Inner {
 
     /// Ends the matching streams of this node; how many.
     fn end(&self, selector: &Selector, revocation: Option<&Revocation>) -> usize {
+        if let Selector::Topic(topic) = selector {
+            let count = self.hub.end_sessions(topic) + self.mercure.end_subscriptions(topic);
+            self.count_ended(selector, count);
+            return count;
+        }
         let ended: Vec<Filed> = {
             let mut streams = self.streams();
             let numbers: Vec<u64> = streams
@@ -301,11 +313,15 @@ impl Inner {
         for filed in ended {
             let _ = filed.end.send(());
         }
+        self.count_ended(selector, count);
+        count
+    }
+
+    fn count_ended(&self, selector: &Selector, count: usize) {
         if count > 0 {
             self.metrics.streams_ended.inc_by(count as u64);
             debug!(?selector, count, "streams ended by a disconnect");
         }
-        count
     }
 
     /// An announcement from some node (this one included).

@@ -132,8 +132,10 @@ impl Application {
             .max_connections
             .unwrap_or_else(default_max_connections);
         info!(max_connections, "connection limit");
+        let mercure = Arc::new(crate::mercure::router::Router::new(hub.clone()));
         let control = crate::control::Control::start(
             hub.clone(),
+            mercure.clone(),
             auth.revocations().clone(),
             settings.auth.max_token_lifetime + settings.auth.leeway,
             settings.catchup_interval,
@@ -153,7 +155,7 @@ impl Application {
             settings: settings.clone(),
             auth: Arc::new(auth),
             metrics: metrics.clone(),
-            mercure: crate::mercure::router::Router::new(hub.clone()),
+            mercure,
             presence: presence.clone(),
             control,
         });

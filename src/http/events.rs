@@ -290,10 +290,8 @@ pub async fn subscribe(
             .map(|(topic, cursor)| state.hub.subscribe(topic.clone(), cursor)),
     )
     .await?;
-    // Filed for disconnects; ends the stream at the token's `exp` or when one selects it.
-    let end = state
-        .control
-        .ending(&access, topics.iter().map(|t| t.as_str()));
+    // Ends the stream at the token's `exp` or when a disconnect by `sub` or `jti` selects it.
+    let end = state.control.ending(&access);
     // The stream's presence entry, held by the body: it goes when the stream does.
     let present = state.presence.as_ref().map(|presence| {
         let names = topics.iter().map(|t| t.as_str().to_owned()).collect();

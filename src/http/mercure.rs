@@ -117,11 +117,9 @@ pub async fn subscribe(
         }
         _ => None,
     };
-    // Filed for disconnects under its selectors (a topic's disconnect names it as written).
-    let end = state.control.ending(
-        &access,
-        query.selectors.iter().map(|s| s.as_str().to_owned()),
-    );
+    // Ends the stream at the token's `exp` or when a disconnect by `sub` or `jti` selects it
+    // (a topic's ends the subscriptions with that selector).
+    let end = state.control.ending(&access);
     let subscriber = Subscriber::new(query.selectors, private);
     let (session, registration) = state.mercure.subscribe(subscriber, start).await?;
     let mut first = BytesMut::from(&b":\n\n"[..]);

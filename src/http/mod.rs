@@ -47,7 +47,7 @@ pub struct AppState {
     /// What `/metrics` shows.
     pub metrics: Arc<Metrics>,
     /// Routes the Mercure log's updates to this node's Mercure subscriptions.
-    pub mercure: crate::mercure::router::Router,
+    pub mercure: Arc<crate::mercure::router::Router>,
     /// Who is subscribed where; `None` with `presence.enabled` off.
     pub presence: Option<crate::presence::Presence>,
     /// The node's open streams, for disconnects, and its copy of the revocation list.

@@ -41,7 +41,7 @@ mod replay;
 mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,6 +120,9 @@ struct TopicHandle {
     inbox: Arc<Inbox>,
     /// Replay pages being read or read lately, by cursor, shared by the topic's sessions.
     replays: Mutex<Replays>,
+    /// Counts [`Item::Ended`]s sent: a session that fell behind the feed (and so may have
+    /// missed one) compares it with the count it joined under.
+    ends: AtomicU32,
 }
 
 /// An item of a topic's live feed.
@@ -137,6 +140,9 @@ pub enum Item {
     /// are of a new stream, starting from nothing. A session still at or before it tells its
     /// client (`ssegate.gap`, reason `deleted`) and goes on from nothing.
     Removed(StreamId),
+    /// Every session of the topic on this node ends now (a disconnect named it); their clients
+    /// reconnect as after any drop. Sessions that join later are not affected.
+    Ended,
 }
 
 /// A notice as fanned out: its frame, encoded once, and its parts for streams that encode it
@@ -243,6 +249,7 @@ impl Hub {
             feed: Feed::new(self.inner.fanout_buffer),
             inbox: Inbox::new(0),
             replays: Mutex::new(Replays::default()),
+            ends: AtomicU32::new(0),
         });
         handle.feed.set_horizon(horizon);
         View { handle }
@@ -265,6 +272,18 @@ impl Hub {
         // Up to date with the feed already: nothing to read.
         let replaying = place.horizon != Some(cursor);
         Ok(Session::new(cursor, replaying, feed, place, membership))
+    }
+
+    /// Ends every session of `topic` on this node now (see [`Item::Ended`]); how many there were.
+    pub fn end_sessions(&self, topic: &str) -> usize {
+        let topics = self.inner.lock();
+        match topics.get(topic) {
+            Some(slot) => {
+                slot.topic.end_sessions();
+                slot.members
+            }
+            None => 0,
+        }
     }
 
     fn join(&self, topic: &Topic) -> Membership {
@@ -303,6 +322,11 @@ impl View {
         self.handle.feed.send(Item::Resync, None);
     }
 
+    /// Ends the view's sessions now (see [`Item::Ended`]).
+    pub fn end_sessions(&self) {
+        self.handle.end_sessions();
+    }
+
     /// No more events will come (the owner stopped): sessions say goodbye and end.
     pub fn close(&self) {
         self.handle.feed.close();
@@ -329,6 +353,7 @@ impl Inner {
             feed,
             inbox,
             replays: Mutex::new(Replays::default()),
+            ends: AtomicU32::new(0),
         })
     }
 
@@ -359,6 +384,12 @@ impl Inner {
 impl TopicHandle {
     fn send(&self, message: PumpMessage) {
         self.inbox.send(message);
+    }
+
+    /// Counted first: a session joining meanwhile either reads the item or counts it as seen.
+    fn end_sessions(&self) {
+        self.ends.fetch_add(1, Ordering::AcqRel);
+        self.feed.send(Item::Ended, None);
     }
 
     fn replays(&self) -> std::sync::MutexGuard<'_, Replays> {
@@ -579,6 +610,47 @@ mod tests {
         assert_eq!(hub.active_topics(), 0, "a view is not a registered topic");
         drop((resumed, fresh));
         assert_eq!(hub.active_topics(), 0);
+    }
+
+    /// Ending a topic's sessions ends those open then, a session that fell so far behind the
+    /// feed that the end itself was pushed out of it included; a session that joins afterwards
+    /// goes on.
+    #[tokio::test(start_paused = true)]
+    async fn ending_a_topics_sessions_ends_those_open_then_even_far_behind() {
+        let settings = Settings {
+            fanout_buffer: 4,
+            ..Settings::default()
+        };
+        let store = Arc::new(MemoryStore::new(&settings));
+        let hub = Hub::start(
+            store.clone(),
+            &settings,
+            Shutdown::new(),
+            Arc::new(Metrics::new()),
+        );
+        let topic = Topic::parse("room").unwrap();
+        let mut live = hub.subscribe(topic.clone(), None).await.unwrap();
+        let mut behind = hub.subscribe(topic.clone(), None).await.unwrap();
+        store.append(&topic, vec![event("a")]).await.unwrap();
+        assert_eq!(next_events(&mut live).await, ["a"]);
+        assert_eq!(hub.end_sessions("room"), 2);
+        assert_eq!(hub.end_sessions("elsewhere"), 0);
+        assert!(matches!(
+            live.next(std::future::pending()).await,
+            Output::End
+        ));
+        let mut later = hub.subscribe(topic.clone(), None).await.unwrap();
+        let events: Vec<NewEvent> = (0..10).map(|i| event(&format!("e{i}"))).collect();
+        store.append(&topic, events).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            got.extend(next_events(&mut later).await);
+        }
+        assert_eq!(got.len(), 10, "the later session goes on");
+        assert!(
+            matches!(behind.next(std::future::pending()).await, Output::End),
+            "not replayed past the end it missed"
+        );
     }
 
     /// A deleted topic's live sessions are told (`deleted`, with their cursor) and go on with

@@ -1,6 +1,7 @@
 //! One client's session: replay from its cursor, then the live feed, with no gap and no
 //! duplicate at the seam.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -47,6 +48,8 @@ pub struct Session {
     /// Set when a replay page ended before the horizon: the next read must have started after
     /// this read number.
     reread: Option<u64>,
+    /// The topic's count of [`Item::Ended`] when the session joined its feed.
+    ends: u32,
     /// Held for the session's life: dropping it releases the topic.
     membership: Membership,
 }
@@ -76,7 +79,10 @@ impl Session {
         place: Place,
         membership: Membership,
     ) -> Session {
+        // After joining the feed: an end sent since is on the feed, or already counted here.
+        let ends = membership.topic.ends.load(Ordering::Acquire);
         Session {
+            ends,
             said_goodbye: false,
             cursor,
             replaying,
@@ -93,6 +99,11 @@ impl Session {
         loop {
             if self.membership.hub.shutdown.is_triggered() {
                 return self.farewell();
+            }
+            // Ended since it joined: the feed's item wakes it, and this finds it even when
+            // that item was missed (replaying, or pushed out of the feed while behind).
+            if self.membership.topic.ends.load(Ordering::Acquire) != self.ends {
+                return Output::End;
             }
             if self.replaying {
                 match self.replay_page().await {
@@ -122,6 +133,8 @@ impl Session {
                 Ok(Item::Event(_)) => {} // sent during the replay
                 Ok(Item::Resync) => self.replay_again(),
                 Ok(Item::Notice(notice)) => return Output::Notice(notice),
+                // Back to the top, which ends the session unless it joined after this end.
+                Ok(Item::Ended) => {}
                 Ok(Item::Removed(upto)) => {
                     // A session past it (it began on the new stream, or a read found the old
                     // one gone and said so) has nothing to be told.

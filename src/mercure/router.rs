@@ -352,6 +352,22 @@ impl Router {
         })
     }
 
+    /// Ends the node's streams whose subscription has `selector` (as written) among its
+    /// selectors; how many there were.
+    pub fn end_subscriptions(&self, selector: &str) -> usize {
+        let state = lock(&self.state);
+        state
+            .entries
+            .iter()
+            .flatten()
+            .filter(|e| e.key.selectors.iter().any(|s| s == selector))
+            .map(|e| {
+                e.view.end_sessions();
+                e.members
+            })
+            .sum()
+    }
+
     /// Distinct subscriptions routed on this node.
     pub fn subscriptions(&self) -> usize {
         lock(&self.state).by_key.len()

@@ -434,8 +434,34 @@ async fn disconnect_ends_streams_on_both_nodes(nodes: Nodes) {
     let mut bob_a = subscribe(a, "user.bob", None, &bob).await;
     let mut room_a = subscribe(a, "room.1", None, &bob).await;
     let mut room_b = subscribe(b, "room.1", None, &ada2).await;
+    // Tokens with neither `sub` nor `jti`: a topic's disconnect still ends their streams, a
+    // multi-topic one reading it included, and Mercure streams with that selector.
+    let rooms = token(json!({
+        "ssegate": {"subscribe": ["room.*"]},
+        "mercure": {"subscribe": ["*"]}
+    }));
+    let mut rooms_b = subscribe(b, "room.1&topic=room.2", None, &rooms).await;
+    let mut room2_a = subscribe(a, "room.2", None, &rooms).await;
+    let response = a
+        .http
+        .get(a.url(&format!("{HUB}?topic=room.1")))
+        .bearer_auth(&rooms)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut mercure_a = Sse::from_response(response);
     still_open(a, "user.ada", &mut [&mut ada1_a, &mut ada1_b, &mut ada2_b]).await;
     still_open(b, "room.1", &mut [&mut room_a, &mut room_b]).await;
+    still_open(b, "room.2", &mut [&mut room2_a]).await;
+    // A multi-topic stream's events say their topic.
+    for topic in ["room.1", "room.2"] {
+        let data: Value = serde_json::from_str(&rooms_b.expect().await.data).unwrap();
+        assert_eq!(
+            (data["topic"].as_str(), data["data"].as_str()),
+            (Some(topic), Some("still here"))
+        );
+    }
 
     // Refused: no token, a reader's, an admin of some topics naming a user, bad bodies.
     let by_jti = json!({"jti": "ada-1"});
@@ -487,9 +513,15 @@ async fn disconnect_ends_streams_on_both_nodes(nodes: Nodes) {
         403
     );
     let (status, body) = disconnect(a, Some(&admin(&["room.*"])), by_topic).await;
-    assert_eq!((status, body["ended_here"].clone()), (200, json!(1)));
+    assert_eq!((status, body["ended_here"].clone()), (200, json!(2)));
     ends_within_a_second(&mut room_a, "room.1 on A").await;
     ends_within_a_second(&mut room_b, "room.1 on B").await;
+    ends_within_a_second(&mut rooms_b, "room.1 and room.2 on B").await;
+    ends_within_a_second(&mut mercure_a, "Mercure's room.1 on A").await;
+    // Only the streams open then: a new one on the topic goes on, and so does the other topic's.
+    let mut room_again_b = subscribe(b, "room.1", None, &rooms).await;
+    still_open(a, "room.1", &mut [&mut room_again_b]).await;
+    still_open(a, "room.2", &mut [&mut room2_a]).await;
 
     // By sub: every stream of that user, on both nodes; the others go on.
     let (status, _) = disconnect(a, Some(&root()), json!({"sub": "ada"})).await;
@@ -499,7 +531,7 @@ async fn disconnect_ends_streams_on_both_nodes(nodes: Nodes) {
     still_open(b, "user.bob", &mut [&mut bob_a]).await;
 
     let text = scrape(&a.url("/metrics")).await;
-    assert_eq!(sample(&text, "ssegate_streams_ended_total"), 3.0, "{text}");
+    assert_eq!(sample(&text, "ssegate_streams_ended_total"), 4.0, "{text}");
     assert_eq!(
         sample(&text, "ssegate_api_calls_total{call=\"disconnect\"}"),
         2.0
