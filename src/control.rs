@@ -23,7 +23,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -181,8 +183,8 @@ impl Control {
     /// completes when the stream must end: at the token's `exp` (plus the leeway), or when a
     /// disconnect by `sub` or `jti` selects it (a topic's ends its sessions in the hub).
     /// Dropping it takes the stream out of the filing.
-    pub fn ending(&self, access: &Access) -> impl Future<Output = ()> + Send + 'static {
-        let filing = match access {
+    pub fn ending(&self, access: &Access) -> Ending {
+        let (ended, unfile) = match access {
             Access::Token(v) if v.sub.is_some() || v.jti.is_some() => {
                 let (end, ended) = oneshot::channel();
                 let filed = Filed {
@@ -202,20 +204,17 @@ impl Control {
                     inner: Arc::downgrade(&self.inner),
                     number,
                 };
-                Some((unfile, ended))
+                (Some(ended), Some(unfile))
             }
-            _ => None,
+            _ => (None, None),
         };
-        let expires = access.expires();
-        async move {
-            match filing {
-                Some((_unfile, ended)) => tokio::select! {
-                    _ = expiry(expires) => {}
-                    // Sent, or dropped with the filing on shutdown: the stream ends either way.
-                    _ = ended => {}
-                },
-                None => expiry(expires).await,
-            }
+        Ending {
+            expiry: access.expires().map(|at| {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                Box::pin(tokio::time::sleep(left))
+            }),
+            ended,
+            _unfile: unfile,
         }
     }
 
@@ -402,13 +401,34 @@ async fn reload_now_and_then(inner: Weak<Inner>, every: Duration, shutdown: Shut
     }
 }
 
-/// Completes at `expires` (the token's `exp`, plus the leeway); never without.
-pub async fn expiry(expires: Option<SystemTime>) {
-    match expires {
-        Some(at) => {
-            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::time::sleep(left).await
+/// Completes when a stream must end (see [`Control::ending`]). Every open stream holds one,
+/// so it is small: a stream of a token without `exp` carries no timer, one without `sub` or
+/// `jti` no filing.
+pub struct Ending {
+    /// The token's `exp` plus the leeway. Boxed: inline, tokio's timer would make every
+    /// stream's state some 150 bytes larger, timer or not.
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Sent, or dropped with the filing on shutdown, when a disconnect selects the stream: the
+    /// stream ends either way.
+    ended: Option<oneshot::Receiver<()>>,
+    /// Takes the stream out of the filing when the stream ends.
+    _unfile: Option<Unfile>,
+}
+
+impl Future for Ending {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(expiry) = &mut self.expiry {
+            if expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
         }
-        None => std::future::pending().await,
+        if let Some(ended) = &mut self.ended {
+            if Pin::new(ended).poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
     }
 }
