@@ -7,19 +7,22 @@
 # checkpoint's, or Redis's used_memory beyond 10 % over it.
 #
 #   scripts/soak.sh [--seconds N] [--checkpoint-every N] [--connections N] [--topics N]
-#                   [--rate N] [--seed N] [--record]
+#                   [--rate N] [--seed N] [--record] [--heap-stats]
 #                         defaults: 3600 s, a checkpoint every 300 s, 1,500 connections,
 #                         3,000 topics a generation, 300 events/s. scripts/test.sh runs a short
 #                         form. Each checkpoint prints a JSON line; the last line is the verdict.
 #                         --record writes the checkpoint table to bench/SOAK.md, which
-#                         BENCHMARKS.md includes.
+#                         BENCHMARKS.md includes. --heap-stats runs the diagnostic build,
+#                         which counts each node's heap bytes in use (ssegate_heap_bytes), and
+#                         records them next to RSS: memory the node holds, told from memory its
+#                         allocator keeps.
 #
 # Environment: SOAK_PORT (first of three loopback ports: Redis and the two nodes; default 7700),
 # SOAK_IDLE_TTL (retention.idle_ttl, default 5s; checkpoints wait three times as long, so that
 # abandoned topics and their tombstones are gone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds=3600 every=300 connections=1500 topics=3000 rate=300 seed="" record=0
+seconds=3600 every=300 connections=1500 topics=3000 rate=300 seed="" record=0 heap_stats=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=${2:?}; shift 2 ;;
@@ -29,7 +32,8 @@ while [ $# -gt 0 ]; do
     --rate) rate=${2:?}; shift 2 ;;
     --seed) seed=${2:?}; shift 2 ;;
     --record) record=1; shift ;;
-    *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+    --heap-stats) heap_stats=1; shift ;;
+    *) sed -n '2,21p' "$0" >&2; exit 2 ;;
   esac
 done
 command -v redis-server >/dev/null 2>&1 || {
@@ -39,6 +43,12 @@ command -v redis-server >/dev/null 2>&1 || {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 }
 cargo build --release --workspace --locked -q
+node=target/release/ssegate
+if [ $heap_stats -eq 1 ]; then
+  # Its own target directory: target/release/ssegate stays the binary users run.
+  CARGO_TARGET_DIR=target/heap-stats cargo build --release --locked -q --bin ssegate --features heap-stats
+  node=target/heap-stats/release/ssegate
+fi
 
 ttl_s=${SOAK_IDLE_TTL:-5}
 ttl_s=${ttl_s%s}
@@ -58,7 +68,7 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$DIR" --save '' --appe
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
 for port in "$A_PORT" "$B_PORT"; do
   SSEGATE_RETENTION__IDLE_TTL="${ttl_s}s" SSEGATE_IDEMPOTENCY_WINDOW="${ttl_s}s" RUST_LOG=warn \
-    target/release/ssegate --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
+    "$node" --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
     >"$DIR/node-$port.log" 2>&1 &
   pids+=("$!")
 done
@@ -91,13 +101,17 @@ print(f"Run on {datetime.date.today()}: {verdict['seconds'] / 60:.0f} minutes, s
       f"{verdict['events_published']} events published, {verdict['events_received']} received, "
       f"{verdict['gaps_received']} gap notices (resumes into expired topics), {verdict['publish_errors']} publish errors.")
 print()
-print("| idle checkpoint | at (min) | node A RSS (MiB) | node B RSS (MiB) | fds A / B | threads A / B | streams | topics A / B | Redis used_memory (MiB) | Redis clients | channels | keys |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+heap = any(n.get("heap_bytes") for p in points for n in p["nodes"])
+print("| idle checkpoint | at (min) | node A RSS (MiB) | node B RSS (MiB) | "
+      + ("heap in use A / B (MiB) | " if heap else "")
+      + "fds A / B | threads A / B | streams | topics A / B | Redis used_memory (MiB) | Redis clients | channels | keys |")
+print("|---|---|---|---|" + ("---|" if heap else "") + "---|---|---|---|---|---|---|---|")
 for p in points:
     a, b = p["nodes"]
     r = p["redis"]
     print(f"| {p['checkpoint']} | {p['at_seconds'] / 60:.0f} | {mib(a['rss_bytes'])} | {mib(b['rss_bytes'])} | "
-          f"{a['fds']} / {b['fds']} | {a['threads']} / {b['threads']} | {a['open_streams'] + b['open_streams']:.0f} | "
+          + (f"{mib(a['heap_bytes'])} / {mib(b['heap_bytes'])} | " if heap else "")
+          + f"{a['fds']} / {b['fds']} | {a['threads']} / {b['threads']} | {a['open_streams'] + b['open_streams']:.0f} | "
           f"{a['active_topics']:.0f} / {b['active_topics']:.0f} | {mib(r['used_memory'])} | {r['connected_clients']} | "
           f"{r['pubsub_channels']} | {r['keys']} |")
 print()

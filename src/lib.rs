@@ -19,9 +19,9 @@
 //!   `SIGHUP` and on file changes.
 //! - [`auth`]: JWT verification (HMAC, PEM, JWKS), topic patterns, where tokens come from, and
 //!   the publish/subscribe rules, and the node's copy of the revocation list.
-//! - [`control`]: every open stream filed by its token's `sub` and `jti` and its topics, so a
-//!   disconnect (announced to every node) ends them; revocations filed in the store and
-//!   followed live by every node.
+//! - [`control`]: disconnects (announced to every node) ending streams by topic through the hub,
+//!   and by `sub` or `jti` through a filing of the streams of such tokens; revocations filed in
+//!   the store and followed live by every node.
 //! - [`mercure`]: the Mercure protocol as an adapter over the hub and the store: topic
 //!   selectors, the hub-wide log of updates, resuming from an update's id.
 //! - [`presence`]: who is subscribed where across nodes (a registry in Redis, batched writes,
@@ -33,12 +33,15 @@
 //! - [`event`]: the domain types shared by all of the above (stream ids, topics, events).
 //! - [`shutdown`]: the shutdown signal passed down to every long-lived task and stream.
 //! - [`telemetry`]: tracing set-up.
+//! - [`heap`]: the heap's bytes in use, counted by an allocator wrapper in the soak's diagnostic
+//!   build (`heap-stats`).
 
 pub mod auth;
 pub mod config;
 pub mod control;
 pub mod cursor;
 pub mod event;
+pub mod heap;
 pub mod http;
 pub mod hub;
 pub mod mercure;

@@ -15,9 +15,15 @@ use ssegate::startup::Application;
 /// freed on another worker thread than the one that allocated them, and glibc's arenas made that
 /// ~15 % of the node's CPU. With mimalloc: 63k → 58k instructions per single publish (callgrind),
 /// 12–17 % more single publishes a second (wrk, c=32), the same memory per idle stream.
-#[cfg(feature = "mimalloc")]
+#[cfg(all(feature = "mimalloc", not(feature = "heap-stats")))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The soak's diagnostic build: the same allocator, its bytes in use counted (`ssegate::heap`).
+#[cfg(all(feature = "mimalloc", feature = "heap-stats"))]
+#[global_allocator]
+static GLOBAL: ssegate::heap::Counting<mimalloc::MiMalloc> =
+    ssegate::heap::Counting(mimalloc::MiMalloc);
 
 /// Redis-backed, horizontally scalable Server-Sent Events gateway.
 ///

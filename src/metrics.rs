@@ -129,6 +129,8 @@ pub struct Metrics {
     pub streams_ended: Counter,
     /// Entries in the revocation list, as last read from the store.
     pub revocation_entries: Gauge,
+    /// Heap bytes in use (set when scraped), in the `heap-stats` build only.
+    pub heap_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -166,6 +168,7 @@ impl Metrics {
             revocations: Counter::default(),
             streams_ended: Counter::default(),
             revocation_entries: Gauge::default(),
+            heap_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -287,6 +290,13 @@ impl Metrics {
             "Entries in the revocation list, as last read from the store",
             m.revocation_entries.clone(),
         );
+        if cfg!(feature = "heap-stats") {
+            r.register(
+                "heap_bytes",
+                "Heap bytes allocated and not freed (the heap-stats build)",
+                m.heap_bytes.clone(),
+            );
+        }
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {

@@ -335,6 +335,8 @@ async fn checkpoint(plan: &Plan, round: u64, started: Instant) -> Value {
             "open_connections": sample(&metrics, "ssegate_open_connections"),
             "active_topics": sample(&metrics, "ssegate_active_topics"),
             "presence_entries": sample(&metrics, "ssegate_presence_entries"),
+            // 0 unless the node is the diagnostic build (`scripts/soak.sh --heap-stats`).
+            "heap_bytes": sample(&metrics, "ssegate_heap_bytes"),
         }));
     }
     let redis = redis_state(&plan.redis_url).await.unwrap_or(Value::Null);

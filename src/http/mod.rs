@@ -108,6 +108,7 @@ pub fn app(state: Arc<AppState>) -> Router {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     m.active_topics.set(state.hub.active_topics() as i64);
+    m.heap_bytes.set(crate::heap::in_use() as i64);
     m.mercure_subscriptions
         .set(state.mercure.subscriptions() as i64);
     if let Some(presence) = &state.presence {
