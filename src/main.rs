@@ -25,6 +25,34 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static GLOBAL: ssegate::heap::Counting<mimalloc::MiMalloc> =
     ssegate::heap::Counting(mimalloc::MiMalloc);
 
+/// How often, at most, a worker thread going idle has mimalloc give back what it can.
+#[cfg(feature = "mimalloc")]
+const GIVE_BACK_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs whenever a worker thread parks (it has nothing to do). mimalloc keeps, per thread, the
+/// blocks other threads freed until the owning thread next allocates, and returns freed pages
+/// to the OS only from later allocator calls: a node gone quiet after a busy while kept them
+/// (the soak, idle: 40 MiB RSS with 1 MiB of heap in use). `mi_collect` does both now. At most
+/// once a second per thread, and only when the thread is idle, so a busy node pays nothing.
+#[cfg(feature = "mimalloc")]
+fn give_back_memory() {
+    use std::cell::Cell;
+    use std::time::Instant;
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    let now = Instant::now();
+    let due = LAST.with(|last| match last.get() {
+        Some(at) if now.duration_since(at) < GIVE_BACK_EVERY => false,
+        _ => {
+            last.set(Some(now));
+            true
+        }
+    });
+    if due {
+        // SAFETY: mi_collect has no preconditions; it only touches mimalloc's own state.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
+}
+
 /// Redis-backed, horizontally scalable Server-Sent Events gateway.
 ///
 /// Every setting can also come from the config file or from `SSEGATE_*` environment variables
@@ -131,10 +159,10 @@ fn main() -> ExitCode {
         });
         return print_token(&settings, sub, grants, mercure, ttl);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    #[cfg(feature = "mimalloc")]
+    builder.on_thread_park(give_back_memory);
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ssegate: cannot start the runtime: {e}");
