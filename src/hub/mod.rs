@@ -544,6 +544,18 @@ mod tests {
         }
     }
 
+    /// A hub on a memory store.
+    fn hub_on_memory(settings: &Settings) -> (Arc<MemoryStore>, Hub) {
+        let store = Arc::new(MemoryStore::new(settings));
+        let hub = Hub::start(
+            store.clone(),
+            settings,
+            Shutdown::new(),
+            Arc::new(Metrics::new()),
+        );
+        (store, hub)
+    }
+
     async fn next_events(session: &mut Session) -> Vec<String> {
         match session.next(std::future::pending()).await {
             Output::Live(d) => vec![d.event.data.clone()],
@@ -560,13 +572,7 @@ mod tests {
             replay_page_size: 2,
             ..Settings::default()
         };
-        let store = Arc::new(MemoryStore::new(&settings));
-        let hub = Hub::start(
-            store.clone(),
-            &settings,
-            Shutdown::new(),
-            Arc::new(Metrics::new()),
-        );
+        let (store, hub) = hub_on_memory(&settings);
         let source = Topic::parse("source").unwrap();
         let events: Vec<NewEvent> = ["keep 1", "skip", "skip", "keep 2", "skip"]
             .into_iter()
@@ -621,13 +627,7 @@ mod tests {
             fanout_buffer: 4,
             ..Settings::default()
         };
-        let store = Arc::new(MemoryStore::new(&settings));
-        let hub = Hub::start(
-            store.clone(),
-            &settings,
-            Shutdown::new(),
-            Arc::new(Metrics::new()),
-        );
+        let (store, hub) = hub_on_memory(&settings);
         let topic = Topic::parse("room").unwrap();
         let mut live = hub.subscribe(topic.clone(), None).await.unwrap();
         let mut behind = hub.subscribe(topic.clone(), None).await.unwrap();
@@ -659,13 +659,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_deleted_topics_sessions_are_told_and_start_again() {
         let settings = Settings::default();
-        let store = Arc::new(MemoryStore::new(&settings));
-        let hub = Hub::start(
-            store.clone(),
-            &settings,
-            Shutdown::new(),
-            Arc::new(Metrics::new()),
-        );
+        let (store, hub) = hub_on_memory(&settings);
         let topic = Topic::parse("doomed").unwrap();
         let mut live = hub.subscribe(topic.clone(), None).await.unwrap();
         let old = store
