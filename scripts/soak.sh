@@ -104,13 +104,15 @@ print()
 heap = any(n.get("heap_bytes") for p in points for n in p["nodes"])
 print("| idle checkpoint | at (min) | node A RSS (MiB) | node B RSS (MiB) | "
       + ("heap in use A / B (MiB) | " if heap else "")
+      + "huge pages A / B (MiB) | "
       + "fds A / B | threads A / B | streams | topics A / B | Redis used_memory (MiB) | Redis clients | channels | keys |")
-print("|---|---|---|---|" + ("---|" if heap else "") + "---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|" + ("---|" if heap else "") + "---|---|---|---|---|---|---|---|---|")
 for p in points:
     a, b = p["nodes"]
     r = p["redis"]
     print(f"| {p['checkpoint']} | {p['at_seconds'] / 60:.0f} | {mib(a['rss_bytes'])} | {mib(b['rss_bytes'])} | "
           + (f"{mib(a['heap_bytes'])} / {mib(b['heap_bytes'])} | " if heap else "")
+          + f"{mib(a.get('huge_page_bytes', 0))} / {mib(b.get('huge_page_bytes', 0))} | "
           + f"{a['fds']} / {b['fds']} | {a['threads']} / {b['threads']} | {a['open_streams'] + b['open_streams']:.0f} | "
           f"{a['active_topics']:.0f} / {b['active_topics']:.0f} | {mib(r['used_memory'])} | {r['connected_clients']} | "
           f"{r['pubsub_channels']} | {r['keys']} |")

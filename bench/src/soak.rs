@@ -319,6 +319,17 @@ fn proc_count(pid: u32, what: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/{what}")).map_or(0, |d| d.count())
 }
 
+/// The process's memory in transparent huge pages (`AnonHugePages` in smaps_rollup): the node
+/// turns them off, and this shows it held (a collapsed 2 MiB page counts whole in RSS).
+fn huge_page_bytes(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 async fn checkpoint(plan: &Plan, round: u64, started: Instant) -> Value {
     let http = reqwest::Client::new();
     let mut nodes = Vec::new();
@@ -329,6 +340,7 @@ async fn checkpoint(plan: &Plan, round: u64, started: Instant) -> Value {
         };
         nodes.push(json!({
             "rss_bytes": crate::rss_bytes(*pid),
+            "huge_page_bytes": huge_page_bytes(*pid),
             "fds": proc_count(*pid, "fd"),
             "threads": proc_count(*pid, "task"),
             "open_streams": sample(&metrics, "ssegate_open_streams"),
