@@ -2,6 +2,7 @@
 //! version, certificate files that cannot be used, and certificates replaced under open streams.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use reqwest::Version;
@@ -681,4 +682,90 @@ async fn a_stream_with_a_full_window_does_not_stall_its_connection() {
             seen.extend_from_slice(&chunk);
         }
     }
+}
+
+/// A stream whose HTTP/2 window stays full for `write_timeout` is reset, as a stalled HTTP/1.1
+/// connection is closed, and counted; the connection and its other streams, one reading and one
+/// idle, go on.
+#[tokio::test]
+async fn a_stream_with_a_full_window_is_cut_after_write_timeout() {
+    let mut s = settings(None);
+    s.write_timeout = Duration::from_millis(500);
+    let app = spawn_app(s).await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut open = |topic: &str| {
+        let request = http::Request::get(format!("http://{}/v1/events?topic={topic}", app.addr))
+            .body(())
+            .unwrap();
+        client.send_request(request, true).unwrap().0
+    };
+    let (stuck, flowing, idle) = (open("stuck"), open("flowing"), open("idle"));
+    let mut stuck = stuck.await.unwrap().into_body();
+    let mut flowing = flowing.await.unwrap().into_body();
+    let mut idle = idle.await.unwrap().into_body();
+    // Before anything is waiting: the cut must come at least write_timeout after this.
+    let started = std::time::Instant::now();
+    let big = "x".repeat(8 * 1024);
+    for _ in 0..4 {
+        app.publish("stuck", &big).await;
+    }
+    // `stuck`'s chunks are read off the connection but their window is never given back, so
+    // the server sees a client that stopped reading this stream. The others are read, and
+    // `flowing` gets an event at every turn, for longer than write_timeout.
+    async fn read_until(body: &mut h2::RecvStream, seen: &mut Vec<u8>, want: &str) {
+        while !String::from_utf8_lossy(seen).contains(want) {
+            let chunk = tokio::time::timeout(PATIENCE, body.data())
+                .await
+                .expect("the stream keeps flowing")
+                .expect("the stream is open")
+                .expect("the stream was not reset");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            seen.extend_from_slice(&chunk);
+        }
+    }
+    let (mut seen_flowing, mut seen_idle) = (Vec::new(), Vec::new());
+    let reset = loop {
+        let id = app.publish("flowing", "on").await;
+        read_until(&mut flowing, &mut seen_flowing, &format!("id: {id}\n")).await;
+        match tokio::time::timeout(Duration::from_millis(50), stuck.data()).await {
+            Ok(Some(Err(e))) => break e,
+            Ok(None) => panic!("the stuck stream ended instead of being reset"),
+            Ok(Some(Ok(_))) | Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the stuck stream was never cut"
+        );
+    };
+    assert_eq!(reset.reason(), Some(h2::Reason::CANCEL));
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "cut before write_timeout: {:?}",
+        started.elapsed()
+    );
+    // The others go on, the idle one included, and the cut is counted.
+    let id = app.publish("idle", "still here").await;
+    read_until(&mut idle, &mut seen_idle, &format!("id: {id}\n")).await;
+    let id = app.publish("flowing", "after").await;
+    read_until(&mut flowing, &mut seen_flowing, &format!("id: {id}\n")).await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::ops::sample(&metrics, "ssegate_slow_client_disconnects_total"),
+        1.0
+    );
 }

@@ -31,9 +31,12 @@
 //! connection (and its topic subscription) forever once the socket buffers fill. A write that
 //! cannot make progress for `write_timeout` fails instead; the connection closes, and the client,
 //! when it comes back, resumes from its `Last-Event-ID`. Idle streams have no pending write.
+//! Over HTTP/2 the socket keeps moving for the other streams, so a stream whose window stays
+//! full for `write_timeout` is reset on its own ([`stall`]).
 
 mod direct;
 mod head;
+mod stall;
 
 use std::future::Future;
 use std::io;
@@ -360,8 +363,16 @@ fn is_h2_preface(head: &[u8]) -> bool {
 /// Serves an HTTP/2 connection with hyper, every request through the same router; on shutdown
 /// sends `GOAWAY` and lets the streams end (they end by themselves on shutdown).
 async fn with_h2(shared: &Shared, io: impl Io) {
-    let service = TowerToHyperService::new(shared.app.clone());
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let streams = stall::Streams::new();
+    let app = ServiceExt::<axum::http::Request<hyper::body::Incoming>>::map_response(
+        shared.app.clone(),
+        stall::watch,
+    );
+    let service = TowerToHyperService::new(app);
+    let executor = stall::Executor {
+        streams: streams.clone(),
+    };
+    let mut builder = hyper::server::conn::http2::Builder::new(executor);
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(shared.max_streams)
@@ -372,7 +383,19 @@ async fn with_h2(shared: &Shared, io: impl Io) {
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let connection = builder.serve_connection(TokioIo::new(io), service);
-    until_done(connection, &shared.shutdown).await
+    // A stream whose client stopped reading is cut after write_timeout (`stall`).
+    let watchdog = async {
+        let mut look = tokio::time::interval(stall::Streams::look_every(shared.write_timeout));
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            look.tick().await;
+            streams.cut_stalled(shared.write_timeout, &shared.metrics);
+        }
+    };
+    tokio::select! {
+        _ = until_done(connection, &shared.shutdown) => {}
+        _ = watchdog => {}
+    }
 }
 
 /// Drives a hyper connection to its end; on shutdown, starts its graceful end (HTTP/2: `GOAWAY`)
