@@ -14,8 +14,9 @@
 //! back in front, so hyper parses it exactly as it would have.
 //!
 //! **Hyper** serves everything else (bodies, kept-alive connections), with the same router, the
-//! same head limits ([`head::MAX_HEAD`], [`head::MAX_HEADERS`]: `431` past them), and
-//! `header_timeout` both for each request head and for the idle time between requests.
+//! same head limits ([`head::MAX_HEAD`], [`head::MAX_HEADERS`]: `431` past them, in JSON like
+//! every error answer: [`rewind`]), and `header_timeout` both for each request head and for the
+//! idle time between requests.
 //!
 //! **TLS and HTTP/2.** With `tls.cert` and `tls.key` the listener speaks TLS only, offering
 //! `h2` and `http/1.1` by ALPN; the handshake has `header_timeout` to finish. An `h2` connection
@@ -36,25 +37,24 @@
 
 mod direct;
 mod head;
+mod rewind;
 mod stall;
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Response, StatusCode};
 use axum::Router;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_rustls::TlsAcceptor;
@@ -62,6 +62,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 pub use self::direct::StreamOnSocket;
+use self::rewind::Rewind;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -423,119 +424,6 @@ async fn with_hyper(shared: &Shared, io: Rewind<impl Io>) {
         .max_buf_size(head::MAX_HEAD);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     until_done(connection, &shared.shutdown).await
-}
-
-/// A connection for hyper: the bytes already read come first.
-///
-/// Its close lingers (RFC 9112, 9.6, as nginx's `lingering_close`): hyper closes a connection
-/// after answering an error decided while the request was still arriving (`431`, `400`, `413`),
-/// and a socket closed with input unread is reset, which can destroy the answer before the
-/// client reads it. So the write side is shut first (the answer, then FIN), and what the client
-/// still sends is read and dropped until it closes too, or for at most [`LINGER`].
-struct Rewind<I> {
-    prefix: Bytes,
-    io: I,
-    /// Whether the close lingers: HTTP/1.1 only. HTTP/2 says why it closes in `GOAWAY`, and a
-    /// connection closed for flooding must stop being read.
-    lingers: bool,
-    /// Set once the write side is shut: the end of the lingering.
-    linger: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-/// The longest a closing connection reads what its client still sends.
-const LINGER: Duration = Duration::from_secs(2);
-
-impl<I> Rewind<I> {
-    /// For HTTP/1.1: the close lingers.
-    fn new(prefix: Bytes, io: I) -> Rewind<I> {
-        Rewind {
-            prefix,
-            io,
-            lingers: true,
-            linger: None,
-        }
-    }
-
-    /// For HTTP/2: the close does not linger.
-    fn h2(prefix: Bytes, io: I) -> Rewind<I> {
-        Rewind {
-            lingers: false,
-            ..Rewind::new(prefix, io)
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            if self.prefix.is_empty() {
-                // Let the head's buffer go.
-                self.prefix = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.lingers {
-            return Pin::new(&mut this.io).poll_shutdown(cx);
-        }
-        let linger = match &mut this.linger {
-            Some(linger) => linger,
-            None => {
-                std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
-                this.linger.insert(Box::pin(tokio::time::sleep(LINGER)))
-            }
-        };
-        let mut scratch = [0u8; 4096];
-        loop {
-            if linger.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
-                // The client closed too, or the connection failed: nothing left to protect.
-                Poll::Ready(_) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
 }
 
 #[cfg(test)]
