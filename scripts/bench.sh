@@ -20,6 +20,7 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || missing+=(libnginx-mod-nchan)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -37,6 +38,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$DIR/nginx.pid" ] && kill "$(cat "$DIR/nginx.pid")" 2>/dev/null || true
   [ -f "$DIR/b/nginx.pid" ] && kill "$(cat "$DIR/b/nginx.pid")" 2>/dev/null || true
+  [ -f "$DIR/tlsn/nginx.pid" ] && kill "$(cat "$DIR/tlsn/nginx.pid")" 2>/dev/null || true
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   pkill -f -- "--listen 127.0.0.1:$((BASE + 20))" 2>/dev/null || true
   for p in $(seq $((BASE + 10)) $((BASE + 15))); do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done
@@ -126,6 +128,7 @@ N="--url http://127.0.0.1:$NCHAN_PORT --target nchan"
 NB="--url http://127.0.0.1:$NCHAN_B_PORT --target nchan"
 if [ $smoke -eq 1 ]; then
   secs=1 subs=50 rate=50 trate=100 steps=100,200 storm=50 users=200 urate=100 hold=2 quiet_secs=2 wsecs=1
+  tsteps=100,200
   lsubs=50 lsubs_small=10 lrate=20
   mconns=50 mper=4 mtopics=50 mrate=100
   msubs=20 mbystanders=100 mmrate=20 mbehind=1000
@@ -133,6 +136,8 @@ else
   # One topic: every event to every subscriber (1M deliveries/s offered). Ten topics: more
   # events, each to a tenth of the subscribers (500k/s offered).
   secs=10 subs=1000 rate=1000 trate=5000 steps=1000,5000,10000,15000 storm=10000 quiet_secs=30 wsecs=5
+  # HTTPS idle streams: 50 connections of 100 streams at the last step over HTTP/2.
+  tsteps=1000,3000,5000
   # One topic per user: 10,000 users, 1,000 events/s spread over them.
   users=10000 urate=1000 hold=10
   # Latency below saturation, across nodes: 1,000 subscribers x 100 events/s (100k deliveries/s)
@@ -376,6 +381,79 @@ cluster_run() { # masters
 cluster_1=$(cluster_run 1)
 cluster_3=$(cluster_run 3)
 
+echo "== HTTPS and HTTP/2" >&2
+# Both hubs serving TLS themselves with the same certificate (ECDSA P-256, from a CA made here
+# that the load generator trusts): ssegate's listener, and nginx+nchan with `ssl http2` on the
+# same locations. Each measurement gets fresh hubs, so memory freed by an earlier one does not
+# flatten the next one's slope. The ssegate node is on the bench's Redis, nchan too.
+TLS_DIR="$DIR/tls" TLS_S_PORT=$((BASE + 8)) TLS_N_PORT=$((BASE + 9))
+mkdir -p "$TLS_DIR"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=ssegate bench CA" \
+  -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=127.0.0.1" \
+  -keyout "$TLS_DIR/key.pem" -out "$TLS_DIR/req.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$TLS_DIR/ext"
+openssl x509 -req -in "$TLS_DIR/req.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" -CAcreateserial \
+  -days 2 -extfile "$TLS_DIR/ext" -out "$TLS_DIR/cert.pem" 2>/dev/null
+TS="--url https://127.0.0.1:$TLS_S_PORT --target ssegate --ca $TLS_DIR/ca.pem"
+TN="--url https://127.0.0.1:$TLS_N_PORT --target nchan --ca $TLS_DIR/ca.pem"
+TLS_PID=""
+tls_up() { # starts both hubs afresh; sets TLS_PID (ssegate) and TLS_NCHAN_PID (nchan's worker)
+  tls_down
+  SSEGATE_TLS__CERT="$TLS_DIR/cert.pem" SSEGATE_TLS__KEY="$TLS_DIR/key.pem" RUST_LOG=warn \
+    target/release/ssegate --listen "127.0.0.1:$TLS_S_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/0" \
+    >>"$DIR/ssegate-tls.log" 2>&1 &
+  TLS_PID=$!
+  pids+=("$TLS_PID")
+  mkdir -p "$DIR/tlsn"
+  sed -e "s|listen 127.0.0.1:@NCHAN_PORT@;|listen 127.0.0.1:$TLS_N_PORT ssl http2; ssl_certificate $TLS_DIR/cert.pem; ssl_certificate_key $TLS_DIR/key.pem;|" \
+    -e "s/@REDIS_PORT@/$REDIS_PORT/" bench/nchan.conf >"$DIR/tlsn/nchan.conf"
+  nginx -p "$DIR/tlsn" -c "$DIR/tlsn/nchan.conf" -g "pid $DIR/tlsn/nginx.pid; error_log $DIR/tlsn/nginx-error.log warn;"
+  for port in "$TLS_S_PORT" "$TLS_N_PORT"; do
+    for _ in $(seq 200); do curl -s -o /dev/null --cacert "$TLS_DIR/ca.pem" "https://127.0.0.1:$port/" && break; sleep 0.05; done
+  done
+  TLS_NCHAN_PID=$(pgrep -P "$(cat "$DIR/tlsn/nginx.pid")" | head -n 1)
+}
+tls_down() {
+  if [ -n "$TLS_PID" ]; then kill "$TLS_PID" 2>/dev/null || true; wait "$TLS_PID" 2>/dev/null || true; fi
+  if [ -f "$DIR/tlsn/nginx.pid" ]; then
+    local master
+    master=$(cat "$DIR/tlsn/nginx.pid")
+    kill "$master" 2>/dev/null || true
+    while kill -0 "$master" 2>/dev/null; do sleep 0.05; done
+  fi
+}
+tmax=${tsteps##*,}
+# Idle streams: over HTTP/2, 100 on each connection, on one shared topic and on a topic each;
+# then one stream per connection, over HTTP/1.1 and over HTTP/2.
+tls_idle() { # the idle scenario's options; prints ssegate's JSON line, then nchan's (hubs from tls_up)
+  bench $TS "$@" --pid "$TLS_PID"
+  bench $TN "$@" --pid "$TLS_NCHAN_PID"
+}
+tls_up
+# shellcheck disable=SC2086
+tls_h2=$(tls_idle idle --steps $tsteps --streams-per-connection 100)
+tls_up
+# shellcheck disable=SC2086
+tls_h2u=$(tls_idle idle --steps $tsteps --streams-per-connection 100 --topics "$tmax")
+tls_up
+# shellcheck disable=SC2086
+tls_h1=$(tls_idle --http1 idle --steps $tsteps)
+tls_up
+# shellcheck disable=SC2086
+tls_h2c=$(tls_idle idle --steps $tsteps --streams-per-connection 1)
+# Clients resuming at once, a TLS connection and handshake each (ALPN: HTTP/2).
+tls_up
+tls_storm_s=$(bench $TS storm --clients $storm --behind 100)
+tls_storm_n=$(bench $TN storm --clients $storm --behind 100)
+# Single publishes over HTTPS, wrk c=32 (HTTP/1.1 over TLS), 3 alternating pairs.
+tls_wrk_s="" tls_wrk_n=""
+for _ in 1 2 3; do
+  tls_wrk_s="$tls_wrk_s $(wrk_rate "https://127.0.0.1:$TLS_S_PORT/v1/events?topic=wrk")"
+  tls_wrk_n="$tls_wrk_n $(wrk_rate "https://127.0.0.1:$TLS_N_PORT/pub/wrk")"
+done
+tls_down
+
 field() { python3 -c "import json,sys; v=json.loads(sys.argv[1]); print(round(v$2, 2) if isinstance(v$2, float) else v$2)" "$1"; }
 # One comparison row: label, ssegate's JSON, nchan's JSON, the field compared.
 row() {
@@ -538,6 +616,53 @@ row(f"publish->receive p99 <= 5 ms, {cross['rate']:.0f} events/s to {cross['subs
     f"p99 {p99:.1f} ms ({cross['deliveries_per_sec']:.0f} deliveries/s)", p99 <= 5)
 PY
   echo
+  echo "## HTTPS and HTTP/2"
+  echo
+  echo "Both hubs serving TLS themselves in the same run: an ssegate node and nginx+nchan (\`ssl http2\`,"
+  echo "one worker), both on the bench's Redis, with the same ECDSA P-256 certificate; fresh hubs for"
+  echo "each idle measurement and for the storm. Over HTTP/2 the load generator puts 100 streams on a"
+  echo "connection, or one; wrk speaks HTTP/1.1 over TLS."
+  echo
+  python3 - "$tls_h2" "$tls_h2u" "$tls_h1" "$tls_h2c" "$tls_storm_s" "$tls_storm_n" "$tls_wrk_s" "$tls_wrk_n" <<'PY'
+import json, statistics, sys
+h2, h2u, h1, h2c = ([json.loads(l) for l in a.splitlines()] for a in sys.argv[1:5])
+storm_s, storm_n = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+ws, wn = ([float(x) for x in a.split()] for a in sys.argv[7:9])
+print("| over TLS | ssegate | nchan | ssegate / nchan |")
+print("|---|---|---|---|")
+def row(label, a, b, fmt="{:.0f}"):
+    print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b if b else 0:.2f} |")
+n = h2[0]["points"][-1]["connections"]
+row(f"idle stream, HTTP/2, 100 a connection, shared topic, {n} streams (RSS bytes each)", h2[0]["bytes_per_connection"], h2[1]["bytes_per_connection"])
+row(f"idle stream, HTTP/2, 100 a connection, a topic each (RSS bytes each)", h2u[0]["bytes_per_connection"], h2u[1]["bytes_per_connection"])
+row(f"idle connection, HTTP/1.1, a stream each (RSS bytes each)", h1[0]["bytes_per_connection"], h1[1]["bytes_per_connection"])
+row(f"idle connection, HTTP/2, a stream each (RSS bytes each)", h2c[0]["bytes_per_connection"], h2c[1]["bytes_per_connection"])
+row(f"{storm_s['clients']} clients resuming 100 behind at once (s until all caught up)",
+    storm_s["seconds_until_all_caught_up"], storm_n["seconds_until_all_caught_up"], "{:.2f}")
+row("single publish, wrk c=32 (median of 3 alternating pairs, events/s)", statistics.median(ws), statistics.median(wn))
+print()
+print(f"Storm: ssegate {storm_s['caught_up']} of {storm_s['clients']} caught up ({storm_s['received_exactly_behind']} with exactly 100), "
+      f"nchan {storm_n['caught_up']} ({storm_n['received_exactly_behind']} with exactly 100). "
+      f"wrk over HTTPS: ssegate {' / '.join(f'{x:.0f}' for x in ws)}/s, nchan {' / '.join(f'{x:.0f}' for x in wn)}/s.")
+print()
+def target(name, figure, ok):
+    print(f"| {name} | {figure} | {'met' if ok else 'not met'} |")
+print("| target | measured | outcome |")
+print("|---|---|---|")
+b = h2[0]["bytes_per_connection"]
+target("idle stream over HTTPS/HTTP/2, 100 a connection, shared topic <= 4 KiB", f"{b / 1024:.1f} KiB", b <= 4096)
+b = h2u[0]["bytes_per_connection"]
+target("idle stream over HTTPS/HTTP/2, 100 a connection, a topic each <= 6 KiB", f"{b / 1024:.1f} KiB", b <= 6144)
+for label, r in (("HTTP/1.1", h1), ("HTTP/2", h2c)):
+    a, b = r[0]["bytes_per_connection"], r[1]["bytes_per_connection"]
+    target(f"idle connection over HTTPS, {label}, a stream each <= nchan's", f"{a / 1024:.1f} KiB vs {b / 1024:.1f} KiB", a <= b)
+a, b = storm_s["seconds_until_all_caught_up"], storm_n["seconds_until_all_caught_up"]
+ok = a <= b and storm_s["received_exactly_behind"] == storm_s["clients"]
+target(f"{storm_s['clients']} clients resuming at once over HTTPS <= nchan's time", f"{a:.2f} s vs {b:.2f} s", ok)
+r = statistics.median(ws) / max(statistics.median(wn), 1)
+target("single publish over HTTPS, wrk c=32 >= 1.5x nchan", f"{r:.2f}x", r >= 1.5)
+PY
+  echo
   echo "## Presence"
   echo
   echo "Two fresh nodes in the same run, one with \`presence.enabled = false\`, one with presence on"
@@ -621,7 +746,7 @@ PY
   echo "## Raw results"
   echo
   echo '```'
-  for r in "$pub_s" "$pub_n" "$batch_s" "$spread_s" "$many_s" "$spread32_s" "$spread_n" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$idlemf" "$fanum" "$match0" "$match9" "$mresume" "$idle_poff" "$idle_pon" "$storm_poff" "$storm_pon"; do echo "$r"; done
+  for r in "$pub_s" "$pub_n" "$batch_s" "$spread_s" "$many_s" "$spread32_s" "$spread_n" "$fan_s" "$fan_n" "$fant_s" "$fant_n" "$cross" "$cross_t" "$idle_s" "$idle_n" "$idleu_s" "$idleu_n" "$fanu_s" "$fanu_n" "$fanm_s" "$fanm_n" "$lat_s" "$lat_n" "$latl_s" "$latl_n" "$storm_s" "$cluster_1" "$cluster_3" "$idlem" "$idlemf" "$fanum" "$match0" "$match9" "$mresume" "$idle_poff" "$idle_pon" "$storm_poff" "$storm_pon" "$tls_h2" "$tls_h2u" "$tls_h1" "$tls_h2c" "$tls_storm_s" "$tls_storm_n"; do echo "$r"; done
   echo '```'
 } > "$out"
 if [ $smoke -eq 1 ]; then
@@ -691,6 +816,23 @@ checks = {
     "presence on: idle clients held": idle_on["points"][-1]["connections"] > 0,
     "presence on: idle Redis commands counted": idle_on["idle_redis_commands_per_second"] is not None,
     "presence: the storm's entries went with its clients": int(sys.argv[5]) == 0,
+}
+failed = [k for k, ok in checks.items() if not ok]
+if failed:
+    sys.exit("bench smoke run failed: " + ", ".join(failed))
+PY
+  python3 - "$tls_h2" "$tls_h2u" "$tls_h1" "$tls_h2c" "$tls_storm_s" "$tls_storm_n" "$tls_wrk_s" "$tls_wrk_n" <<'PY'
+import json, sys
+idles = [[json.loads(l) for l in a.splitlines()] for a in sys.argv[1:5]]
+storm_s, storm_n = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+ws, wn = ([float(x) for x in a.split()] for a in sys.argv[7:9])
+want = idles[0][0]["points"][-1]["connections"]
+checks = {
+    **{f"HTTPS idle ({i}): both hubs held every stream": len(r) == 2 and all(h["points"][-1]["connections"] == want > 0 for h in r)
+       for i, r in enumerate(idles)},
+    "HTTPS storm: every ssegate client caught up exactly": storm_s["received_exactly_behind"] == storm_s["clients"],
+    "HTTPS storm: nchan's clients caught up": storm_n["caught_up"] > 0,
+    "wrk publishes over HTTPS to both hubs, 3 runs each": len(ws) == len(wn) == 3 and min(ws + wn) > 0,
 }
 failed = [k for k, ok in checks.items() if not ok]
 if failed:

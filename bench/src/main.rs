@@ -13,11 +13,12 @@
 //! - `soak`: churn with idle checkpoints, for what grows with uptime (see [`soak`]).
 //!
 //! `--target mercure` runs them against ssegate's Mercure hub (form publishes, topic selectors);
-//! `--token` sends a bearer token with every request.
+//! `--token` sends a bearer token with every request. An `https://` URL is spoken to over TLS,
+//! trusting `--ca`; ALPN then picks HTTP/2 unless `--http1`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -48,6 +49,12 @@ struct Args {
     /// Mercure: publish updates as private.
     #[arg(long, global = true)]
     private: bool,
+    /// A CA certificate (PEM) to trust for an `https://` URL.
+    #[arg(long, global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// Over TLS, offer HTTP/1.1 only (otherwise ALPN picks HTTP/2).
+    #[arg(long, global = true)]
+    http1: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -142,6 +149,10 @@ enum Scenario {
         redis_url: Option<String>,
         #[arg(long, default_value_t = 10.0)]
         hold: f64,
+        /// Over HTTP/2: this many streams share each connection (1 = a connection each). 0:
+        /// one pool for all, which over HTTP/1.1 is a connection each.
+        #[arg(long, default_value_t = 0)]
+        streams_per_connection: usize,
     },
     /// Mercure: resuming from an id `behind` updates back in the log versus from one a few
     /// back, the same `replay` updates replayed either way (the rest are on other topics).
@@ -314,17 +325,42 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
+/// TLS options from the command line, for every client made.
+struct Tls {
+    /// Trusted for `https://` URLs, besides nothing else.
+    ca: Option<reqwest::Certificate>,
+    /// HTTP/1.1 only over TLS.
+    http1: bool,
+}
+
+static TLS: OnceLock<Tls> = OnceLock::new();
+
 fn client(connections: usize) -> reqwest::Client {
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
-        .tcp_nodelay(true)
-        .build()
-        .expect("http client")
+        .tcp_nodelay(true);
+    if let Some(tls) = TLS.get() {
+        if let Some(ca) = &tls.ca {
+            builder = builder.add_root_certificate(ca.clone());
+        }
+        if tls.http1 {
+            builder = builder.http1_only();
+        }
+    }
+    builder.build().expect("http client")
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    let ca = args.ca.as_ref().map(|path| {
+        let pem = std::fs::read(path).expect("the --ca file");
+        reqwest::Certificate::from_pem(&pem).expect("a PEM certificate in --ca")
+    });
+    let _ = TLS.set(Tls {
+        ca,
+        http1: args.http1,
+    });
     let hub = Arc::new(Hub {
         target: args.target,
         base: args.url.trim_end_matches('/').to_owned(),
@@ -383,7 +419,11 @@ async fn main() {
             topics,
             redis_url,
             hold,
-        } => idle(hub, steps, pid, topics, redis_url, hold).await,
+            streams_per_connection,
+        } => {
+            let spread = Spread(streams_per_connection);
+            idle(hub, steps, pid, topics, redis_url, hold, spread).await
+        }
         Scenario::Storm {
             clients,
             behind,
@@ -881,6 +921,10 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// How an idle scenario's streams share connections.
+#[derive(Clone, Copy)]
+struct Spread(usize);
+
 async fn idle(
     hub: Arc<Hub>,
     steps: Vec<usize>,
@@ -888,13 +932,18 @@ async fn idle(
     topics: usize,
     redis_url: Option<String>,
     hold: f64,
+    spread: Spread,
 ) -> Value {
-    let http = client(16);
+    let mut http = client(16);
     let mut open = Vec::new();
     let base_rss = rss_bytes(pid);
     let mut points = vec![(0usize, base_rss)];
     for &target in &steps {
         while open.len() < target {
+            if spread.0 > 0 && open.len() % spread.0 == 0 {
+                // A client of its own is a connection of its own.
+                http = client(1);
+            }
             let url = hub.subscribe_url(&format!("idle{}", open.len() % topics));
             match open_stream(&http, &url, hub.token.as_deref(), None).await {
                 Some(stream) => open.push(Box::pin(stream)),
@@ -932,7 +981,7 @@ async fn idle(
         None => Value::Null,
     };
     json!({
-        "scenario": "idle", "topics": topics, "points": points.iter().map(|(k, r)| json!({"connections": k, "rss_bytes": r})).collect::<Vec<_>>(),
+        "scenario": "idle", "topics": topics, "streams_per_connection": spread.0, "points": points.iter().map(|(k, r)| json!({"connections": k, "rss_bytes": r})).collect::<Vec<_>>(),
         "bytes_per_connection": slope, "projected_100k_mib": slope * 100_000.0 / 1_048_576.0 + base_rss as f64 / 1_048_576.0,
         "idle_redis_commands_per_second": idle_commands,
     })
@@ -968,8 +1017,8 @@ async fn commandstats(redis_url: &str) -> Option<(u64, Value)> {
 
 async fn storm(hub: Arc<Hub>, clients: usize, behind: usize, redis_url: Option<String>) -> Value {
     assert!(
-        hub.target == Target::Ssegate,
-        "the storm resumes by stream id (ssegate)"
+        hub.target != Target::Mercure,
+        "the storm resumes by the ids publishes answer (ssegate, nchan)"
     );
     let http = client(64);
     let topic = format!("storm{}", now_micros());
@@ -978,12 +1027,18 @@ async fn storm(hub: Arc<Hub>, clients: usize, behind: usize, redis_url: Option<S
     for i in 0..=behind {
         let r = hub
             .publish(&http, &topic, format!("{i}"))
+            .header("Accept", "application/json")
             .send()
             .await
             .expect("publish");
         let v: Value = r.json().await.expect("publish answer");
-        ids.push(v["id"].as_str().expect("id").to_owned());
+        // nchan answers its channel's state, the newest message's id included.
+        let id = v["id"].as_str().or(v["last_message_id"].as_str());
+        ids.push(id.expect("the event's id").to_owned());
     }
+    // Over TLS each client makes its own connection and handshake, as 10,000 browsers do (over
+    // HTTP/2 one client would put every stream on one connection).
+    let own_connections = hub.base.starts_with("https://");
     let cursor = ids[0].clone();
     let last = ids[behind].clone();
     let before = match &redis_url {
@@ -995,7 +1050,11 @@ async fn storm(hub: Arc<Hub>, clients: usize, behind: usize, redis_url: Option<S
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let (http, url, cursor, last, gate) = (
-                http.clone(),
+                if own_connections {
+                    client(1)
+                } else {
+                    http.clone()
+                },
                 hub.subscribe_url(&topic),
                 cursor.clone(),
                 last.clone(),
