@@ -200,7 +200,9 @@ impl Pump {
                 must_read = true;
             }
             if must_read {
-                match self.catch_up().await {
+                // Boxed: the pump waits on its inbox nearly all its life (see the session's
+                // replay).
+                match Box::pin(self.catch_up()).await {
                     Ok(()) => must_read = false,
                     Err(e) => warn!(topic = %self.topic, error = %e, "pump cannot read the stream"),
                 }

@@ -106,7 +106,9 @@ impl Session {
                 return Output::End;
             }
             if self.replaying {
-                match self.replay_page().await {
+                // Boxed: a session waits on its feed nearly all its life, and its future would
+                // otherwise keep room for a replay's state all that time.
+                match Box::pin(self.replay_page()).await {
                     Ok(Some(page)) => return Output::Replayed(page),
                     Ok(None) => continue,
                     Err(e) => {

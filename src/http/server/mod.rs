@@ -316,12 +316,17 @@ async fn serve_tls(io: Connection, tls: TlsAcceptor, open: Open) {
         _ = shared.shutdown.wait() => return,
     };
     if io.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
-        return with_h2(shared, io).await;
+        return Box::pin(with_h2(shared, io)).await;
     }
     serve(io, shared).await
 }
 
 /// Serves one connection: its first request here, the rest with hyper.
+///
+/// The connection's task holds this future for as long as the connection lives, sized for its
+/// largest state. So every state but the event stream's (hyper's connections, the router's call,
+/// a whole response) is boxed: an idle stream's task was 4.2 KB, most of it room for states it was
+/// not in.
 async fn serve(mut io: impl Io, shared: &Shared) {
     let read = tokio::time::timeout(shared.header_timeout, head::read_head(&mut io));
     let head = tokio::select! {
@@ -332,13 +337,13 @@ async fn serve(mut io: impl Io, shared: &Shared) {
         _ = shared.shutdown.wait() => return,
     };
     if is_h2_preface(&head) {
-        return with_h2(shared, Rewind::h2(head, io)).await;
+        return Box::pin(with_h2(shared, Rewind::h2(head, io))).await;
     }
     let Some(plain) = head::plain_get(&head) else {
-        return with_hyper(shared, Rewind::new(head, io)).await;
+        return Box::pin(with_hyper(shared, Rewind::new(head, io))).await;
     };
     drop(head);
-    let response = match shared.app.clone().oneshot(plain.request).await {
+    let response = match Box::pin(shared.app.clone().oneshot(plain.request)).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
@@ -347,11 +352,15 @@ async fn serve(mut io: impl Io, shared: &Shared) {
         return direct::write_stream(io, response, &shared.metrics).await;
     }
     let close = plain.close || shared.shutdown.is_triggered();
-    if direct::write_whole(&mut io, response, close).await.is_err() || close {
+    if Box::pin(direct::write_whole(&mut io, response, close))
+        .await
+        .is_err()
+        || close
+    {
         let _ = io.shutdown().await;
         return;
     }
-    with_hyper(shared, Rewind::new(Bytes::new(), io)).await
+    Box::pin(with_hyper(shared, Rewind::new(Bytes::new(), io))).await
 }
 
 /// Whether a connection's first bytes are (the start of) the HTTP/2 preface. The head reader
@@ -365,9 +374,12 @@ fn is_h2_preface(head: &[u8]) -> bool {
 /// sends `GOAWAY` and lets the streams end (they end by themselves on shutdown).
 async fn with_h2(shared: &Shared, io: impl Io) {
     let streams = stall::Streams::new();
-    let app = ServiceExt::<axum::http::Request<hyper::body::Incoming>>::map_response(
+    // Each stream's task holds the router's future until the response head is out, then the
+    // body, in one allocation sized for the larger: boxed, the router's future takes no room in
+    // an open stream's task.
+    let app = ServiceExt::<axum::http::Request<hyper::body::Incoming>>::map_future(
         shared.app.clone(),
-        stall::watch,
+        |response| Box::pin(async move { response.await.map(stall::watch) }),
     );
     let service = TowerToHyperService::new(app);
     let executor = stall::Executor {
