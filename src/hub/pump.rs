@@ -155,7 +155,7 @@ impl Pump {
                 }
                 Err(e) => {
                     warn!(topic = %self.topic, error = %e, "pump cannot read the stream tail");
-                    if !self.pause_unless_released().await {
+                    if !Box::pin(self.pause_unless_released()).await {
                         return;
                     }
                 }
@@ -164,10 +164,16 @@ impl Pump {
         let mut must_read = false;
         loop {
             let message = if must_read {
-                tokio::select! {
-                    m = self.inbox.recv() => m,
-                    _ = tokio::time::sleep(PUMP_RETRY) => Some(PumpMessage::Read),
-                }
+                // Boxed, as the rare states below: a pump's future keeps room for its largest
+                // state for the topic's whole life, and a retry's timer is most of it.
+                let inbox = &self.inbox;
+                Box::pin(async move {
+                    tokio::select! {
+                        m = inbox.recv() => m,
+                        _ = tokio::time::sleep(PUMP_RETRY) => Some(PumpMessage::Read),
+                    }
+                })
+                .await
             } else {
                 self.inbox.recv().await
             };
