@@ -322,12 +322,7 @@ fn proc_count(pid: u32, what: &str) -> usize {
 /// The process's memory in transparent huge pages (`AnonHugePages` in smaps_rollup): the node
 /// turns them off, and this shows it held (a collapsed 2 MiB page counts whole in RSS).
 fn huge_page_bytes(pid: u32) -> u64 {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("AnonHugePages:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    crate::proc_kb_field(pid, "smaps_rollup", "AnonHugePages:")
 }
 
 async fn checkpoint(plan: &Plan, round: u64, started: Instant) -> Value {

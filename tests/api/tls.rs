@@ -636,12 +636,9 @@ async fn the_npm_eventsource_client_streams_and_resumes_over_https() {
     assert_eq!(m, json!({"kind": "message", "id": live, "data": "live"}));
 }
 
-/// A stream whose HTTP/2 window stays full (its client reads nothing of it) holds up no other
-/// stream of the connection: each stream has its own flow control, and the server writes the
-/// others on.
-#[tokio::test]
-async fn a_stream_with_a_full_window_does_not_stall_its_connection() {
-    let app = spawn_app(settings(None)).await;
+/// An h2c client of `app` whose streams have a 16 KiB window, which they give back only when
+/// the test says so.
+async fn small_window_h2(app: &TestApp) -> h2::client::SendRequest<bytes::Bytes> {
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let (client, connection) = h2::client::Builder::new()
         .initial_window_size(16 * 1024)
@@ -649,13 +646,29 @@ async fn a_stream_with_a_full_window_does_not_stall_its_connection() {
         .await
         .unwrap();
     tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
-    let mut open = |topic: &str| {
-        let request = http::Request::get(format!("http://{}/v1/events?topic={topic}", app.addr))
-            .body(())
-            .unwrap();
-        client.send_request(request, true).unwrap().0
-    };
+    client.ready().await.unwrap()
+}
+
+/// Opens an event stream of `topic` on `client`.
+fn open_h2_stream(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    app: &TestApp,
+    topic: &str,
+) -> h2::client::ResponseFuture {
+    let request = http::Request::get(format!("http://{}/v1/events?topic={topic}", app.addr))
+        .body(())
+        .unwrap();
+    client.send_request(request, true).unwrap().0
+}
+
+/// A stream whose HTTP/2 window stays full (its client reads nothing of it) holds up no other
+/// stream of the connection: each stream has its own flow control, and the server writes the
+/// others on.
+#[tokio::test]
+async fn a_stream_with_a_full_window_does_not_stall_its_connection() {
+    let app = spawn_app(settings(None)).await;
+    let mut client = small_window_h2(&app).await;
+    let mut open = |topic: &str| open_h2_stream(&mut client, &app, topic);
     let (stuck, flowing) = (open("stuck"), open("flowing"));
     let (stuck, flowing) = (stuck.await.unwrap(), flowing.await.unwrap());
     assert_eq!(
@@ -692,20 +705,8 @@ async fn a_stream_with_a_full_window_is_cut_after_write_timeout() {
     let mut s = settings(None);
     s.write_timeout = Duration::from_millis(500);
     let app = spawn_app(s).await;
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(16 * 1024)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
-    let mut open = |topic: &str| {
-        let request = http::Request::get(format!("http://{}/v1/events?topic={topic}", app.addr))
-            .body(())
-            .unwrap();
-        client.send_request(request, true).unwrap().0
-    };
+    let mut client = small_window_h2(&app).await;
+    let mut open = |topic: &str| open_h2_stream(&mut client, &app, topic);
     let (stuck, flowing, idle) = (open("stuck"), open("flowing"), open("idle"));
     let mut stuck = stuck.await.unwrap().into_body();
     let mut flowing = flowing.await.unwrap().into_body();
@@ -755,15 +756,7 @@ async fn a_stream_with_a_full_window_is_cut_after_write_timeout() {
     read_until(&mut idle, &mut seen_idle, &format!("id: {id}\n")).await;
     let id = app.publish("flowing", "after").await;
     read_until(&mut flowing, &mut seen_flowing, &format!("id: {id}\n")).await;
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::ops::scrape(&app.url("/metrics")).await;
     assert_eq!(
         crate::ops::sample(&metrics, "ssegate_slow_client_disconnects_total"),
         1.0

@@ -196,10 +196,9 @@ fn json_answer(written: &[u8]) -> Option<Bytes> {
         return None;
     };
     let head = text.strip_suffix("\r\n\r\n")?;
-    let mut lines = head.split("\r\n").skip(1);
     let mut date = None;
     let (mut closes, mut empty) = (false, false);
-    for line in lines.by_ref() {
+    for line in head.split("\r\n").skip(1) {
         match line.split_once(": ") {
             Some(("connection", "close")) => closes = true,
             Some(("content-length", "0")) => empty = true,

@@ -78,11 +78,10 @@ impl Streams {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// Cuts every stream whose chunk has waited longer than `timeout`; returns how many.
-    pub(super) fn cut_stalled(&self, timeout: Duration, metrics: &Metrics) -> usize {
+    /// Cuts every stream whose chunk has waited longer than `timeout`, counting each.
+    pub(super) fn cut_stalled(&self, timeout: Duration, metrics: &Metrics) {
         let now = self.now();
         let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut cut = 0;
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         watched.retain(|weak| {
             let Some(state) = weak.upgrade() else {
@@ -93,12 +92,10 @@ impl Streams {
                 state.cut.store(true, Ordering::Release);
                 state.waker.wake();
                 metrics.slow_client_disconnects.inc();
-                cut += 1;
                 return false;
             }
             true
         });
-        cut
     }
 
     /// How often [`Streams::cut_stalled`] should run for `timeout`.
