@@ -20,8 +20,9 @@ const PUMP_RETRY: Duration = Duration::from_millis(250);
 pub(super) enum PumpMessage {
     /// Entry `id` exists: read up to it unless the feed is there already.
     ReadTo(StreamId),
+    /// An event appended after `prev`, or (`None`) after what was announced before it.
     Announced {
-        prev: StreamId,
+        prev: Option<StreamId>,
         event: Event,
     },
     Read,
@@ -182,7 +183,7 @@ impl Pump {
                 PumpMessage::Announced { prev, event } => {
                     if event.id <= self.last {
                         must_read // already on the feed
-                    } else if prev == self.last && !must_read {
+                    } else if !must_read && prev.is_none_or(|prev| prev == self.last) {
                         self.put(&event);
                         false
                     } else {

@@ -264,7 +264,7 @@ impl Store for MemoryStore {
             // The hub may be gone during shutdown; the event is stored either way.
             let _ = self.signal_tx.send(Signal::Appended {
                 topic: topic.as_str().to_owned(),
-                prev,
+                prev: Some(prev),
                 event,
             });
             ids.push(id);

@@ -143,10 +143,12 @@ pub const ADVANCED_BATCH: usize = 1000;
 /// A store's announcement to the hub.
 #[derive(Debug, Clone)]
 pub enum Signal {
-    /// An event was appended right after `prev` (the stream's newest entry before it).
+    /// An event was appended right after `prev` (the stream's newest entry before it); with
+    /// `None`, right after whatever the store signalled before for the topic: the store saw every
+    /// append to it and signalled each (as this, or by asking for a read).
     Appended {
         topic: String,
-        prev: StreamId,
+        prev: Option<StreamId>,
         event: Event,
     },
     /// An entry `id` was appended and announced without its payload (a large one): read the

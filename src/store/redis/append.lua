@@ -15,8 +15,10 @@
 -- ARGV[7]     most payload bytes announced by one call
 -- ARGV[8]     'PUBLISH' (one Redis) or 'SPUBLISH' (a cluster: sent only to the shard owning the
 --             channel, whose name shares the topic's hash slot)
--- ARGV[9]     T, the number of topics
--- ARGV[9+t]   topic t's live channel
+-- ARGV[9]     'prev' (announcements name each run's previous entry) or 'notified' (they do not:
+--             see below)
+-- ARGV[10]    T, the number of topics
+-- ARGV[10+t]  topic t's live channel
 -- then, per run (one per topic, t = 1..T): t; its event count n; its flags: '' when no event
 --             has a type, an idempotency key or labels, else per event a digit, 1 if it has a
 --             key plus 2 if it has labels; when some event has labels, their numbers, one per
@@ -32,14 +34,22 @@
 --
 -- Runs are applied one after the other, each on its own: a run's events are consecutive in its
 -- stream, in order, and a run that fails (say, its key holds something other than a stream)
--- fails alone. Returns per run {'ok', "<id>\n<id>…"} (one id per event, in one string: a reply
--- element per event cost the gateway more to read than the rest of the event; a repeated
--- idempotency key returns the first id and appends nothing) or, when an append failed,
--- {'err', "<id>\n…", message} with the ids of the events before it.
+-- fails alone. Returns per run one string: "<id>\n<id>…" (one id per event: a reply element per
+-- event cost the gateway more to read than the rest of the event; a repeated idempotency key
+-- returns the first id and appends nothing) or, when an append failed, "!<message>\n<id>…" with
+-- the ids of the events before it (maybe none; the message on one line). A table per run cost
+-- Redis more to turn into its reply than a run's PUBLISH.
 --
 -- A run of one event is announced as "<prev id>\n<id>\n<type>\n<data>": prev is the stream's
 -- newest entry before this one, so a node can tell whether it saw every entry in between (direct
--- XADDs included). A large event, or any event once the call has announced its share of bytes, is
+-- XADDs included). Looking it up (XREVRANGE, whose reply carries the whole entry) cost more than
+-- the rest of a one-event run; with 'notified' it is not looked up and prev is written as "+"
+-- (not an id, so a node of an older version reads the stream instead). That is for a Redis that
+-- sends an `xadd` keyspace notification for every XADD to the node's subscription connection,
+-- where they arrive in order with the announcements: a run's notifications come right before its
+-- announcement, so a node that counts exactly as many as the run announces knows nothing else was
+-- appended between the entries it got before and these; any other XADD shows up as a notification
+-- without an announcement, and the node reads the stream. A large event, or any event once the call has announced its share of bytes, is
 -- announced as "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed
 -- to the topic receives every announcement, and Redis drops a subscriber whose pending output
 -- passes its pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to
@@ -54,7 +64,9 @@
 -- not an id, so a node that knows only the one-event form reads the stream instead.
 --
 -- The newest entry is looked up, and the stream trimmed and its TTL renewed, once per topic per
--- call, not per event: those are most of a lone event's cost.
+-- call, not per event: those are most of a lone event's cost. A run of plain events is trimmed by
+-- its last XADD (MAXLEN), which costs the call a few arguments instead of a command: every
+-- redis.call from Lua costs about what a small command does, whatever the command.
 --
 -- A stream recreated after it expired carries its tombstone on as its max-deleted-entry-id, so
 -- the gap rule treats the old history as deleted: a client at the old last id resumes without a
@@ -67,7 +79,8 @@ local idle_ttl = tonumber(ARGV[5])
 local inline_max = tonumber(ARGV[6])
 local budget = tonumber(ARGV[7])
 local publish = ARGV[8]
-local topics = tonumber(ARGV[9])
+local notified = ARGV[9] == 'notified'
+local topics = tonumber(ARGV[10])
 if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
   return redis.error_reply('ERR unknown publish command')
 end
@@ -80,11 +93,21 @@ local function topic_state(t)
     return s
   end
   local stream = KEYS[2 * t - 1]
-  s = {prev = '0-0', recreated = false}
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  if #newest > 0 then
-    s.prev = newest[1][1]
-  elseif idle_ttl > 0 and redis.call('EXISTS', stream) == 0 then
+  -- Every field made at once: a table grown field by field is reallocated as it grows.
+  s = {prev = '0-0', recreated = false, last = false, labels = false, trimmed = false}
+  local exists = true
+  if notified then
+    s.prev = '+'
+    exists = idle_ttl == 0 or redis.call('EXISTS', stream) == 1
+  else
+    local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if #newest > 0 then
+      s.prev = newest[1][1]
+    else
+      exists = idle_ttl == 0 or redis.call('EXISTS', stream) == 1
+    end
+  end
+  if not exists then
     s.recreated = redis.call('GET', KEYS[2 * t])
   end
   state[t] = s
@@ -103,11 +126,37 @@ end
 -- positions in `ids` of events already there (repeated idempotency keys), which were not appended.
 local function apply(t, n, flags, counts, at, keyed, ids, many)
   local s = topic_state(t)
-  local stream, channel = KEYS[2 * t - 1], ARGV[9 + t]
+  local stream, channel = KEYS[2 * t - 1], ARGV[10 + t]
   if many then
     many.prev = s.prev
   end
   local plain = flags == ''
+  if plain and not s.recreated then
+    -- Most runs: events with neither a type, a key nor labels, on a stream not just recreated.
+    local count = #ids
+    for i = 0, n - 1 do
+      local data, id = ARGV[at + i], nil
+      if i == n - 1 and maxlen > 0 then
+        id = redis.call('XADD', stream, 'MAXLEN', trim, ARGV[1], '*', 'data', data)
+        s.trimmed = true
+      else
+        id = redis.call('XADD', stream, '*', 'data', data)
+      end
+      if many then
+        -- announced by the caller
+      elseif #data <= inline_max and #data <= budget then
+        budget = budget - #data
+        redis.call(publish, channel, s.prev .. '\n' .. id .. '\n\n' .. data)
+      else
+        redis.call(publish, channel, s.prev .. '\n' .. id)
+      end
+      s.prev = id
+      s.last = id
+      count = count + 1
+      ids[count] = id
+    end
+    return
+  end
   local labelled = 0
   for i = 0, n - 1 do
     local etype, data
@@ -132,6 +181,7 @@ local function apply(t, n, flags, counts, at, keyed, ids, many)
     if existing then
       ids[#ids + 1] = existing
       if many then
+        many.repeated = many.repeated or {}
         many.repeated[#ids] = true
       end
     else
@@ -173,12 +223,12 @@ end
 
 -- Announces what a run of n events appended (see the header): `joined` is its ids as
 -- replied, `events` the events as the gateway wrote them.
-local function announce_many(t, n, ids, joined, many, events)
+local function announce_many(t, n, n_text, ids, joined, many, events)
   if not many.prev then
     return
   end
   local count = #ids - 1
-  if next(many.repeated) then
+  if many.repeated then
     local appended = {}
     for i = 2, #ids do
       if not many.repeated[i] then
@@ -195,20 +245,22 @@ local function announce_many(t, n, ids, joined, many, events)
   else
     budget = budget - #events
   end
-  local head = '*\n' .. many.prev .. '\n' .. count .. '\n'
-  redis.call(publish, ARGV[9 + t], head .. joined .. '\n' .. events)
+  -- n as sent, when it is the count: a number made a string costs a formatted print.
+  local head = '*\n' .. many.prev .. '\n' .. (count == n and n_text or count) .. '\n'
+  redis.call(publish, ARGV[10 + t], head .. joined .. '\n' .. events)
 end
 
 local replies = {}
-local at = 10 + topics
+local at = 11 + topics
 local keyed = 0
 while at <= #ARGV do
   local t, n, flags = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), ARGV[at + 2]
   local first = at + 3
-  local keys_used, stride, counts = 0, 1, {}
+  local keys_used, stride, counts = 0, 1, nil
   if flags ~= '' then
     keys_used, stride = #string.gsub(flags, '[02]', ''), 2
     if string.find(flags, '[23]') then
+      counts = {}
       for c in string.gmatch(ARGV[first], '%d+') do
         counts[#counts + 1] = tonumber(c)
         keys_used = keys_used + tonumber(c)
@@ -218,20 +270,20 @@ while at <= #ARGV do
   end
   local events, many = nil, nil
   if n > 1 then
-    events, many = ARGV[first], {repeated = {}}
+    events, many = ARGV[first], {prev = false, repeated = false}
     first = first + 1
   end
   local ids = {'ok'}
   local ok, result = pcall(apply, t, n, flags, counts, first, keyed, ids, many)
   local joined = #ids == 2 and ids[2] or table.concat(ids, '\n', 2)
   if many then
-    announce_many(t, n, ids, joined, many, events)
+    announce_many(t, n, ARGV[at + 1], ids, joined, many, events)
   end
   if ok then
-    replies[#replies + 1] = {'ok', joined}
+    replies[#replies + 1] = joined
   else
     local message = type(result) == 'table' and result.err or tostring(result)
-    replies[#replies + 1] = {'err', joined, message}
+    replies[#replies + 1] = '!' .. string.gsub(message, '\n', ' ') .. '\n' .. joined
   end
   keyed = keyed + keys_used
   at = first + stride * n
@@ -240,8 +292,8 @@ end
 for t, s in pairs(state) do
   if s.last then
     local stream = KEYS[2 * t - 1]
-    if maxlen > 0 then
-      redis.call('XTRIM', stream, 'MAXLEN', trim, maxlen)
+    if maxlen > 0 and not s.trimmed then
+      redis.call('XTRIM', stream, 'MAXLEN', trim, ARGV[1])
     end
     if max_age > 0 then
       local ms = tonumber(string.match(s.last, '^(%d+)-'))

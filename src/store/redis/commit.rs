@@ -54,6 +54,9 @@ pub(super) struct AppendRequest {
     pub(super) group: Option<Slot>,
     /// The command connection the request found; calls go out on the first request's.
     pub(super) conn: Commands,
+    /// Whether Redis notifies every append (see `Link::notified`), so the call's announcements
+    /// need not name each run's previous entry; the first request's decides.
+    pub(super) notified: bool,
     /// The topic: requests of a call are told apart by it, and its key names are written
     /// straight into the call.
     pub(super) topic: Topic,
@@ -230,7 +233,12 @@ impl Group {
 async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner) -> Option<Slot> {
     let group = batch[0].group;
     let mut conn = batch[0].conn.clone();
-    let (call, shapes, replies) = build(batch, parts, conn.is_cluster());
+    let continuity = if batch[0].notified {
+        "notified"
+    } else {
+        "prev"
+    };
+    let (call, shapes, replies) = build(batch, parts, conn.is_cluster(), continuity);
     runner.append_call();
     let result = runner
         .run(&mut conn, &call, runner.replication)
@@ -261,7 +269,8 @@ async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner)
 /// does not matter (each has its own stream).
 ///
 /// Keys: each run's stream and tombstone, then the idempotency keys of every run in order.
-/// Arguments: the settings, the publish command, the runs' channels, then per run its index
+/// Arguments: the settings, the publish command, how announcements show continuity (`prev` or
+/// `notified`), the runs' channels, then per run its index
 /// (1-based, as in Lua), its event count, its flags (see `append.lua`), its events as announced
 /// when there are several, and per event its type (unless the flags are empty) and data.
 #[allow(clippy::type_complexity)]
@@ -269,6 +278,7 @@ fn build<'a>(
     batch: Vec<AppendRequest>,
     parts: &'a CallParts,
     cluster: bool,
+    continuity: &'static str,
 ) -> (
     Call<'a>,
     Vec<Vec<usize>>,
@@ -303,7 +313,7 @@ fn build<'a>(
     let mut call = Call::with_capacity(
         &parts.script,
         2 * runs.len() + keyed,
-        names + 10 + 5 * runs.len() + 2 * events,
+        names + 11 + 5 * runs.len() + 2 * events,
         // Runs of several events send their payloads twice: as events, and as announced.
         2 * bytes + names * (parts.keys.prefix.len() + 16) + 16 * runs.len(),
     );
@@ -338,6 +348,7 @@ fn build<'a>(
         .arg(settings.announce_inline_max)
         .arg(settings.announce_call_budget)
         .arg(if cluster { "SPUBLISH" } else { "PUBLISH" })
+        .arg(continuity)
         .arg(runs.len());
     for run in &runs {
         parts.keys.write_name(&mut name, topic(run), LIVE);
@@ -436,11 +447,17 @@ fn split_reply(reply: &Value, shapes: &[Vec<usize>]) -> Result<Vec<AppendOutcome
     }
     let mut outcomes = Vec::with_capacity(shapes.iter().map(Vec::len).sum());
     for (part, counts) in parts.iter().zip(shapes) {
-        let items = as_array(part)?;
-        let (status, joined, message) = match items {
-            [status, joined] => (as_bytes(status)?, as_bytes(joined)?, None),
-            [status, joined, message] => (as_bytes(status)?, as_bytes(joined)?, Some(message)),
-            _ => return Err(bad_reply("an append answer of a wrong shape")),
+        // `<id>\n<id>…`, or `!<message>\n<id>…` (maybe no ids) when an append failed.
+        let part = as_bytes(part)?;
+        let (joined, message) = match part.strip_prefix(b"!") {
+            Some(failed) => {
+                let end = failed
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .ok_or_else(|| bad_reply("an append answer of a wrong shape"))?;
+                (&failed[end + 1..], Some(&failed[..end]))
+            }
+            None => (part, None),
         };
         let ids = if joined.is_empty() {
             Vec::new()
@@ -451,10 +468,10 @@ fn split_reply(reply: &Value, shapes: &[Vec<usize>]) -> Result<Vec<AppendOutcome
                 .collect::<Result<Vec<_>, _>>()?
         };
         let total: usize = counts.iter().sum();
-        let error = match (status, message) {
-            (b"ok", None) if ids.len() == total => None,
-            (b"err", Some(message)) if ids.len() < total => {
-                let message = String::from_utf8_lossy(as_bytes(message)?).into_owned();
+        let error = match message {
+            None if ids.len() == total => None,
+            Some(message) if ids.len() < total => {
+                let message = String::from_utf8_lossy(message).into_owned();
                 Some(StoreError::Internal(format!(
                     "redis refused the append: {message}"
                 )))
@@ -488,11 +505,11 @@ mod tests {
     #[test]
     fn each_request_gets_its_own_outcome() {
         let reply = Value::Array(vec![
-            Value::Array(vec![bulk("ok"), bulk("1-0\n1-1\n1-2")]),
-            Value::Array(vec![bulk("err"), bulk(""), bulk("WRONGTYPE no stream")]),
-            Value::Array(vec![bulk("ok"), bulk("2-0")]),
+            bulk("1-0\n1-1\n1-2"),
+            bulk("!WRONGTYPE no stream\n"),
+            bulk("2-0"),
             // Failed at its third event: the request before it stands, the rest fail.
-            Value::Array(vec![bulk("err"), bulk("3-0\n3-1"), bulk("boom")]),
+            bulk("!boom\n3-0\n3-1"),
         ]);
         let shapes = [vec![2, 1], vec![1], vec![1], vec![1, 2, 1]];
         let outcomes = split_reply(&reply, &shapes).expect("well-formed");
@@ -517,25 +534,23 @@ mod tests {
 
     #[test]
     fn a_malformed_answer_fails_the_call() {
-        let short = Value::Array(vec![Value::Array(vec![bulk("ok"), bulk("1-0")])]);
+        let short = Value::Array(vec![bulk("1-0")]);
         assert!(split_reply(&short, &[vec![2]]).is_err(), "too few ids");
         assert!(
             split_reply(&short, &[vec![1], vec![1]]).is_err(),
             "too few runs"
         );
-        let odd = Value::Array(vec![Value::Array(vec![bulk("maybe"), bulk("1-0")])]);
-        assert!(split_reply(&odd, &[vec![1]]).is_err());
+        for odd in ["!no line end", "maybe"] {
+            let odd = Value::Array(vec![bulk(odd)]);
+            assert!(split_reply(&odd, &[vec![1]]).is_err());
+        }
+        let nested = Value::Array(vec![Value::Array(vec![bulk("1-0")])]);
+        assert!(split_reply(&nested, &[vec![1]]).is_err(), "the old shape");
         for ids in ["1-0\n", "1-0\n\n1-1", "1-0 1-1", ""] {
-            let bad = Value::Array(vec![Value::Array(vec![bulk("ok"), bulk(ids)])]);
+            let bad = Value::Array(vec![bulk(ids)]);
             assert!(split_reply(&bad, &[vec![2]]).is_err(), "{ids:?}");
         }
-        let none = Value::Array(vec![Value::Array(vec![bulk("ok")])]);
-        assert!(split_reply(&none, &[vec![1]]).is_err(), "no ids");
-        let all = Value::Array(vec![Value::Array(vec![
-            bulk("err"),
-            bulk("1-0"),
-            bulk("x"),
-        ])]);
+        let all = Value::Array(vec![bulk("!x\n1-0")]);
         assert!(
             split_reply(&all, &[vec![1]]).is_err(),
             "an error after every id"

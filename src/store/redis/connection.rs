@@ -6,6 +6,8 @@
 //! cluster client (RESP3) whose subscriptions it moves to a slot's new owner.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -225,6 +227,13 @@ pub(super) struct Link {
     /// In a cluster, what opened `conn`: a command connection that stops answering while the
     /// cluster answers is replaced by a fresh one from it (see `replace_wedged_commands`).
     pub(super) commands_client: Option<ClusterClient>,
+    /// Whether every append reaches `pubsub` as an `xadd` keyspace notification, in order with
+    /// the announcements: true on one Redis once `notify-keyspace-events` has `K` and `t`. The
+    /// append script then skips looking up each stream's previous entry (see `append.lua`).
+    /// Never in a cluster: a topic's notifications and announcements may come over different
+    /// connections while its slot moves. Set again after the subscription connection comes back
+    /// (a restarted Redis may have lost the setting).
+    pub(super) notified: Arc<AtomicBool>,
 }
 
 /// Where Redis is: the seed URLs from `redis_url`.
@@ -312,6 +321,7 @@ pub(super) async fn open_link(
             conn: Commands::Cluster(conn),
             pubsub: Commands::Cluster(pubsub),
             commands_client: Some(commands_client),
+            notified: Arc::new(AtomicBool::new(false)),
         }
     } else {
         if target.seeds.len() > 1 {
@@ -336,10 +346,13 @@ pub(super) async fn open_link(
             conn: Commands::Single(conn),
             pubsub: Commands::Single(pubsub),
             commands_client: None,
+            notified: Arc::new(AtomicBool::new(false)),
         }
     };
     let mut conn = link.conn.clone();
-    enable_keyspace_notifications(&mut conn).await;
+    let on = enable_keyspace_notifications(&mut conn).await;
+    link.notified
+        .store(on && !conn.is_cluster(), Ordering::Release);
     Ok(link)
 }
 
@@ -477,8 +490,8 @@ fn check_version(info: &str) -> Result<(), StoreError> {
 /// Adds `K` (keyspace channel) and `t` (stream commands) to `notify-keyspace-events`, keeping
 /// whatever else is set; in a cluster on every node (called again when the topology changes, for
 /// nodes that joined). Managed Redis services may forbid CONFIG; then direct XADDs still arrive,
-/// within `catchup_interval`.
-pub(super) async fn enable_keyspace_notifications(conn: &mut Commands) {
+/// within `catchup_interval`. Returns whether they are on (on the node asked).
+pub(super) async fn enable_keyspace_notifications(conn: &mut Commands) -> bool {
     let current: Result<HashMap<String, String>, _> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("notify-keyspace-events")
@@ -491,7 +504,7 @@ pub(super) async fn enable_keyspace_notifications(conn: &mut Commands) {
             .unwrap_or_default(),
         Err(e) => {
             warn!(error = %e, "cannot read notify-keyspace-events; direct XADDs arrive within catchup_interval");
-            return;
+            return false;
         }
     };
     let mut wanted = flags.clone();
@@ -503,7 +516,7 @@ pub(super) async fn enable_keyspace_notifications(conn: &mut Commands) {
     }
     // In a cluster another node may still lack them although the one asked has them.
     if wanted == flags && !conn.is_cluster() {
-        return;
+        return true;
     }
     let set: Result<(), _> = redis::cmd("CONFIG")
         .arg("SET")
@@ -512,14 +525,20 @@ pub(super) async fn enable_keyspace_notifications(conn: &mut Commands) {
         .query_async(conn)
         .await;
     match set {
-        Ok(()) => info!(
-            flags = wanted,
-            "enabled keyspace notifications for direct XADDs"
-        ),
-        Err(e) => warn!(
-            error = %e,
-            "cannot set notify-keyspace-events (set it to include Kt); direct XADDs arrive within catchup_interval"
-        ),
+        Ok(()) => {
+            info!(
+                flags = wanted,
+                "enabled keyspace notifications for direct XADDs"
+            );
+            true
+        }
+        Err(e) => {
+            warn!(
+                error = %e,
+                "cannot set notify-keyspace-events (set it to include Kt); direct XADDs arrive within catchup_interval"
+            );
+            false
+        }
     }
 }
 
@@ -552,6 +571,7 @@ pub(super) async fn replace_wedged_commands(
             mut conn,
             mut pubsub,
             commands_client: Some(client),
+            ..
         }) = link_tx.borrow().clone()
         else {
             return;

@@ -17,7 +17,9 @@
 //! entry before it (a run of several events, a topic's requests in one call: one PUBLISH after
 //! its last, carrying them all), and trimming. Publish requests that arrive while a call is in
 //! flight share the next one (`commit`). A node that sees an announcement whose previous id is not the last
-//! one it delivered knows it missed something and reads the stream. With
+//! one it delivered knows it missed something and reads the stream. On one Redis that notifies
+//! every XADD, the previous id is not looked up: nodes count each topic's `xadd` notifications
+//! against the announcement after them instead (`subscriptions`). With
 //! `redis.min_replicas_ack`, `WAIT` follows the script in the same pipeline, on the same master.
 //!
 //! Programs may also `XADD` straight into a stream. Those appends are seen through keyspace
@@ -69,8 +71,8 @@ use self::keys::{Keys, IDEMPOTENCY, LABEL, PRESENCE};
 use self::reply::{as_array, as_text, bad_reply, parse_entries, parse_facts, parse_id, parse_stat};
 use self::scripts::{Call, Replication, Scripts};
 use self::subscriptions::{
-    check_health, own_subscriptions, translate_pushes, Health, WatchCommand, ANNOUNCE_CALL_BUDGET,
-    ANNOUNCE_INLINE_MAX,
+    check_health, own_subscriptions, translate_pushes, Health, Holes, WatchCommand,
+    ANNOUNCE_CALL_BUDGET, ANNOUNCE_INLINE_MAX,
 };
 use super::{classify, Notice, Page, Signal, Store, StoreError, TopicStat, ADVANCED_BATCH};
 use crate::config::{RedisSettings, Settings};
@@ -330,7 +332,7 @@ impl Store for RedisStore {
         topic: &Topic,
         events: Vec<NewEvent>,
     ) -> Result<Vec<StreamId>, StoreError> {
-        let (request, answer) = self.append_request(self.link()?.conn, topic.clone(), events);
+        let (request, answer) = self.append_request(&self.link()?, topic.clone(), events);
         self.commit(vec![request])?;
         answered(answer).await
     }
@@ -342,13 +344,13 @@ impl Store for RedisStore {
         &self,
         runs: Vec<(Topic, Vec<NewEvent>)>,
     ) -> Vec<Result<Vec<StreamId>, StoreError>> {
-        let conn = match self.link() {
-            Ok(link) => link.conn,
+        let link = match self.link() {
+            Ok(link) => link,
             Err(e) => return runs.iter().map(|_| Err(e.clone())).collect(),
         };
         let (requests, answers): (Vec<_>, Vec<_>) = runs
             .into_iter()
-            .map(|(topic, events)| self.append_request(conn.clone(), topic, events))
+            .map(|(topic, events)| self.append_request(&link, topic, events))
             .unzip();
         if let Err(e) = self.commit(requests) {
             return answers.iter().map(|_| Err(e.clone())).collect();
@@ -671,10 +673,11 @@ impl RedisStore {
     /// and where its answer comes.
     fn append_request(
         &self,
-        conn: connection::Commands,
+        link: &Link,
         topic: Topic,
         events: Vec<NewEvent>,
     ) -> (AppendRequest, oneshot::Receiver<AppendOutcome>) {
+        let conn = link.conn.clone();
         let group = conn
             .is_cluster()
             .then(|| Slot::for_key(self.keys.stream(topic.as_str())));
@@ -682,6 +685,7 @@ impl RedisStore {
         let request = AppendRequest {
             group,
             conn,
+            notified: link.notified.load(Ordering::Acquire),
             topic,
             events,
             reply,
@@ -814,18 +818,21 @@ async fn establish(
     };
     info!(cluster = link.conn.is_cluster(), "connected to redis");
     *connect_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let holes = Arc::new(Holes::default());
     tokio::spawn(translate_pushes(
         push_rx,
         tasks.keys.clone(),
         tasks.signals.clone(),
         tasks.watch_tx.clone(),
         tasks.healthy.clone(),
+        holes.clone(),
     ));
     tokio::spawn(own_subscriptions(
         watch_rx,
         link.pubsub.clone(),
         tasks.keys,
         tasks.signals,
+        holes.clone(),
         tasks.shutdown.clone(),
     ));
     tokio::spawn(check_health(Health {
@@ -834,6 +841,8 @@ async fn establish(
         timeout: tasks.redis.response_timeout,
         healthy: tasks.healthy,
         watch_tx: tasks.watch_tx,
+        notified: link.notified.clone(),
+        holes,
         shutdown: tasks.shutdown.clone(),
     }));
     let cluster = link.conn.is_cluster();

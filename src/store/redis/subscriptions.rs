@@ -8,7 +8,7 @@
 //! pushes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,41 @@ pub(super) enum WatchCommand {
     Lost(String),
 }
 
+/// Whether the pushes since the subscription connection last dropped have a hole that the hub
+/// has not yet been told to read past.
+///
+/// An announcement that counts on notifications (`+`) says only that nothing was appended
+/// between it and what the connection carried before; across a drop, what came before is
+/// unknown. So from a drop until a restore has subscribed again and asked the hub to read every
+/// topic (whose reads then come before any later announcement), no such announcement is taken.
+#[derive(Default)]
+pub(super) struct Holes {
+    /// Drops seen by [`translate_pushes`].
+    seen: AtomicU64,
+    /// Of those, the drops a completed restore covers.
+    covered: AtomicU64,
+}
+
+impl Holes {
+    fn opened(&self) {
+        self.seen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Before a restore subscribes: what it will cover once the hub was asked to read.
+    fn restoring(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    /// After the restore asked the hub to read every topic.
+    fn covered(&self, upto: u64) {
+        self.covered.fetch_max(upto, Ordering::AcqRel);
+    }
+
+    fn none_open(&self) -> bool {
+        self.covered.load(Ordering::Acquire) == self.seen.load(Ordering::Acquire)
+    }
+}
+
 /// Subscribes and unsubscribes in the order asked, counting watches per topic, so a topic
 /// released and re-acquired at once ends up subscribed.
 pub(super) async fn own_subscriptions(
@@ -54,6 +89,7 @@ pub(super) async fn own_subscriptions(
     mut pubsub: Commands,
     keys: Keys,
     signals: mpsc::UnboundedSender<Signal>,
+    holes: Arc<Holes>,
     shutdown: Shutdown,
 ) {
     let mut watched: HashMap<String, usize> = HashMap::new();
@@ -88,6 +124,7 @@ pub(super) async fn own_subscriptions(
                 }
             }
             WatchCommand::Restore(done) => {
+                let covering = holes.restoring();
                 let topics: Vec<&str> = watched.keys().map(String::as_str).collect();
                 let result = subscribe(&mut pubsub, &keys, &topics).await;
                 if let Err(e) = &result {
@@ -98,6 +135,9 @@ pub(super) async fn own_subscriptions(
                     "redis subscriptions restored; catching up"
                 );
                 let _ = signals.send(Signal::CatchUpAll);
+                if result.is_ok() {
+                    holes.covered(covering);
+                }
                 let _ = done.send(result.is_ok());
             }
             WatchCommand::Lost(topic) => {
@@ -150,6 +190,10 @@ pub(super) struct Health {
     pub(super) timeout: Duration,
     pub(super) healthy: Arc<AtomicBool>,
     pub(super) watch_tx: mpsc::UnboundedSender<WatchCommand>,
+    /// The link's `notified`: checked again whenever the connection comes back.
+    pub(super) notified: Arc<AtomicBool>,
+    /// A failed ping may mean pushes were lost, as a drop does.
+    pub(super) holes: Arc<Holes>,
     pub(super) shutdown: Shutdown,
 }
 
@@ -164,6 +208,8 @@ pub(super) async fn check_health(h: Health) {
         timeout,
         healthy,
         watch_tx,
+        notified,
+        holes,
         shutdown,
     } = h;
     let mut ticker = tokio::time::interval(interval);
@@ -178,6 +224,7 @@ pub(super) async fn check_health(h: Health) {
         let ok = ping(&mut pubsub, timeout).await.is_ok();
         let was = healthy.swap(ok, Ordering::AcqRel);
         if !ok {
+            holes.opened();
             if was {
                 warn!("redis subscription connection is unhealthy");
             }
@@ -197,6 +244,13 @@ pub(super) async fn check_health(h: Health) {
             Ok(None) => {}
             Err(e) => debug!(error = %e, "cannot read the cluster topology"),
         }
+        if !was && !pubsub.is_cluster() {
+            // A Redis that restarted may have lost the setting; until it is back, announcements
+            // that count on notifications are read from the stream instead (see
+            // `translate_pushes`).
+            let on = enable_keyspace_notifications(&mut pubsub).await;
+            notified.store(on, Ordering::Release);
+        }
         if !was || changed || restore_pending {
             let (done_tx, done_rx) = oneshot::channel();
             if watch_tx.send(WatchCommand::Restore(done_tx)).is_err() {
@@ -209,23 +263,28 @@ pub(super) async fn check_health(h: Health) {
 
 /// Turns pushes from the subscription connection into hub signals.
 ///
-/// The script's XADD makes Redis send an `xadd` keyspace notification right before the script's
-/// own announcement, in the same reply. An `xadd` notification not followed by the announcement
-/// of the same topic was someone else's `XADD`: the topic is poked so the hub reads it.
+/// The script's XADDs make Redis send an `xadd` keyspace notification each right before the
+/// script's own announcement, in the same reply. An `xadd` notification not followed by the
+/// announcement of the same topic was someone else's `XADD`: the topic is poked so the hub reads
+/// it. An announcement that does not name its previous entry (`+`, see `append.lua`) is taken as
+/// following what came before only when exactly as many notifications came right before it as
+/// it announces entries; otherwise the topic is read.
 pub(super) async fn translate_pushes(
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     keys: Keys,
     signals: mpsc::UnboundedSender<Signal>,
     watch_tx: mpsc::UnboundedSender<WatchCommand>,
     healthy: Arc<AtomicBool>,
+    holes: Arc<Holes>,
 ) {
-    let mut unmatched_xadd: Option<String> = None;
+    // The topic whose `xadd` notifications came last, and how many came in a row.
+    let mut pending: Option<(String, usize)> = None;
     loop {
-        let push = if unmatched_xadd.is_some() {
+        let push = if pending.is_some() {
             match tokio::time::timeout(DIRECT_XADD_SETTLE, pushes.recv()).await {
                 Ok(p) => p,
                 Err(_) => {
-                    if let Some(topic) = unmatched_xadd.take() {
+                    if let Some((topic, _)) = pending.take() {
                         let _ = signals.send(Signal::Poke { topic });
                     }
                     continue;
@@ -240,7 +299,8 @@ pub(super) async fn translate_pushes(
                 // Anything announced from now until the connection is back is lost; the health
                 // check restores subscriptions and triggers the catch-up.
                 healthy.store(false, Ordering::Release);
-                if let Some(topic) = unmatched_xadd.take() {
+                holes.opened();
+                if let Some((topic, _)) = pending.take() {
                     let _ = signals.send(Signal::Poke { topic });
                 }
                 warn!("redis subscription connection dropped");
@@ -268,12 +328,15 @@ pub(super) async fn translate_pushes(
                     Some(Channel::Keyspace(topic)) => match payload {
                         // A run of several events brings one per event, then its one
                         // announcement.
-                        b"xadd" if unmatched_xadd.as_deref() == Some(topic) => {}
-                        b"xadd" => {
-                            if let Some(previous) = unmatched_xadd.replace(topic.to_owned()) {
-                                let _ = signals.send(Signal::Poke { topic: previous });
+                        b"xadd" => match &mut pending {
+                            Some((last, count)) if last == topic => *count += 1,
+                            _ => {
+                                if let Some((previous, _)) = pending.replace((topic.to_owned(), 1))
+                                {
+                                    let _ = signals.send(Signal::Poke { topic: previous });
+                                }
                             }
-                        }
+                        },
                         // Trimming needs no action: readers find out through the gap rule.
                         b"xtrim" => {}
                         // Deleted, renamed, expired, XSETID…: let the hub read what is there.
@@ -304,12 +367,18 @@ pub(super) async fn translate_pushes(
                         }
                     }
                     Some(Channel::Live(topic)) => {
-                        if unmatched_xadd.as_deref() == Some(topic) {
-                            unmatched_xadd = None;
-                        } else if let Some(previous) = unmatched_xadd.take() {
-                            let _ = signals.send(Signal::Poke { topic: previous });
-                        }
-                        let readable = read_announcement(payload, |entry| {
+                        let notified = match pending.take() {
+                            Some((last, count)) if last == topic => count,
+                            Some((previous, _)) => {
+                                let _ = signals.send(Signal::Poke { topic: previous });
+                                0
+                            }
+                            None => 0,
+                        };
+                        // No announcement has 0 entries: while a hole is open, none that counts
+                        // on notifications is taken.
+                        let notified = if holes.none_open() { notified } else { 0 };
+                        let readable = read_announcement(payload, notified, |entry| {
                             let _ = signals.send(match entry {
                                 Announced::Event(prev, event) => Signal::Appended {
                                     topic: topic.to_owned(),
@@ -323,7 +392,11 @@ pub(super) async fn translate_pushes(
                             });
                         });
                         if !readable {
-                            debug!(topic, "unreadable announcement; reading the stream");
+                            debug!(
+                                topic,
+                                notified,
+                                "unreadable or unconfirmed announcement; reading the stream"
+                            );
                             let _ = signals.send(Signal::Poke {
                                 topic: topic.to_owned(),
                             });
@@ -360,8 +433,9 @@ pub(super) const ANNOUNCE_CALL_BUDGET: usize = 256 * 1024;
 
 /// One entry of an announcement.
 enum Announced {
-    /// The event, and the entry before it.
-    Event(StreamId, Event),
+    /// The event, and the entry before it (`None`: whatever came before, as the notifications
+    /// showed).
+    Event(Option<StreamId>, Event),
     /// An entry to read from the stream (announced without its payload).
     Id(StreamId),
 }
@@ -369,14 +443,16 @@ enum Announced {
 /// Reads an announcement (formats in `append.lua`) and gives its entries to `each`, in order:
 /// `<prev>\n<id>\n<type>\n<data>` or `<prev>\n<id>` for a run of one event;
 /// `*\n<prev>\n<count>\n<id>\n…<id>\n` then `<type>\n<bytes>\n<data>` per event, or nothing
-/// (every entry to be read from the stream), for a run of several. False if some of it cannot be
-/// read; the entries before that part were given.
-fn read_announcement(payload: &[u8], mut each: impl FnMut(Announced)) -> bool {
-    read_entries(payload, &mut each).is_some()
+/// (every entry to be read from the stream), for a run of several. `<prev>` is `+` when the
+/// announcement counts on keyspace notifications: it is taken only if `notified` (the `xadd`
+/// notifications of its topic that came right before it) equals its entries. False if some of
+/// it cannot be read or taken; the entries before that part were given.
+fn read_announcement(payload: &[u8], notified: usize, mut each: impl FnMut(Announced)) -> bool {
+    read_entries(payload, notified, &mut each).is_some()
 }
 
 /// [`read_announcement`]'s work; `None` where the payload stops making sense.
-fn read_entries(payload: &[u8], each: &mut impl FnMut(Announced)) -> Option<()> {
+fn read_entries(payload: &[u8], notified: usize, each: &mut impl FnMut(Announced)) -> Option<()> {
     /// The text up to the next LF, and what follows it.
     fn line(rest: &[u8]) -> Option<(&[u8], &[u8])> {
         let end = rest.iter().position(|&b| b == b'\n')?;
@@ -388,6 +464,14 @@ fn read_entries(payload: &[u8], each: &mut impl FnMut(Announced)) -> Option<()> 
     fn id(text: &[u8]) -> Option<StreamId> {
         StreamId::parse_ascii(text).ok()
     }
+    // The entry before the first announced: named, or (`+`) vouched for by `notified`.
+    let prev = |text: &[u8], count: usize| -> Option<Option<StreamId>> {
+        if text == b"+" {
+            (notified == count).then_some(None)
+        } else {
+            id(text).map(Some)
+        }
+    };
     fn event(id: StreamId, ty: &[u8], data: &[u8]) -> Event {
         let event = (!ty.is_empty()).then(|| String::from_utf8_lossy(ty).into_owned());
         let data = String::from_utf8_lossy(data).into_owned();
@@ -395,7 +479,7 @@ fn read_entries(payload: &[u8], each: &mut impl FnMut(Announced)) -> Option<()> 
     }
     let (first, rest) = line(payload)?;
     if first != b"*" {
-        let prev = id(first)?;
+        let prev = prev(first, 1)?;
         let Some((entry, rest)) = line(rest) else {
             each(Announced::Id(id(rest)?));
             return Some(());
@@ -405,9 +489,10 @@ fn read_entries(payload: &[u8], each: &mut impl FnMut(Announced)) -> Option<()> 
         each(Announced::Event(prev, event(entry, ty, data)));
         return Some(());
     }
-    let (prev, rest) = line(rest)?;
+    let (before, rest) = line(rest)?;
     let (count, mut ids) = line(rest)?;
-    let (mut prev, count) = (id(prev)?, number(count)?);
+    let count = number(count)?;
+    let mut prev = prev(before, count)?;
     // The events follow the ids: find where they start before giving any entry.
     let mut events = ids;
     for _ in 0..count {
@@ -426,7 +511,7 @@ fn read_entries(payload: &[u8], each: &mut impl FnMut(Announced)) -> Option<()> 
             events = &rest[data.len()..];
             each(Announced::Event(prev, event(entry, ty, data)));
         }
-        prev = entry;
+        prev = Some(entry);
     }
     events.is_empty().then_some(())
 }
@@ -437,8 +522,13 @@ mod tests {
 
     /// The entries an announcement gives, and whether all of it was readable.
     fn read(payload: &[u8]) -> (Vec<Announced>, bool) {
+        read_notified(payload, 0)
+    }
+
+    /// The same, after `notified` notifications of its topic.
+    fn read_notified(payload: &[u8], notified: usize) -> (Vec<Announced>, bool) {
         let mut entries = Vec::new();
-        let readable = read_announcement(payload, |e| entries.push(e));
+        let readable = read_announcement(payload, notified, |e| entries.push(e));
         (entries, readable)
     }
 
@@ -467,7 +557,7 @@ mod tests {
         let [Announced::Event(prev, e)] = &entries[..] else {
             panic!("one event");
         };
-        assert_eq!(*prev, StreamId::new(1, 0));
+        assert_eq!(*prev, Some(StreamId::new(1, 0)));
         assert_eq!(e.id, StreamId::new(2, 0));
         assert_eq!(e.event.as_deref(), Some("upd"));
         assert_eq!(e.data, "line1\nline2");
@@ -498,11 +588,20 @@ mod tests {
         else {
             panic!("three events");
         };
-        assert_eq!((*p1, e1.id), (StreamId::new(1, 0), StreamId::new(2, 0)));
+        assert_eq!(
+            (*p1, e1.id),
+            (Some(StreamId::new(1, 0)), StreamId::new(2, 0))
+        );
         assert_eq!((e1.event.as_deref(), e1.data.as_str()), (None, "a\nb\nc"));
-        assert_eq!((*p2, e2.id), (StreamId::new(2, 0), StreamId::new(3, 0)));
+        assert_eq!(
+            (*p2, e2.id),
+            (Some(StreamId::new(2, 0)), StreamId::new(3, 0))
+        );
         assert_eq!((e2.event.as_deref(), e2.data.as_str()), (Some("upd"), ""));
-        assert_eq!((*p3, e3.id), (StreamId::new(3, 0), StreamId::new(4, 0)));
+        assert_eq!(
+            (*p3, e3.id),
+            (Some(StreamId::new(3, 0)), StreamId::new(4, 0))
+        );
         assert_eq!((e3.event.as_deref(), e3.data.as_str()), (Some("x"), "\n"));
         // Announced by id only: every entry is read from the stream.
         let (entries, true) = read(b"*\n1-0\n2\n2-0\n5-0\n") else {
@@ -532,5 +631,170 @@ mod tests {
         }
         // A node that knows only the one-event form: the leading `*` is not an id.
         assert!("*".parse::<StreamId>().is_err());
+    }
+
+    #[test]
+    fn an_announcement_without_its_previous_entry_is_taken_only_after_as_many_notifications() {
+        // One event: taken after exactly one notification, with no previous entry named.
+        let (entries, true) = read_notified(b"+\n2-0\nupd\nx", 1) else {
+            panic!("taken");
+        };
+        let [Announced::Event(None, e)] = &entries[..] else {
+            panic!("one event following what came before");
+        };
+        assert_eq!((e.id, e.data.as_str()), (StreamId::new(2, 0), "x"));
+        for notified in [0, 2] {
+            let (entries, taken) = read_notified(b"+\n2-0\nupd\nx", notified);
+            assert!(
+                !taken && entries.is_empty(),
+                "after {notified} notifications"
+            );
+        }
+        // By id only, likewise.
+        assert!(read_notified(b"+\n2-0", 1).1);
+        assert!(!read_notified(b"+\n2-0", 0).1);
+        // Several: the first follows what came before, each next its predecessor.
+        let payload = b"*\n+\n2\n2-0\n3-0\n\n1\na\n1\nb";
+        let (entries, true) = read_notified(payload, 2) else {
+            panic!("taken");
+        };
+        let [Announced::Event(None, a), Announced::Event(Some(p), b)] = &entries[..] else {
+            panic!("two events");
+        };
+        assert_eq!(
+            (a.id, *p, b.id),
+            (StreamId::new(2, 0), a.id, StreamId::new(3, 0))
+        );
+        for notified in [0, 1, 3] {
+            let (entries, taken) = read_notified(payload, notified);
+            assert!(
+                !taken && entries.is_empty(),
+                "after {notified} notifications"
+            );
+        }
+    }
+
+    /// A push: its kind, `keyspace:<topic>` or a topic's live channel, and its payload.
+    type Push<'a> = (PushKind, &'a str, &'a [u8]);
+
+    /// The signals `translate_pushes` makes of these pushes, in order.
+    async fn signals_of(pushes: Vec<Push<'_>>) -> Vec<Signal> {
+        let keys = Keys::new("ssegate:", 0);
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let (signal_tx, mut signal_rx) = mpsc::unbounded_channel();
+        let (watch_tx, _watch_rx) = mpsc::unbounded_channel();
+        for (kind, channel, payload) in pushes {
+            let channel = match channel.strip_prefix("keyspace:") {
+                Some(topic) => keys.keyspace_channel(topic),
+                None => keys.live_channel(channel),
+            };
+            let data = vec![
+                redis::Value::BulkString(channel.into_bytes()),
+                redis::Value::BulkString(payload.to_vec()),
+            ];
+            push_tx.send(PushInfo { kind, data }).expect("open");
+        }
+        let healthy = Arc::new(AtomicBool::new(true));
+        let translating = tokio::spawn(translate_pushes(
+            push_rx,
+            keys,
+            signal_tx,
+            watch_tx,
+            healthy,
+            Arc::new(Holes::default()),
+        ));
+        // Time is paused: past the settling time, exactly, before the pushes end.
+        tokio::time::sleep(DIRECT_XADD_SETTLE * 2).await;
+        drop(push_tx);
+        translating.await.expect("translated");
+        let mut signals = Vec::new();
+        while let Ok(signal) = signal_rx.try_recv() {
+            signals.push(signal);
+        }
+        signals
+    }
+
+    /// A signal as a short text: `a t 2-0 after -` (appended to t, after what came before),
+    /// `a t 2-0 after 1-0`, `poke t`.
+    fn describe(signal: &Signal) -> String {
+        match signal {
+            Signal::Appended { topic, prev, event } => format!(
+                "a {topic} {} after {}",
+                event.id,
+                prev.map_or("-".to_owned(), |p| p.to_string())
+            ),
+            Signal::AppendedId { topic, id } => format!("id {topic} {id}"),
+            Signal::Poke { topic } => format!("poke {topic}"),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn notifications_are_counted_per_topic_against_the_announcement_after_them() {
+        use PushKind::Message as M;
+        let xadd: &[u8] = b"xadd";
+        let cases: Vec<(Vec<Push>, Vec<&str>)> = vec![
+            // A run of one and a run of two, each right after its own notifications.
+            (
+                vec![
+                    (M, "keyspace:t", xadd),
+                    (M, "t", b"+\n1-1\n\nx"),
+                    (M, "keyspace:t", xadd),
+                    (M, "keyspace:t", xadd),
+                    (M, "t", b"*\n+\n2\n1-2\n1-3\n\n1\na\n1\nb"),
+                ],
+                vec!["a t 1-1 after -", "a t 1-2 after -", "a t 1-3 after 1-2"],
+            ),
+            // A direct XADD right before a run: one notification too many, so read.
+            (
+                vec![
+                    (M, "keyspace:t", xadd),
+                    (M, "keyspace:t", xadd),
+                    (M, "t", b"+\n1-2\n\nx"),
+                ],
+                vec!["poke t"],
+            ),
+            // No notification (they were switched off), or another topic's in between.
+            (vec![(M, "t", b"+\n1-2\n\nx")], vec!["poke t"]),
+            (
+                vec![
+                    (M, "keyspace:t", xadd),
+                    (M, "keyspace:u", xadd),
+                    (M, "t", b"+\n1-2\n\nx"),
+                ],
+                vec!["poke t", "poke u", "poke t"],
+            ),
+            // A named previous entry needs no count, as before.
+            (vec![(M, "t", b"1-1\n1-2\n\nx")], vec!["a t 1-2 after 1-1"]),
+            // A notification no announcement follows: a direct XADD, read.
+            (vec![(M, "keyspace:t", xadd)], vec!["poke t"]),
+            // After the connection dropped, what came before is unknown until a restore had
+            // every topic read: the stream is read, however many notifications came.
+            (
+                vec![
+                    (PushKind::Disconnection, "t", b""),
+                    (M, "keyspace:t", xadd),
+                    (M, "t", b"+\n1-2\n\nx"),
+                    (M, "t", b"1-2\n1-3\n\ny"),
+                ],
+                vec!["poke t", "a t 1-3 after 1-2"],
+            ),
+        ];
+        for (pushes, expected) in cases {
+            let signals: Vec<String> = signals_of(pushes.clone())
+                .await
+                .iter()
+                .map(describe)
+                .collect();
+            assert_eq!(
+                signals,
+                expected,
+                "{:?}",
+                pushes
+                    .iter()
+                    .map(|(_, c, p)| (*c, String::from_utf8_lossy(p)))
+                    .collect::<Vec<_>>()
+            );
+        }
     }
 }
