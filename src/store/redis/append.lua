@@ -49,7 +49,9 @@
 -- where they arrive in order with the announcements: a run's notifications come right before its
 -- announcement, so a node that counts exactly as many as the run announces knows nothing else was
 -- appended between the entries it got before and these; any other XADD shows up as a notification
--- without an announcement, and the node reads the stream. A large event, or any event once the call has announced its share of bytes, is
+-- without an announcement, and the node reads the stream. (The one case a count cannot tell:
+-- notifications switched off by hand between someone's direct XADD and a run of one within 5 ms,
+-- whose announcement then seems to follow the direct XADD's notification. Runs after it are read.) A large event, or any event once the call has announced its share of bytes, is
 -- announced as "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed
 -- to the topic receives every announcement, and Redis drops a subscriber whose pending output
 -- passes its pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to
