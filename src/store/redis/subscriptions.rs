@@ -56,7 +56,7 @@ pub(super) enum WatchCommand {
 /// topic (whose reads then come before any later announcement), no such announcement is taken.
 #[derive(Default)]
 pub(super) struct Holes {
-    /// Drops seen by [`translate_pushes`].
+    /// Drops seen by [`translate_pushes`], and failed pings seen by [`check_health`].
     seen: AtomicU64,
     /// Of those, the drops a completed restore covers.
     covered: AtomicU64,
