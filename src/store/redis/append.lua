@@ -51,8 +51,8 @@
 -- appended between the entries it got before and these; any other XADD shows up as a notification
 -- without an announcement, and the node reads the stream. (The one case a count cannot tell:
 -- notifications switched off by hand between someone's direct XADD and a run of one within 5 ms,
--- whose announcement then seems to follow the direct XADD's notification. Runs after it are read.) A large event, or any event once the call has announced its share of bytes, is
--- announced as "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed
+-- whose announcement then seems to follow the direct XADD's notification. Runs after it are read.)
+-- A large event, or any event once the call has announced its share of bytes, is announced as "<prev id>\n<id>" only, and nodes read it from the stream: every node subscribed
 -- to the topic receives every announcement, and Redis drops a subscriber whose pending output
 -- passes its pub/sub buffer limit (32 MB by default), which a large batch would otherwise do to
 -- them all.
@@ -97,19 +97,17 @@ local function topic_state(t)
   local stream = KEYS[2 * t - 1]
   -- Every field made at once: a table grown field by field is reallocated as it grows.
   s = {prev = '0-0', recreated = false, last = false, labels = false, trimmed = false}
-  local exists = true
+  local found = false
   if notified then
     s.prev = '+'
-    exists = idle_ttl == 0 or redis.call('EXISTS', stream) == 1
   else
     local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-    if #newest > 0 then
+    found = #newest > 0
+    if found then
       s.prev = newest[1][1]
-    else
-      exists = idle_ttl == 0 or redis.call('EXISTS', stream) == 1
     end
   end
-  if not exists then
+  if not found and idle_ttl > 0 and redis.call('EXISTS', stream) == 0 then
     s.recreated = redis.call('GET', KEYS[2 * t])
   end
   state[t] = s
@@ -120,6 +118,17 @@ local function older(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
   local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
   return ams and (tonumber(ams) < tonumber(bms) or (ams == bms and tonumber(aseq) < tonumber(bseq)))
+end
+
+-- Announces one appended event (a run of one; see the header), with its payload while the call's
+-- share of announced bytes lasts.
+local function announce_one(channel, prev, id, etype, data)
+  if #data <= inline_max and #data <= budget then
+    budget = budget - #data
+    redis.call(publish, channel, prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
+  else
+    redis.call(publish, channel, prev .. '\n' .. id)
+  end
 end
 
 -- Applies one run, adding its ids to `ids`. `at` is its first event's argument, `keyed` the
@@ -144,13 +153,8 @@ local function apply(t, n, flags, counts, at, keyed, ids, many)
       else
         id = redis.call('XADD', stream, '*', 'data', data)
       end
-      if many then
-        -- announced by the caller
-      elseif #data <= inline_max and #data <= budget then
-        budget = budget - #data
-        redis.call(publish, channel, s.prev .. '\n' .. id .. '\n\n' .. data)
-      else
-        redis.call(publish, channel, s.prev .. '\n' .. id)
+      if not many then
+        announce_one(channel, s.prev, id, '', data)
       end
       s.prev = id
       s.last = id
@@ -208,13 +212,8 @@ local function apply(t, n, flags, counts, at, keyed, ids, many)
         s.labels = s.labels or {}
         s.labels[KEYS[k]] = true
       end
-      if many then
-        -- announced by the caller
-      elseif #data <= inline_max and #data <= budget then
-        budget = budget - #data
-        redis.call(publish, channel, s.prev .. '\n' .. id .. '\n' .. etype .. '\n' .. data)
-      else
-        redis.call(publish, channel, s.prev .. '\n' .. id)
+      if not many then
+        announce_one(channel, s.prev, id, etype, data)
       end
       s.prev = id
       s.last = id

@@ -233,12 +233,7 @@ impl Group {
 async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner) -> Option<Slot> {
     let group = batch[0].group;
     let mut conn = batch[0].conn.clone();
-    let continuity = if batch[0].notified {
-        "notified"
-    } else {
-        "prev"
-    };
-    let (call, shapes, replies) = build(batch, parts, conn.is_cluster(), continuity);
+    let (call, shapes, replies) = build(batch, parts, conn.is_cluster());
     runner.append_call();
     let result = runner
         .run(&mut conn, &call, runner.replication)
@@ -278,7 +273,6 @@ fn build<'a>(
     batch: Vec<AppendRequest>,
     parts: &'a CallParts,
     cluster: bool,
-    continuity: &'static str,
 ) -> (
     Call<'a>,
     Vec<Vec<usize>>,
@@ -307,6 +301,11 @@ fn build<'a>(
         events += request.events.len();
         bytes += request.bytes();
     }
+    let continuity = if batch[0].notified {
+        "notified"
+    } else {
+        "prev"
+    };
     let topic = |run: &[usize]| batch[run[0]].topic.as_str();
     let events_of = |run| run_events(&batch, run);
     let names = 3 * runs.len() + keyed;
