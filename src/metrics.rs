@@ -262,7 +262,7 @@ impl Metrics {
         );
         r.register(
             "redis_append_calls",
-            "Append script calls (concurrent publishes share one)",
+            "Append calls to Redis, each one round trip (concurrent publishes share one)",
             m.redis_append_calls.clone(),
         );
         r.register(

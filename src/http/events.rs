@@ -576,18 +576,33 @@ type Run = (Topic, Vec<NewEvent>);
 /// stored atomically in one store call. Per event, in order, where it went: its run and its
 /// place in the run.
 fn runs_by_topic(events: Vec<(Topic, NewEvent)>) -> (Vec<Run>, Vec<(usize, usize)>) {
-    let mut runs: Vec<Run> = Vec::new();
-    let mut run_of: HashMap<Topic, usize> = HashMap::new();
+    // Each event's run, found over borrowed names first: a map keyed by owned topics cost a copy
+    // of the name per event.
+    let mut run_of_event = Vec::with_capacity(events.len());
+    let mut run_count = 0;
+    {
+        let mut run_of: HashMap<&str, usize> = HashMap::new();
+        let mut last: Option<(&str, usize)> = None;
+        for (topic, _) in &events {
+            let topic = topic.as_str();
+            // Consecutive events of one topic (a batch on a hot topic) need no lookup.
+            let run = match last {
+                Some((name, run)) if name == topic => run,
+                _ => *run_of.entry(topic).or_insert_with(|| {
+                    run_count += 1;
+                    run_count - 1
+                }),
+            };
+            last = Some((topic, run));
+            run_of_event.push(run);
+        }
+    }
+    let mut runs: Vec<Run> = Vec::with_capacity(run_count);
     let mut places = Vec::with_capacity(events.len());
-    for (topic, event) in events {
-        // Consecutive events of one topic (a batch on a hot topic) need no lookup.
-        let run = match runs.last() {
-            Some((last, _)) if *last == topic => runs.len() - 1,
-            _ => *run_of.entry(topic.clone()).or_insert_with(|| {
-                runs.push((topic, Vec::new()));
-                runs.len() - 1
-            }),
-        };
+    for ((topic, event), run) in events.into_iter().zip(run_of_event) {
+        if run == runs.len() {
+            runs.push((topic, Vec::new()));
+        }
         places.push((run, runs[run].1.len()));
         runs[run].1.push(event);
     }

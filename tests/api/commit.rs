@@ -49,6 +49,18 @@ async fn store_on(
     (Arc::new(store), metrics, shutdown)
 }
 
+/// A connection to `redis`, where topic `bad`'s key holds a string, not a stream.
+async fn with_bad_topic(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:{{bad}}", Settings::default().key_prefix))
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
 /// `(id, data)` of every entry of a topic's stream, from `XRANGE`.
 async fn entries(conn: &mut impl redis::aio::ConnectionLike, topic: &str) -> Vec<(String, String)> {
     let reply: StreamRangeReply = redis::cmd("XRANGE")
@@ -176,13 +188,7 @@ async fn concurrent_appends_share_calls_per_slot_on_a_cluster() {
 async fn a_refused_request_fails_alone_in_a_shared_call() {
     let redis = RedisServer::start().await;
     let (store, metrics, _shutdown) = store_on(redis.url(), Duration::from_secs(10)).await;
-    let mut conn = redis.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg(format!("{}:{{bad}}", Settings::default().key_prefix))
-        .arg("not a stream")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let mut conn = with_bad_topic(&redis).await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(10_000)
@@ -236,6 +242,49 @@ async fn a_refused_request_fails_alone_in_a_shared_call() {
         entries(&mut conn, "good2").await,
         vec![(second[0].to_string(), "second".to_owned())]
     );
+}
+
+/// On topics no node listens to, a batch's events go as plain `XADD`s instead of the script:
+/// an event Redis refuses (its topic's key holds no stream) fails its own request alone, and
+/// every other event is stored once, in order, with the id it was answered.
+#[tokio::test]
+async fn an_unannounced_refused_request_fails_alone() {
+    let redis = RedisServer::start().await;
+    let (store, _metrics, _shutdown) = store_on(redis.url(), Duration::from_secs(10)).await;
+    let mut conn = with_bad_topic(&redis).await;
+    let batch = |i: usize| {
+        ["good1", "bad", "good2"]
+            .into_iter()
+            .map(|t| (topic(t), vec![keyed(&format!("{t}-{i}"), None)]))
+            .collect::<Vec<_>>()
+    };
+    let mut stored: HashMap<&str, Vec<(String, String)>> = HashMap::new();
+    for i in 0.. {
+        assert!(i < 1000, "the batch never went without the script");
+        let scripts = redis.calls("evalsha").await;
+        let outcomes = store.append_runs(batch(i)).await;
+        let unannounced = redis.calls("evalsha").await == scripts;
+        for (t, outcome) in ["good1", "bad", "good2"].into_iter().zip(&outcomes) {
+            match (t, outcome) {
+                ("bad", Err(StoreError::Internal(m))) if m.contains("WRONGTYPE") => {}
+                ("bad", other) => panic!("the bad topic's event: {other:?}"),
+                (_, Ok(ids)) => {
+                    assert_eq!(ids.len(), 1);
+                    stored
+                        .entry(t)
+                        .or_default()
+                        .push((ids[0].to_string(), format!("{t}-{i}")));
+                }
+                (_, Err(e)) => panic!("{t}: {e:?}"),
+            }
+        }
+        if unannounced {
+            break;
+        }
+    }
+    for t in ["good1", "good2"] {
+        assert_eq!(entries(&mut conn, t).await, stored[t], "{t}");
+    }
 }
 
 /// A call Redis holds past the deadline fails its own requests (`Unavailable`, so `503`), not

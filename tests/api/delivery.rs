@@ -498,3 +498,60 @@ async fn up_to_date_and_new_clients_read_nothing_from_redis() {
     // announcement is checked against them instead.
     assert_eq!(redis.calls("xrevrange").await - tails, 0);
 }
+
+/// A topic no node listens to is appended with plain `XADD`s: no script, no announcement. A
+/// listener who comes to another node while the publisher still thinks so gets every event all
+/// the same, once and in order (from the keyspace notifications), and once the publisher has
+/// asked again the topic is announced again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_nobody_listens_to_is_not_announced_and_a_newcomer_misses_nothing() {
+    let redis = RedisServer::start().await;
+    // No catch-up net: what the newcomer gets comes from notifications and announcements.
+    let publisher = spawn_app(counting_reads(&redis)).await;
+    let node = spawn_app(counting_reads(&redis)).await;
+    let mut published = vec![publisher.publish("t", "e0").await];
+    let mut announcements = 0;
+    for i in 1.. {
+        assert!(
+            i < 1000,
+            "every publish was announced: t never found unheard"
+        );
+        announcements = redis.calls("publish").await;
+        published.push(publisher.publish("t", &format!("e{i}")).await);
+        if redis.calls("publish").await == announcements {
+            break;
+        }
+    }
+
+    let mut newcomer = node
+        .subscribe("t", published.last().map(String::as_str))
+        .await;
+    let mut unannounced = Vec::new();
+    for i in 0..5 {
+        unannounced.push(publisher.publish("t", &format!("n{i}")).await);
+    }
+    assert_eq!(
+        redis.calls("publish").await,
+        announcements,
+        "the publisher did not know of the newcomer yet"
+    );
+    assert_eq!(newcomer.take_ids(5).await, unannounced);
+
+    // Asked again (every 2 s), the publisher announces the topic to its listener.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let id = publisher.publish("t", "later").await;
+        assert_eq!(newcomer.take_ids(1).await, vec![id], "once, in order");
+        if redis.calls("publish").await > announcements {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never announced again"
+        );
+        // Pacing while the publisher's next check is due, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let last = publisher.publish("t", "announced").await;
+    assert_eq!(newcomer.take_ids(1).await, vec![last]);
+}

@@ -9,6 +9,9 @@
 //! is in flight wait, in arrival order, and go out together in the group's next call; only when
 //! they add up to a batch's worth of events do they go as a second call beside the first.
 //!
+//! Runs of topics no node listens to skip the script (see `audience` and `split_runs`): they go
+//! as plain `XADD`s, one per event, in a pipeline sent beside the call's script.
+//!
 //! Inside a call the script applies the requests one after another, each on its own: a
 //! request's events are consecutive in its stream, each gets its own ids and idempotency
 //! decision, and a request the script refuses fails alone. A call that fails as a whole (Redis
@@ -19,12 +22,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::cluster_routing::Slot;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::audience::Audience;
 use super::connection::Commands;
 use super::keys::{Keys, IDEMPOTENCY, LABEL, LIVE, TOMBSTONE};
 use super::reply::{as_array, as_bytes, bad_reply};
@@ -119,6 +124,7 @@ pub(super) fn spawn(
         script,
         settings,
         keys,
+        audience: Arc::default(),
     };
     tokio::spawn(commit(rx, call, runner));
     tx
@@ -130,6 +136,8 @@ struct CallParts {
     settings: AppendSettings,
     /// Key and channel names, written into the call per topic.
     keys: Keys,
+    /// Which topics have listeners: a topic without needs no announcement.
+    audience: Arc<Audience>,
 }
 
 /// Takes submissions (the runs of one publish, each a request), files each request with its
@@ -230,33 +238,198 @@ impl Group {
 }
 
 /// Runs one call for `batch` and answers each request; returns the group.
+///
+/// Runs of topics no node listens to (see `audience`) go as plain `XADD`s in one pipeline,
+/// announced by nothing but their keyspace notifications; the rest as one script call. Both
+/// go out at once on the same connection, and a topic's runs are all on one side.
 async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner) -> Option<Slot> {
     let group = batch[0].group;
-    let mut conn = batch[0].conn.clone();
-    let (call, shapes, replies) = build(batch, parts, conn.is_cluster());
+    let conn = batch[0].conn.clone();
+    let (plain, scripted) = split_runs(&batch, parts, &conn);
+    // One call, though maybe in two parts: they go out together.
     runner.append_call();
-    let result = runner
-        .run(&mut conn, &call, runner.replication)
-        .await
-        .and_then(|reply| split_reply(&reply, &shapes));
-    match result {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                // The publisher may have gone; its events are stored all the same.
-                let _ = reply.send(outcome);
-            }
+    let plain_answers = async {
+        if plain.is_empty() {
+            return Vec::new();
         }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
+        let pipe = build_plain(&batch, &plain, parts);
+        let result = runner
+            .run_pipeline(&mut conn.clone(), pipe, runner.replication)
+            .await;
+        answer_runs(
+            &plain,
+            result.and_then(|answers| split_answers(&answers, &batch, &plain)),
+        )
+    };
+    let scripted_answers = async {
+        if scripted.is_empty() {
+            return Vec::new();
         }
+        let (call, shapes) = build(&batch, &scripted, parts, conn.is_cluster());
+        let result = runner
+            .run(&mut conn.clone(), &call, runner.replication)
+            .await
+            .and_then(|reply| split_reply(&reply, &shapes));
+        answer_runs(&scripted, result)
+    };
+    let (plain_answers, scripted_answers) = futures_util::join!(plain_answers, scripted_answers);
+    let mut outcomes: Vec<Option<AppendOutcome>> = batch.iter().map(|_| None).collect();
+    for (i, outcome) in plain_answers.into_iter().chain(scripted_answers) {
+        outcomes[i] = Some(outcome);
+    }
+    for (request, outcome) in batch.into_iter().zip(outcomes) {
+        // The publisher may have gone; its events are stored all the same.
+        let outcome = outcome.unwrap_or_else(|| Err(bad_reply("a request left unanswered")));
+        let _ = request.reply.send(outcome);
     }
     group
 }
 
-/// One script call for the batch; per run its requests' event counts; and where each request's
-/// answer goes, in run order.
+/// Runs longer than this go to the script even where no one listens: one `XADD` each costs
+/// Redis more than a long run's share of the script (a one-topic batch of 100 is one run).
+const PLAIN_RUN_MAX: usize = 16;
+
+/// The batch's runs, each its topic's requests (indices into `batch`) in arrival order: those
+/// appended without announcing, and those the script appends.
+///
+/// A run goes without its announcement only on one Redis that notifies every `XADD` (so a node
+/// that does listen after all is told), with no retention that needs the script (`max_age`,
+/// `idle_ttl`), when it is short and has neither idempotency keys nor labels, and when no node
+/// listened to its topic lately.
+fn split_runs(
+    batch: &[AppendRequest],
+    parts: &CallParts,
+    conn: &Commands,
+) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+    let runs = runs_of(batch);
+    let settings = &parts.settings;
+    let may = batch[0].notified
+        && !conn.is_cluster()
+        && settings.max_age_ms == 0
+        && settings.idle_ttl_ms == 0;
+    if !may {
+        return (Vec::new(), runs);
+    }
+    let (mut plain, mut scripted) = (Vec::new(), Vec::new());
+    {
+        let mut audience = parts.audience.lookup();
+        for run in runs {
+            let (short, simple) = {
+                let mut events = run_events(batch, &run);
+                let short = events.clone().count() <= PLAIN_RUN_MAX;
+                (
+                    short,
+                    events.all(|e| e.idempotency_key.is_none() && e.labels.is_empty()),
+                )
+            };
+            if short && simple && audience.unheard(batch[run[0]].topic.as_str()) {
+                plain.push(run);
+            } else {
+                scripted.push(run);
+            }
+        }
+    }
+    parts.audience.check_due(conn, &parts.keys);
+    (plain, scripted)
+}
+
+/// Each run's requests (indices into `batch`), in order of their topic's first appearance; a
+/// lone request (the usual case on an idle gateway) needs no map.
+fn runs_of(batch: &[AppendRequest]) -> Vec<Vec<usize>> {
+    if batch.len() == 1 {
+        return vec![vec![0]];
+    }
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    let mut run_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    for (i, request) in batch.iter().enumerate() {
+        let run = *run_of.entry(request.topic.as_str()).or_insert(runs.len());
+        if run == runs.len() {
+            runs.push(Vec::new());
+        }
+        runs[run].push(i);
+    }
+    runs
+}
+
+/// Pairs the runs' requests, in run order, with their outcomes (or all with the call's error).
+fn answer_runs(
+    runs: &[Vec<usize>],
+    outcomes: Result<Vec<AppendOutcome>, StoreError>,
+) -> Vec<(usize, AppendOutcome)> {
+    let requests = runs.iter().flatten().copied();
+    match outcomes {
+        Ok(outcomes) => requests.zip(outcomes).collect(),
+        Err(e) => requests.map(|i| (i, Err(e.clone()))).collect(),
+    }
+}
+
+/// One pipeline of `XADD`s for the runs, one per event in run order; a plain run is trimmed as
+/// the script trims it, by `MAXLEN` on its `XADD`s.
+fn build_plain(batch: &[AppendRequest], runs: &[Vec<usize>], parts: &CallParts) -> redis::Pipeline {
+    let settings = &parts.settings;
+    let maxlen = settings.max_events.to_string();
+    let mut pipe = redis::Pipeline::with_capacity(runs.len() + 1);
+    let mut name = String::new();
+    for run in runs {
+        parts
+            .keys
+            .write_name(&mut name, batch[run[0]].topic.as_str(), "");
+        for event in run_events(batch, run) {
+            // Made to size: growing a command's buffers was most of its cost.
+            let bytes = name.len() + event.data.len() + event.event.as_ref().map_or(0, String::len);
+            let mut xadd = redis::Cmd::with_capacity(10, bytes + 32);
+            xadd.arg("XADD").arg(name.as_str());
+            if settings.max_events > 0 {
+                xadd.arg("MAXLEN")
+                    .arg(settings.trim_mode)
+                    .arg(maxlen.as_str());
+            }
+            // The fields in the script's order, so that readers see one shape.
+            xadd.arg("*").arg("data").arg(event.data.as_str());
+            if let Some(event) = event.event.as_deref() {
+                xadd.arg("event").arg(event);
+            }
+            pipe.add_command(xadd);
+        }
+    }
+    pipe
+}
+
+/// The pipeline's answers (one per event, in run order) as one outcome per request: its ids,
+/// or the first refusal among its events. Each `XADD` stands alone, so a refused event does
+/// not stop the ones after it; as with the script, a request with a refused event fails.
+fn split_answers(
+    answers: &[Value],
+    batch: &[AppendRequest],
+    runs: &[Vec<usize>],
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let expected: usize = runs.iter().flatten().map(|&i| batch[i].events.len()).sum();
+    if answers.len() != expected {
+        return Err(bad_reply("a wrong number of XADD answers"));
+    }
+    let mut answers = answers.iter();
+    let mut outcomes = Vec::new();
+    for &i in runs.iter().flatten() {
+        let outcome = answers
+            .by_ref()
+            .take(batch[i].events.len())
+            .map(|answer| match answer {
+                Value::ServerError(e) => Err(StoreError::Internal(format!(
+                    "redis refused the append: {e}"
+                ))),
+                other => {
+                    let id = as_bytes(other)?;
+                    StreamId::parse_ascii(id).map_err(|_| bad_reply("stream id"))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>();
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// One script call for the runs of `batch` (each its requests' indices), and per run its
+/// requests' event counts.
 ///
 /// A call's requests are applied topic by topic, each topic's in arrival order, as one run of
 /// events: consecutive events of one topic cost the script one pass and one announcement, not
@@ -268,31 +441,15 @@ async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner)
 /// `notified`), the runs' channels, then per run its index
 /// (1-based, as in Lua), its event count, its flags (see `append.lua`), its events as announced
 /// when there are several, and per event its type (unless the flags are empty) and data.
-#[allow(clippy::type_complexity)]
 fn build<'a>(
-    batch: Vec<AppendRequest>,
+    batch: &[AppendRequest],
+    runs: &[Vec<usize>],
     parts: &'a CallParts,
     cluster: bool,
-) -> (
-    Call<'a>,
-    Vec<Vec<usize>>,
-    Vec<oneshot::Sender<AppendOutcome>>,
-) {
-    // Each run's requests (indices into `batch`), in order of their topic's first appearance; a
-    // lone request (the usual case on an idle gateway) needs no map.
-    let mut runs: Vec<Vec<usize>> = Vec::new();
-    let mut run_of: HashMap<&str, usize> = HashMap::new();
+) -> (Call<'a>, Vec<Vec<usize>>) {
     let (mut keyed, mut events, mut bytes) = (0, 0, 0);
-    for (i, request) in batch.iter().enumerate() {
-        let run = if batch.len() == 1 {
-            0
-        } else {
-            *run_of.entry(request.topic.as_str()).or_insert(runs.len())
-        };
-        if run == runs.len() {
-            runs.push(Vec::new());
-        }
-        runs[run].push(i);
+    for &i in runs.iter().flatten() {
+        let request = &batch[i];
         keyed += request
             .events
             .iter()
@@ -307,7 +464,7 @@ fn build<'a>(
         "prev"
     };
     let topic = |run: &[usize]| batch[run[0]].topic.as_str();
-    let events_of = |run| run_events(&batch, run);
+    let events_of = |run| run_events(batch, run);
     let names = 3 * runs.len() + keyed;
     let mut call = Call::with_capacity(
         &parts.script,
@@ -318,13 +475,13 @@ fn build<'a>(
     );
     // One buffer for every name in the call.
     let mut name = String::new();
-    for run in &runs {
+    for run in runs {
         parts.keys.write_name(&mut name, topic(run), "");
         call.key(name.as_str());
         parts.keys.write_name(&mut name, topic(run), TOMBSTONE);
         call.key(name.as_str());
     }
-    for run in &runs {
+    for run in runs {
         for event in events_of(run) {
             if let Some(key) = event.idempotency_key.as_deref() {
                 parts.keys.write_name(&mut name, topic(run), IDEMPOTENCY);
@@ -349,7 +506,7 @@ fn build<'a>(
         .arg(if cluster { "SPUBLISH" } else { "PUBLISH" })
         .arg(continuity)
         .arg(runs.len());
-    for run in &runs {
+    for run in runs {
         parts.keys.write_name(&mut name, topic(run), LIVE);
         call.arg(name.as_str());
     }
@@ -397,13 +554,7 @@ fn build<'a>(
             call.arg(event.data.as_str());
         }
     }
-    let mut senders: Vec<_> = batch.into_iter().map(|r| Some(r.reply)).collect();
-    let replies = runs
-        .iter()
-        .flatten()
-        .filter_map(|&i| senders[i].take())
-        .collect();
-    (call, shapes, replies)
+    (call, shapes)
 }
 
 /// A run's events, in order.

@@ -19,8 +19,10 @@
 //! flight share the next one (`commit`). A node that sees an announcement whose previous id is not the last
 //! one it delivered knows it missed something and reads the stream. On one Redis that notifies
 //! every XADD, the previous id is not looked up: nodes count each topic's `xadd` notifications
-//! against the announcement after them instead (`subscriptions`). With
-//! `redis.min_replicas_ack`, `WAIT` follows the script in the same pipeline, on the same master.
+//! against the announcement after them instead (`subscriptions`); and a topic no node listens to
+//! (`audience`) is appended with plain XADDs and not announced, since a node that listens after
+//! all is told by those notifications. With `redis.min_replicas_ack`, `WAIT` follows the script
+//! (or the XADDs) in the same pipeline, on the same master.
 //!
 //! Programs may also `XADD` straight into a stream. Those appends are seen through keyspace
 //! notifications (`notify-keyspace-events` with `K` and `t`, enabled at start where `CONFIG SET`
@@ -34,6 +36,7 @@
 //!
 //! # Layout
 //!
+//! - `audience`: which topics a node listens to, so that the others are not announced.
 //! - `commit`: group commit: appends waiting for the same call share it.
 //! - `connection`: one Redis or a cluster behind one interface; detection, version check.
 //! - `keys`: key and channel names.
@@ -42,6 +45,7 @@
 //! - `presence`: the presence registry (`heartbeat.lua`).
 //! - `reply`: reply parsing and error classification.
 
+mod audience;
 mod commit;
 mod connection;
 mod keys;
@@ -355,7 +359,13 @@ impl Store for RedisStore {
         if let Err(e) = self.commit(requests) {
             return answers.iter().map(|_| Err(e.clone())).collect();
         }
-        futures_util::future::join_all(answers.into_iter().map(answered)).await
+        // All are answered at about the same time, so one after another takes no longer than
+        // all at once; `join_all` over a batch's 100 answers cost 7 % of the gateway's time.
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for answer in answers {
+            outcomes.push(answered(answer).await);
+        }
+        outcomes
     }
 
     async fn read(
@@ -751,12 +761,47 @@ impl Runner {
         };
         let result = result.and_then(|(value, acked)| match (replication, acked) {
             (Some(wanted), Some(acked)) if acked < wanted.replicas => {
-                Err(StoreError::Unavailable(format!(
-                    "stored, but only {acked} of {} replicas confirmed within {:?}; retry with the same idempotency key",
-                    wanted.replicas, wanted.timeout
-                )))
+                Err(too_few_replicas(i64::from(acked), wanted))
             }
             _ => Ok(value),
+        });
+        self.observe(started, &result);
+        result
+    }
+
+    /// Runs one pipeline with an overall deadline, each command's answer its own (an error
+    /// answer among them is a `Value::ServerError`); with `replication`, `WAIT`s behind it and
+    /// fails (retryably) if too few replicas confirmed.
+    async fn run_pipeline(
+        &self,
+        conn: &mut connection::Commands,
+        mut pipe: redis::Pipeline,
+        replication: Option<Replication>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let started = Instant::now();
+        pipe.ignore_errors();
+        if let Some(r) = replication {
+            pipe.cmd("WAIT")
+                .arg(r.replicas)
+                .arg(r.timeout.as_millis() as u64);
+        }
+        let deadline = self.response_timeout + replication.map_or(Duration::ZERO, |r| r.timeout);
+        let result =
+            match tokio::time::timeout(deadline, pipe.query_async::<Vec<Value>>(conn)).await {
+                Ok(result) => result.map_err(reply::classify_error),
+                Err(_) => Err(StoreError::Unavailable(
+                    "redis did not answer in time".into(),
+                )),
+            };
+        let result = result.and_then(|mut answers| {
+            let Some(wanted) = replication else {
+                return Ok(answers);
+            };
+            match answers.pop() {
+                Some(Value::Int(acked)) if acked >= i64::from(wanted.replicas) => Ok(answers),
+                Some(Value::Int(acked)) => Err(too_few_replicas(acked, wanted)),
+                _ => Err(bad_reply("WAIT")),
+            }
         });
         self.observe(started, &result);
         result
@@ -775,6 +820,14 @@ impl Runner {
             m.redis_append_calls.inc();
         }
     }
+}
+
+/// A write that fewer replicas than `wanted` confirmed: stored, but not as safely as asked.
+fn too_few_replicas(acked: i64, wanted: Replication) -> StoreError {
+    StoreError::Unavailable(format!(
+        "stored, but only {acked} of {} replicas confirmed within {:?}; retry with the same idempotency key",
+        wanted.replicas, wanted.timeout
+    ))
 }
 
 /// What the background tasks share once connected.
