@@ -341,7 +341,9 @@ fn runs_of(batch: &[AppendRequest]) -> Vec<Vec<usize>> {
         return vec![vec![0]];
     }
     let mut runs: Vec<Vec<usize>> = Vec::new();
-    let mut run_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    // foldhash: seeded per process like std's, and several times faster on short names.
+    let mut run_of: foldhash::HashMap<&str, usize> =
+        foldhash::HashMap::with_capacity_and_hasher(batch.len(), Default::default());
     for (i, request) in batch.iter().enumerate() {
         let run = *run_of.entry(request.topic.as_str()).or_insert(runs.len());
         if run == runs.len() {
