@@ -71,15 +71,13 @@ impl Lookup<'_> {
         let state = &mut *self.state;
         match state.known.get_mut(topic) {
             Some(known) => {
-                let Some(checked) = known.checked else {
-                    return false;
-                };
-                let age = now.saturating_duration_since(checked);
-                if age >= FRESH && !known.due {
+                let age = known.checked.map(|c| now.saturating_duration_since(c));
+                // Not answered yet (a check failed), or answered a while ago: asked (again).
+                if age.is_none_or(|age| age >= FRESH) && !known.due {
                     known.due = true;
                     state.due.push(topic.to_owned());
                 }
-                !known.listened && age < 2 * FRESH
+                !known.listened && age.is_some_and(|age| age < 2 * FRESH)
             }
             None => {
                 if state.known.len() >= MAX_KNOWN {
@@ -219,6 +217,20 @@ mod tests {
 
         answered(&audience, "t", true);
         assert!(!audience.lookup().unheard("t"), "listened to");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_topic_whose_check_failed_is_asked_about_again() {
+        let audience = Audience::default();
+        assert!(!audience.lookup().unheard("t"));
+        {
+            // What a failed check leaves: the topic no longer due, still not known.
+            let mut lookup = audience.lookup();
+            lookup.state.due.clear();
+            lookup.state.known.get_mut("t").expect("asked about").due = false;
+        }
+        assert!(!audience.lookup().unheard("t"));
+        assert_eq!(audience.lookup().state.due, vec!["t".to_owned()]);
     }
 
     #[test]
