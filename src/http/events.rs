@@ -22,7 +22,7 @@ use super::{multi, ApiError, AppState, StreamOnSocket};
 use crate::auth::{Access, AuthError};
 use crate::config::Settings;
 use crate::cursor;
-use crate::event::{validate_event_type, BadEventType, NewEvent, StreamId, Topic};
+use crate::event::{runs_by_name, validate_event_type, BadEventType, NewEvent, StreamId, Topic};
 use crate::hub::{Delivery, NoticeDelivery, Output, ReplayPage, Session};
 use crate::metrics::{Metrics, PublishResult, ReasonLabel, ResultLabel};
 use crate::sse;
@@ -578,26 +578,7 @@ type Run = (Topic, Vec<NewEvent>);
 fn runs_by_topic(events: Vec<(Topic, NewEvent)>) -> (Vec<Run>, Vec<(usize, usize)>) {
     // Each event's run, found over borrowed names first: a map keyed by owned topics cost a copy
     // of the name per event.
-    let mut run_of_event = Vec::with_capacity(events.len());
-    let mut run_count = 0;
-    {
-        // foldhash: seeded per process like std's, and several times faster on short names.
-        let mut run_of: foldhash::HashMap<&str, usize> = foldhash::HashMap::default();
-        let mut last: Option<(&str, usize)> = None;
-        for (topic, _) in &events {
-            let topic = topic.as_str();
-            // Consecutive events of one topic (a batch on a hot topic) need no lookup.
-            let run = match last {
-                Some((name, run)) if name == topic => run,
-                _ => *run_of.entry(topic).or_insert_with(|| {
-                    run_count += 1;
-                    run_count - 1
-                }),
-            };
-            last = Some((topic, run));
-            run_of_event.push(run);
-        }
-    }
+    let (run_of_event, run_count) = runs_by_name(events.iter().map(|(topic, _)| topic.as_str()));
     let mut runs: Vec<Run> = Vec::with_capacity(run_count);
     let mut places = Vec::with_capacity(events.len());
     for ((topic, event), run) in events.into_iter().zip(run_of_event) {

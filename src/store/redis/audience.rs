@@ -64,6 +64,11 @@ pub(super) struct Lookup<'a> {
 }
 
 impl Lookup<'_> {
+    /// Whether some topic waits to be asked about.
+    pub(super) fn any_due(&self) -> bool {
+        !self.state.due.is_empty()
+    }
+
     /// Whether no node listened to `topic` when last asked, lately; a topic not known or not
     /// known lately counts as listened to, and is asked about.
     pub(super) fn unheard(&mut self, topic: &str) -> bool {
@@ -114,18 +119,19 @@ impl Audience {
     }
 
     /// Asks Redis about the due topics, in the background, unless a check is running already.
-    pub(super) fn check_due(self: &Arc<Self>, conn: &Commands, keys: &Keys) {
-        if self.lookup().state.due.is_empty() || self.checking.swap(true, Ordering::AcqRel) {
+    pub(super) fn check(self: &Arc<Self>, conn: &Commands, keys: &Keys) {
+        if self.checking.swap(true, Ordering::AcqRel) {
             return;
         }
         let (audience, conn, keys) = (self.clone(), conn.clone(), keys.clone());
         tokio::spawn(async move {
-            audience.check(conn, &keys).await;
+            audience.ask(conn, &keys).await;
             audience.checking.store(false, Ordering::Release);
         });
     }
 
-    async fn check(&self, mut conn: Commands, keys: &Keys) {
+    /// Asks about due topics, up to `MAX_ASKED` a command, until none is due or Redis fails.
+    async fn ask(&self, mut conn: Commands, keys: &Keys) {
         loop {
             let topics: Vec<String> = {
                 let mut lookup = self.lookup();

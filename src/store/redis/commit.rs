@@ -35,7 +35,7 @@ use super::keys::{Keys, IDEMPOTENCY, LABEL, LIVE, TOMBSTONE};
 use super::reply::{as_array, as_bytes, bad_reply};
 use super::scripts::{Call, Lua};
 use super::Runner;
-use crate::event::{NewEvent, StreamId, Topic};
+use crate::event::{runs_by_name, NewEvent, StreamId, Topic};
 use crate::store::StoreError;
 
 /// Calls a group may have in flight at once. More keep Redis busy while the gateway answers
@@ -312,25 +312,23 @@ fn split_runs(
         return (Vec::new(), runs);
     }
     let (mut plain, mut scripted) = (Vec::new(), Vec::new());
-    {
+    let due = {
         let mut audience = parts.audience.lookup();
         for run in runs {
-            let (short, simple) = {
-                let mut events = run_events(batch, &run);
-                let short = events.clone().count() <= PLAIN_RUN_MAX;
-                (
-                    short,
-                    events.all(|e| e.idempotency_key.is_none() && e.labels.is_empty()),
-                )
-            };
-            if short && simple && audience.unheard(batch[run[0]].topic.as_str()) {
+            let events: usize = run.iter().map(|&i| batch[i].events.len()).sum();
+            let simple =
+                run_events(batch, &run).all(|e| e.idempotency_key.is_none() && e.labels.is_empty());
+            if events <= PLAIN_RUN_MAX && simple && audience.unheard(batch[run[0]].topic.as_str()) {
                 plain.push(run);
             } else {
                 scripted.push(run);
             }
         }
+        audience.any_due()
+    };
+    if due {
+        parts.audience.check(conn, &parts.keys);
     }
-    parts.audience.check_due(conn, &parts.keys);
     (plain, scripted)
 }
 
@@ -340,15 +338,9 @@ fn runs_of(batch: &[AppendRequest]) -> Vec<Vec<usize>> {
     if batch.len() == 1 {
         return vec![vec![0]];
     }
-    let mut runs: Vec<Vec<usize>> = Vec::new();
-    // foldhash: seeded per process like std's, and several times faster on short names.
-    let mut run_of: foldhash::HashMap<&str, usize> =
-        foldhash::HashMap::with_capacity_and_hasher(batch.len(), Default::default());
-    for (i, request) in batch.iter().enumerate() {
-        let run = *run_of.entry(request.topic.as_str()).or_insert(runs.len());
-        if run == runs.len() {
-            runs.push(Vec::new());
-        }
+    let (run_of_request, count) = runs_by_name(batch.iter().map(|r| r.topic.as_str()));
+    let mut runs: Vec<Vec<usize>> = vec![Vec::new(); count];
+    for (i, run) in run_of_request.into_iter().enumerate() {
         runs[run].push(i);
     }
     runs
