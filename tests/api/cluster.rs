@@ -216,6 +216,32 @@ async fn check_delivery(
     }
 }
 
+/// In a cluster too, a topic no node listens to goes unannounced (the nodes' `SHARDNUMSUB`
+/// answers added up say so), and a newcomer gets its events from the keyspace notifications of
+/// the master owning it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_nobody_listens_to_is_not_announced_in_a_cluster_either() {
+    let cluster = RedisCluster::start(3, 0).await;
+    // No catch-up net: what the newcomer gets comes from notifications and announcements.
+    let quiet = || {
+        let mut s = on_cluster(cluster.seeds());
+        s.catchup_interval = Duration::from_secs(3600);
+        s
+    };
+    let publisher = spawn_app(quiet()).await;
+    let node = spawn_app(quiet()).await;
+    // A topic on the last master: not the one the first seed is.
+    let topics = topics_on_every_master(&cluster, 3, 1).await;
+    let topic = topics.last().expect("a topic per master");
+    crate::delivery::a_newcomer_to_an_unheard_topic_misses_nothing(
+        &publisher,
+        &node,
+        topic,
+        async || cluster.calls("spublish").await,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_min_replicas_ack_loses_nothing_acknowledged() {
     let cluster = RedisCluster::start(3, 1).await;

@@ -509,29 +509,44 @@ async fn a_topic_nobody_listens_to_is_not_announced_and_a_newcomer_misses_nothin
     // No catch-up net: what the newcomer gets comes from notifications and announcements.
     let publisher = spawn_app(counting_reads(&redis)).await;
     let node = spawn_app(counting_reads(&redis)).await;
-    let mut published = vec![publisher.publish("t", "e0").await];
+    a_newcomer_to_an_unheard_topic_misses_nothing(&publisher, &node, "t", async || {
+        redis.calls("publish").await
+    })
+    .await;
+}
+
+/// Publishes to `topic` on `publisher` until its publishes stop being announced (`announced`
+/// counts announcements), then subscribes on `node` while they still are not: the newcomer
+/// gets each event once, in order, before and after the topic is announced again.
+pub(crate) async fn a_newcomer_to_an_unheard_topic_misses_nothing(
+    publisher: &TestApp,
+    node: &TestApp,
+    topic: &str,
+    announced: impl AsyncFn() -> u64,
+) {
+    let mut published = vec![publisher.publish(topic, "e0").await];
     let mut announcements = 0;
     for i in 1.. {
         assert!(
             i < 1000,
-            "every publish was announced: t never found unheard"
+            "every publish was announced: {topic} never found unheard"
         );
-        announcements = redis.calls("publish").await;
-        published.push(publisher.publish("t", &format!("e{i}")).await);
-        if redis.calls("publish").await == announcements {
+        announcements = announced().await;
+        published.push(publisher.publish(topic, &format!("e{i}")).await);
+        if announced().await == announcements {
             break;
         }
     }
 
     let mut newcomer = node
-        .subscribe("t", published.last().map(String::as_str))
+        .subscribe(topic, published.last().map(String::as_str))
         .await;
     let mut unannounced = Vec::new();
     for i in 0..5 {
-        unannounced.push(publisher.publish("t", &format!("n{i}")).await);
+        unannounced.push(publisher.publish(topic, &format!("n{i}")).await);
     }
     assert_eq!(
-        redis.calls("publish").await,
+        announced().await,
         announcements,
         "the publisher did not know of the newcomer yet"
     );
@@ -540,9 +555,9 @@ async fn a_topic_nobody_listens_to_is_not_announced_and_a_newcomer_misses_nothin
     // Asked again (every 2 s), the publisher announces the topic to its listener.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let id = publisher.publish("t", "later").await;
+        let id = publisher.publish(topic, "later").await;
         assert_eq!(newcomer.take_ids(1).await, vec![id], "once, in order");
-        if redis.calls("publish").await > announcements {
+        if announced().await > announcements {
             break;
         }
         assert!(
@@ -552,6 +567,6 @@ async fn a_topic_nobody_listens_to_is_not_announced_and_a_newcomer_misses_nothin
         // Pacing while the publisher's next check is due, not synchronisation.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let last = publisher.publish("t", "announced").await;
+    let last = publisher.publish(topic, "announced").await;
     assert_eq!(newcomer.take_ids(1).await, vec![last]);
 }

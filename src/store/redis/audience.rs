@@ -9,8 +9,12 @@
 //! subscribed since is told of each such `XADD` by its keyspace notification, as of anyone's
 //! direct `XADD`, and reads the stream: it loses nothing, it only reads what an announcement
 //! would have brought. A topic whose last listener left since is announced to no one a little
-//! longer. Only on one Redis that notifies every `XADD` (`Link::notified`) is a topic ever
-//! appended without its announcement; a topic not known yet is announced, and asked about.
+//! longer. Only where Redis notifies every `XADD` (on every master in a cluster:
+//! `Link::keyspace`) is a topic ever appended without its announcement; a topic not known yet
+//! is announced, and asked about. In a cluster, while a topic's slot moves to another master, a
+//! listener's keyspace subscription stays on the old one until the node follows the move; the
+//! catch-up that follows it (see `check_health`) reads what came meanwhile, as for a direct
+//! `XADD`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -141,15 +145,25 @@ impl Audience {
             if topics.is_empty() {
                 return;
             }
+            // In a cluster live channels are sharded: the client asks every node and adds up
+            // their answers (only the shard owning a channel has its subscribers).
             let mut cmd = redis::cmd("PUBSUB");
-            cmd.arg("NUMSUB");
-            let mut name = String::new();
-            for topic in &topics {
-                keys.write_name(&mut name, topic, LIVE);
-                cmd.arg(name.as_str());
-            }
+            cmd.arg(if conn.is_cluster() {
+                "SHARDNUMSUB"
+            } else {
+                "NUMSUB"
+            });
+            let channels: Vec<String> = topics
+                .iter()
+                .map(|topic| {
+                    let mut name = String::new();
+                    keys.write_name(&mut name, topic, LIVE);
+                    name
+                })
+                .collect();
+            cmd.arg(&channels);
             let counts = match cmd.query_async::<redis::Value>(&mut conn).await {
-                Ok(reply) => listener_counts(&reply, topics.len()),
+                Ok(reply) => listener_counts(&reply, &channels),
                 Err(e) => {
                     debug!(error = %e, "cannot ask which topics have listeners");
                     None
@@ -173,20 +187,38 @@ impl Audience {
     }
 }
 
-/// `PUBSUB NUMSUB`'s answer, `[channel, count, …]`, as the counts in order.
-fn listener_counts(reply: &redis::Value, asked: usize) -> Option<Vec<i64>> {
+/// The answer of `PUBSUB NUMSUB` (`[channel, count, …]`, in the order asked) or of the cluster
+/// client's `SHARDNUMSUB` (the nodes' counts added up, as a map in no order), as the counts of
+/// `channels` in order; `None` if some channel is not answered for.
+fn listener_counts(reply: &redis::Value, channels: &[String]) -> Option<Vec<i64>> {
+    let count = |v: &redis::Value| match v {
+        redis::Value::Int(n) => Some(*n),
+        other => std::str::from_utf8(as_bytes(other).ok()?)
+            .ok()?
+            .parse()
+            .ok(),
+    };
+    if let redis::Value::Map(pairs) = reply {
+        let counts: foldhash::HashMap<&[u8], i64> = pairs
+            .iter()
+            .filter_map(|(channel, n)| Some((as_bytes(channel).ok()?, count(n)?)))
+            .collect();
+        return channels
+            .iter()
+            .map(|c| counts.get(c.as_bytes()).copied())
+            .collect();
+    }
     let items = as_array(reply).ok()?;
-    if items.len() != 2 * asked {
+    if items.len() != 2 * channels.len() {
         return None;
     }
     items
         .chunks(2)
-        .map(|pair| match &pair[1] {
-            redis::Value::Int(n) => Some(*n),
-            other => std::str::from_utf8(as_bytes(other).ok()?)
-                .ok()?
-                .parse()
-                .ok(),
+        .zip(channels)
+        .map(|(pair, channel)| {
+            (as_bytes(&pair[0]).ok()? == channel.as_bytes())
+                .then(|| count(&pair[1]))
+                .flatten()
         })
         .collect()
 }
@@ -240,16 +272,28 @@ mod tests {
     }
 
     #[test]
-    fn counts_are_read_in_the_order_asked() {
-        use redis::Value::{Array, BulkString, Int};
+    fn counts_are_read_for_the_channels_asked() {
+        use redis::Value::{Array, BulkString, Int, Map};
+        let asked = ["a".to_owned(), "b".to_owned()];
         let reply = Array(vec![
             BulkString(b"a".to_vec()),
             Int(0),
             BulkString(b"b".to_vec()),
             Int(2),
         ]);
-        assert_eq!(listener_counts(&reply, 2), Some(vec![0, 2]));
-        assert_eq!(listener_counts(&reply, 3), None, "a short answer");
-        assert_eq!(listener_counts(&Int(1), 1), None);
+        assert_eq!(listener_counts(&reply, &asked), Some(vec![0, 2]));
+        let three = [asked[0].clone(), asked[1].clone(), "c".to_owned()];
+        assert_eq!(listener_counts(&reply, &three), None, "a short answer");
+        let swapped = [asked[1].clone(), asked[0].clone()];
+        assert_eq!(listener_counts(&reply, &swapped), None, "another channel's");
+        assert_eq!(listener_counts(&Int(1), &asked[..1]), None);
+
+        // A cluster's answer: added up over the nodes, in no order.
+        let combined = Map(vec![
+            (BulkString(b"b".to_vec()), Int(1)),
+            (BulkString(b"a".to_vec()), Int(0)),
+        ]);
+        assert_eq!(listener_counts(&combined, &asked), Some(vec![0, 1]));
+        assert_eq!(listener_counts(&combined, &three), None, "c not answered");
     }
 }

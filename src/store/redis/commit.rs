@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::audience::Audience;
 use super::connection::Commands;
 use super::keys::{Keys, IDEMPOTENCY, LABEL, LIVE, TOMBSTONE};
-use super::reply::{as_array, as_bytes, bad_reply};
+use super::reply::{as_array, as_bytes, bad_reply, classify_error};
 use super::scripts::{Call, Lua};
 use super::Runner;
 use crate::event::{runs_by_name, NewEvent, StreamId, Topic};
@@ -63,6 +63,10 @@ pub(super) struct AppendRequest {
     /// Whether Redis notifies every append (see `Link::notified`), so the call's announcements
     /// need not name each run's previous entry; the first request's decides.
     pub(super) notified: bool,
+    /// Whether every append reaches its topic's subscribers as a keyspace notification (see
+    /// `Link::keyspace`), so that a topic nobody listens to may go unannounced; the first
+    /// request's decides.
+    pub(super) keyspace: bool,
     /// The topic: requests of a call are told apart by it, and its key names are written
     /// straight into the call.
     pub(super) topic: Topic,
@@ -293,10 +297,11 @@ const PLAIN_RUN_MAX: usize = 16;
 /// The batch's runs, each its topic's requests (indices into `batch`) in arrival order: those
 /// appended without announcing, and those the script appends.
 ///
-/// A run goes without its announcement only on one Redis that notifies every `XADD` (so a node
-/// that does listen after all is told), with no retention that needs the script (`max_age`,
+/// A run goes without its announcement only where Redis notifies every `XADD` (so a node that
+/// does listen after all is told), with no retention that needs the script (`max_age`,
 /// `idle_ttl`), when it is short and has neither idempotency keys nor labels, and when no node
-/// listened to its topic lately.
+/// listened to its topic lately. In a cluster the call's requests share one slot, so its
+/// pipeline goes to one master as its script would.
 fn split_runs(
     batch: &[AppendRequest],
     parts: &CallParts,
@@ -304,10 +309,7 @@ fn split_runs(
 ) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
     let runs = runs_of(batch);
     let settings = &parts.settings;
-    let may = batch[0].notified
-        && !conn.is_cluster()
-        && settings.max_age_ms == 0
-        && settings.idle_ttl_ms == 0;
+    let may = batch[0].keyspace && settings.max_age_ms == 0 && settings.idle_ttl_ms == 0;
     if !may {
         return (Vec::new(), runs);
     }
@@ -409,9 +411,14 @@ fn split_answers(
             .by_ref()
             .take(batch[i].events.len())
             .map(|answer| match answer {
-                Value::ServerError(e) => Err(StoreError::Internal(format!(
-                    "redis refused the append: {e}"
-                ))),
+                // A cluster in transition (a slot that moved, a failover) is worth a retry,
+                // as when the script is refused so; anything else is not.
+                Value::ServerError(e) => Err(match classify_error(e.clone().into()) {
+                    StoreError::Internal(e) => {
+                        StoreError::Internal(format!("redis refused the append: {e}"))
+                    }
+                    transient => transient,
+                }),
                 other => {
                     let id = as_bytes(other)?;
                     StreamId::parse_ascii(id).map_err(|_| bad_reply("stream id"))

@@ -234,6 +234,12 @@ pub(super) struct Link {
     /// connections while its slot moves. Set again after the subscription connection comes back
     /// (a restarted Redis may have lost the setting).
     pub(super) notified: Arc<AtomicBool>,
+    /// Whether every append reaches the nodes subscribed to its topic's keyspace channel, on
+    /// every master in a cluster (`notify-keyspace-events` has `K` and `t`), whatever its order
+    /// with the announcements: a topic nobody listens to may then go unannounced (see
+    /// `audience`). Set again when the subscription connection comes back or the cluster's
+    /// topology changes (a restarted or new node may lack the setting).
+    pub(super) keyspace: Arc<AtomicBool>,
 }
 
 /// Where Redis is: the seed URLs from `redis_url`.
@@ -322,6 +328,7 @@ pub(super) async fn open_link(
             pubsub: Commands::Cluster(pubsub),
             commands_client: Some(commands_client),
             notified: Arc::new(AtomicBool::new(false)),
+            keyspace: Arc::new(AtomicBool::new(false)),
         }
     } else {
         if target.seeds.len() > 1 {
@@ -347,12 +354,14 @@ pub(super) async fn open_link(
             pubsub: Commands::Single(pubsub),
             commands_client: None,
             notified: Arc::new(AtomicBool::new(false)),
+            keyspace: Arc::new(AtomicBool::new(false)),
         }
     };
     let mut conn = link.conn.clone();
     let on = enable_keyspace_notifications(&mut conn).await;
     link.notified
         .store(on && !conn.is_cluster(), Ordering::Release);
+    link.keyspace.store(on, Ordering::Release);
     Ok(link)
 }
 

@@ -19,9 +19,10 @@
 //! flight share the next one (`commit`). A node that sees an announcement whose previous id is not the last
 //! one it delivered knows it missed something and reads the stream. On one Redis that notifies
 //! every XADD, the previous id is not looked up: nodes count each topic's `xadd` notifications
-//! against the announcement after them instead (`subscriptions`); and a topic no node listens to
-//! (`audience`) is appended with plain XADDs and not announced, since a node that listens after
-//! all is told by those notifications. With `redis.min_replicas_ack`, `WAIT` follows the script
+//! against the announcement after them instead (`subscriptions`). Wherever every XADD is
+//! notified (on one Redis or every master of a cluster: `Link::keyspace`), a topic no node
+//! listens to (`audience`) is appended with plain XADDs and not announced, since a node that
+//! listens after all is told by those notifications. With `redis.min_replicas_ack`, `WAIT` follows the script
 //! (or the XADDs) in the same pipeline, on the same master.
 //!
 //! Programs may also `XADD` straight into a stream. Those appends are seen through keyspace
@@ -696,6 +697,7 @@ impl RedisStore {
             group,
             conn,
             notified: link.notified.load(Ordering::Acquire),
+            keyspace: link.keyspace.load(Ordering::Acquire),
             topic,
             events,
             reply,
@@ -895,6 +897,7 @@ async fn establish(
         healthy: tasks.healthy,
         watch_tx: tasks.watch_tx,
         notified: link.notified.clone(),
+        keyspace: link.keyspace.clone(),
         holes,
         shutdown: tasks.shutdown.clone(),
     }));

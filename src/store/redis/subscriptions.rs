@@ -192,6 +192,9 @@ pub(super) struct Health {
     pub(super) watch_tx: mpsc::UnboundedSender<WatchCommand>,
     /// The link's `notified`: checked again whenever the connection comes back.
     pub(super) notified: Arc<AtomicBool>,
+    /// The link's `keyspace`: checked again whenever the connection comes back or the
+    /// cluster's topology changes.
+    pub(super) keyspace: Arc<AtomicBool>,
     /// A failed ping may mean pushes were lost, as a drop does.
     pub(super) holes: Arc<Holes>,
     pub(super) shutdown: Shutdown,
@@ -209,6 +212,7 @@ pub(super) async fn check_health(h: Health) {
         healthy,
         watch_tx,
         notified,
+        keyspace,
         holes,
         shutdown,
     } = h;
@@ -236,20 +240,19 @@ pub(super) async fn check_health(h: Health) {
                 if topology.as_ref().is_some_and(|before| *before != now) {
                     info!("redis cluster topology changed; following it");
                     changed = true;
-                    // Nodes that joined need keyspace notifications too.
-                    enable_keyspace_notifications(&mut pubsub).await;
                 }
                 topology = Some(now);
             }
             Ok(None) => {}
             Err(e) => debug!(error = %e, "cannot read the cluster topology"),
         }
-        if !was && !pubsub.is_cluster() {
-            // A Redis that restarted may have lost the setting; until it is back, announcements
-            // that count on notifications are read from the stream instead (see
-            // `translate_pushes`).
+        if !was || changed {
+            // A Redis that restarted may have lost the setting, and nodes that joined a cluster
+            // lack it; until it is back, announcements that count on notifications are read
+            // from the stream instead (see `translate_pushes`), and every append is announced.
             let on = enable_keyspace_notifications(&mut pubsub).await;
-            notified.store(on, Ordering::Release);
+            notified.store(on && !pubsub.is_cluster(), Ordering::Release);
+            keyspace.store(on, Ordering::Release);
         }
         if !was || changed || restore_pending {
             let (done_tx, done_rx) = oneshot::channel();
