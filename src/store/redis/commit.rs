@@ -263,7 +263,14 @@ async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner)
             .await;
         answer_runs(
             &plain,
-            result.and_then(|answers| split_answers(&answers, &batch, &plain)),
+            result.and_then(|answers| {
+                let events: Vec<usize> = plain
+                    .iter()
+                    .flatten()
+                    .map(|&i| batch[i].events.len())
+                    .collect();
+                split_answers(&answers, &events)
+            }),
         )
     };
     let scripted_answers = async {
@@ -395,21 +402,17 @@ fn build_plain(batch: &[AppendRequest], runs: &[Vec<usize>], parts: &CallParts) 
 /// The pipeline's answers (one per event, in run order) as one outcome per request: its ids,
 /// or the first refusal among its events. Each `XADD` stands alone, so a refused event does
 /// not stop the ones after it; as with the script, a request with a refused event fails.
-fn split_answers(
-    answers: &[Value],
-    batch: &[AppendRequest],
-    runs: &[Vec<usize>],
-) -> Result<Vec<AppendOutcome>, StoreError> {
-    let expected: usize = runs.iter().flatten().map(|&i| batch[i].events.len()).sum();
-    if answers.len() != expected {
+/// `events` holds each request's event count, in run order.
+fn split_answers(answers: &[Value], events: &[usize]) -> Result<Vec<AppendOutcome>, StoreError> {
+    if answers.len() != events.iter().sum::<usize>() {
         return Err(bad_reply("a wrong number of XADD answers"));
     }
     let mut answers = answers.iter();
     let mut outcomes = Vec::new();
-    for &i in runs.iter().flatten() {
+    for &count in events {
         let outcome = answers
             .by_ref()
-            .take(batch[i].events.len())
+            .take(count)
             .map(|answer| match answer {
                 // A cluster in transition (a slot that moved, a failover) is worth a retry,
                 // as when the script is refused so; anything else is not.
@@ -652,6 +655,41 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn each_unannounced_request_gets_its_own_outcome() {
+        let answer = |resp: &str| redis::parse_redis_value(resp.as_bytes()).expect("RESP");
+        let answers = [
+            answer("$3\r\n1-0\r\n"),
+            answer("$3\r\n1-1\r\n"),
+            answer("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"),
+            answer("-MOVED 3999 127.0.0.1:6381\r\n"),
+            answer("$3\r\n2-0\r\n"),
+        ];
+        let outcomes = split_answers(&answers, &[2, 1, 1, 1]).expect("one answer per event");
+        assert_eq!(
+            outcomes[0].as_ref().expect("stored"),
+            &vec![StreamId::new(1, 0), StreamId::new(1, 1)]
+        );
+        assert!(
+            matches!(&outcomes[1], Err(StoreError::Internal(m)) if m.contains("WRONGTYPE")),
+            "refused for good: {:?}",
+            outcomes[1]
+        );
+        assert!(
+            matches!(&outcomes[2], Err(StoreError::Unavailable(_))),
+            "a slot that moved is worth a retry: {:?}",
+            outcomes[2]
+        );
+        assert_eq!(
+            outcomes[3].as_ref().expect("stored"),
+            &vec![StreamId::new(2, 0)]
+        );
+        assert!(
+            split_answers(&answers, &[2, 1]).is_err(),
+            "answers left over"
+        );
     }
 
     #[test]
