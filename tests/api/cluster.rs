@@ -242,6 +242,111 @@ async fn a_topic_nobody_listens_to_is_not_announced_in_a_cluster_either() {
     .await;
 }
 
+/// A topic nobody listens to whose slot moves to another master, keys and all: the gateway's
+/// transaction of `XADD`s goes where the slot was and is refused whole (`MOVED`), and the same
+/// events go again through the script, which the client sends where the slot is. Answered
+/// 201, stored once; a batch of several events after that is stored once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_an_unheard_topic_whose_slot_moved_is_stored_once() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let app = spawn_app(on_cluster(cluster.seeds())).await;
+    let calls = async || {
+        let text = crate::ops::scrape(&app.url("/metrics")).await;
+        crate::ops::sample(&text, "ssegate_redis_append_calls_total")
+    };
+    let topic = "moving";
+    let mut published = vec![app.publish(topic, "e0").await];
+    for i in 1.. {
+        assert!(i < 1000, "every publish was announced: never found unheard");
+        let announced = cluster.calls("spublish").await;
+        published.push(app.publish(topic, &format!("e{i}")).await);
+        if cluster.calls("spublish").await == announced {
+            break;
+        }
+    }
+
+    let key = format!("ssegate:{{{topic}}}");
+    let from = cluster.master_of(&key).await;
+    let to = (0..3).find(|&n| n != from).unwrap();
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&key)
+        .query_async(&mut cluster.nodes[from].conn().await)
+        .await
+        .unwrap();
+    let (from_id, to_id) = (node_id(&cluster, from).await, node_id(&cluster, to).await);
+    let (mut source, mut target) = (
+        cluster.nodes[from].conn().await,
+        cluster.nodes[to].conn().await,
+    );
+    let setslot = |state: &str, id: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        cmd
+    };
+    let () = setslot("IMPORTING", &from_id)
+        .query_async(&mut target)
+        .await
+        .unwrap();
+    let () = setslot("MIGRATING", &to_id)
+        .query_async(&mut source)
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(1000)
+        .query_async(&mut source)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the topic's stream is in its slot");
+    let () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(cluster.nodes[to].port)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(&keys)
+        .query_async(&mut source)
+        .await
+        .unwrap();
+    for conn in [&mut target, &mut source] {
+        let () = setslot("NODE", &to_id).query_async(conn).await.unwrap();
+    }
+    assert_eq!(cluster.master_of(&key).await, to, "the slot moved");
+
+    let moved = async || {
+        let info: String = redis::cmd("INFO")
+            .arg("errorstats")
+            .query_async(&mut cluster.nodes[from].conn().await)
+            .await
+            .unwrap();
+        info.contains("errorstat_MOVED")
+    };
+    assert!(!moved().await);
+    let before = calls().await;
+    published.push(app.publish(topic, "after the move").await);
+    assert!(moved().await, "sent where the slot was");
+    assert_eq!(
+        calls().await - before,
+        2.0,
+        "refused where the slot was, then the script where it is"
+    );
+
+    let (status, reply) = app
+        .post_json(&json!([
+            {"topic": topic, "data": "one"},
+            {"topic": topic, "data": "two"},
+        ]))
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    for id in reply["ids"].as_array().expect("ids") {
+        published.push(id.as_str().expect("an id").to_owned());
+    }
+    assert_eq!(cluster.stream_ids("ssegate", topic).await, published);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_min_replicas_ack_loses_nothing_acknowledged() {
     let cluster = RedisCluster::start(3, 1).await;

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::cluster_routing::Slot;
-use redis::Value;
+use redis::{ErrorKind, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::audience::Audience;
@@ -250,40 +250,30 @@ impl Group {
 async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner) -> Option<Slot> {
     let group = batch[0].group;
     let conn = batch[0].conn.clone();
-    let (plain, scripted) = split_runs(&batch, parts, &conn);
+    let (plain, scripted) = split_runs(&batch, parts, &conn, runner.replication.is_some());
     // One call, though maybe in two parts: they go out together.
     runner.append_call();
     let plain_answers = async {
         if plain.is_empty() {
             return Vec::new();
         }
-        let pipe = build_plain(&batch, &plain, parts);
-        let result = runner
-            .run_pipeline(&mut conn.clone(), pipe, runner.replication)
-            .await;
-        answer_runs(
-            &plain,
-            result.and_then(|answers| {
-                let events: Vec<usize> = plain
-                    .iter()
-                    .flatten()
-                    .map(|&i| batch[i].events.len())
-                    .collect();
-                split_answers(&answers, &events)
-            }),
-        )
-    };
-    let scripted_answers = async {
-        if scripted.is_empty() {
-            return Vec::new();
+        let events: Vec<usize> = plain
+            .iter()
+            .flatten()
+            .map(|&i| batch[i].events.len())
+            .collect();
+        let xadds = build_plain(&batch, &plain, parts);
+        match run_plain(xadds, &conn, runner).await {
+            Ok(Some(answers)) => answer_runs(&plain, split_answers(answers, &events)),
+            Err(e) => answer_runs(&plain, Err(e)),
+            Ok(None) => {
+                // Nothing applied: a cluster's slot moved or is moving. The script follows.
+                runner.append_call();
+                run_script(&batch, &plain, parts, &conn, runner).await
+            }
         }
-        let (call, shapes) = build(&batch, &scripted, parts, conn.is_cluster());
-        let result = runner
-            .run(&mut conn.clone(), &call, runner.replication)
-            .await
-            .and_then(|reply| split_reply(&reply, &shapes));
-        answer_runs(&scripted, result)
     };
+    let scripted_answers = run_script(&batch, &scripted, parts, &conn, runner);
     let (plain_answers, scripted_answers) = futures_util::join!(plain_answers, scripted_answers);
     let mut outcomes: Vec<Option<AppendOutcome>> = batch.iter().map(|_| None).collect();
     for (i, outcome) in plain_answers.into_iter().chain(scripted_answers) {
@@ -297,6 +287,25 @@ async fn run_call(batch: Vec<AppendRequest>, parts: &CallParts, runner: &Runner)
     group
 }
 
+/// Appends `runs` of `batch` as one script call; each request's outcome.
+async fn run_script(
+    batch: &[AppendRequest],
+    runs: &[Vec<usize>],
+    parts: &CallParts,
+    conn: &Commands,
+    runner: &Runner,
+) -> Vec<(usize, AppendOutcome)> {
+    if runs.is_empty() {
+        return Vec::new();
+    }
+    let (call, shapes) = build(batch, runs, parts, conn.is_cluster());
+    let result = runner
+        .run(&mut conn.clone(), &call, runner.replication)
+        .await
+        .and_then(|reply| split_reply(&reply, &shapes));
+    answer_runs(runs, result)
+}
+
 /// Runs longer than this go to the script even where no one listens: one `XADD` each costs
 /// Redis more than a long run's share of the script (a one-topic batch of 100 is one run).
 const PLAIN_RUN_MAX: usize = 16;
@@ -307,16 +316,20 @@ const PLAIN_RUN_MAX: usize = 16;
 /// A run goes without its announcement only where Redis notifies every `XADD` (so a node that
 /// does listen after all is told), with no retention that needs the script (`max_age`,
 /// `idle_ttl`), when it is short and has neither idempotency keys nor labels, and when no node
-/// listened to its topic lately. In a cluster the call's requests share one slot, so its
-/// pipeline goes to one master as its script would.
+/// listened to its topic lately. In a cluster, only without `min_replicas_ack` (see
+/// `run_plain`).
 fn split_runs(
     batch: &[AppendRequest],
     parts: &CallParts,
     conn: &Commands,
+    replicated: bool,
 ) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
     let runs = runs_of(batch);
     let settings = &parts.settings;
-    let may = batch[0].keyspace && settings.max_age_ms == 0 && settings.idle_ttl_ms == 0;
+    let may = batch[0].keyspace
+        && settings.max_age_ms == 0
+        && settings.idle_ttl_ms == 0
+        && !(conn.is_cluster() && replicated);
     if !may {
         return (Vec::new(), runs);
     }
@@ -367,12 +380,12 @@ fn answer_runs(
     }
 }
 
-/// One pipeline of `XADD`s for the runs, one per event in run order; a plain run is trimmed as
-/// the script trims it, by `MAXLEN` on its `XADD`s.
-fn build_plain(batch: &[AppendRequest], runs: &[Vec<usize>], parts: &CallParts) -> redis::Pipeline {
+/// The `XADD`s for the runs, one per event in run order; a plain run is trimmed as the script
+/// trims it, by `MAXLEN` on its `XADD`s.
+fn build_plain(batch: &[AppendRequest], runs: &[Vec<usize>], parts: &CallParts) -> Vec<redis::Cmd> {
     let settings = &parts.settings;
     let maxlen = settings.max_events.to_string();
-    let mut pipe = redis::Pipeline::with_capacity(runs.len() + 1);
+    let mut xadds = Vec::with_capacity(runs.len());
     let mut name = String::new();
     for run in runs {
         parts
@@ -393,44 +406,93 @@ fn build_plain(batch: &[AppendRequest], runs: &[Vec<usize>], parts: &CallParts) 
             if let Some(event) = event.event.as_deref() {
                 xadd.arg("event").arg(event);
             }
-            pipe.add_command(xadd);
+            xadds.push(xadd);
         }
     }
-    pipe
+    xadds
 }
 
-/// The pipeline's answers (one per event, in run order) as one outcome per request: its ids,
-/// or the first refusal among its events. Each `XADD` stands alone, so a refused event does
-/// not stop the ones after it; as with the script, a request with a refused event fails.
-/// `events` holds each request's event count, in run order.
-fn split_answers(answers: &[Value], events: &[usize]) -> Result<Vec<AppendOutcome>, StoreError> {
+/// Sends the `XADD`s and gives each one's answer, in order; `None` when a cluster refused them
+/// all unapplied, for a slot that moved or is moving.
+///
+/// On one Redis they go as one pipeline (with `WAIT` behind it when asked). In a cluster they
+/// go as one transaction (`MULTI` … `EXEC`): the cluster client sends a plain pipeline again
+/// when one of its answers is a redirect, and an `XADD` applied before that one would be
+/// appended twice. A transaction is applied whole or, redirected, not at all, and the caller
+/// then sends the same runs through the script, which the client redirects. (`WAIT` cannot
+/// wait inside a transaction: a cluster with `min_replicas_ack` sends every append through the
+/// script.)
+async fn run_plain(
+    xadds: Vec<redis::Cmd>,
+    conn: &Commands,
+    runner: &Runner,
+) -> Result<Option<Vec<Result<StreamId, StoreError>>>, StoreError> {
+    let mut pipe = redis::Pipeline::with_capacity(xadds.len() + 1);
+    for xadd in xadds {
+        pipe.add_command(xadd);
+    }
+    if !conn.is_cluster() {
+        let answers = runner
+            .run_pipeline(&mut conn.clone(), pipe, runner.replication)
+            .await?;
+        return Ok(Some(
+            answers.into_iter().map(|a| xadd_answer(Ok(a))).collect(),
+        ));
+    }
+    pipe.atomic().ignore_errors();
+    let started = std::time::Instant::now();
+    let answers = match tokio::time::timeout(
+        runner.response_timeout,
+        pipe.query_async::<Vec<Value>>(&mut conn.clone()),
+    )
+    .await
+    {
+        Err(_) => Err(StoreError::Unavailable(
+            "redis did not answer in time".into(),
+        )),
+        Ok(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort) => {
+            return Ok(None);
+        }
+        Ok(Err(e)) => Err(classify_error(e)),
+        Ok(Ok(answers)) => Ok(answers),
+    };
+    runner.observe(started, &answers);
+    Ok(Some(
+        answers?.into_iter().map(|a| xadd_answer(Ok(a))).collect(),
+    ))
+}
+
+/// One `XADD`'s answer: the id it was given, or why Redis refused it. A cluster in transition
+/// (a slot that moved, a failover) is worth a retry, as when the script is refused so;
+/// anything else is not.
+fn xadd_answer(answer: redis::RedisResult<Value>) -> Result<StreamId, StoreError> {
+    let refused = |e: redis::RedisError| match classify_error(e) {
+        StoreError::Internal(e) => StoreError::Internal(format!("redis refused the append: {e}")),
+        transient => transient,
+    };
+    match answer {
+        Ok(Value::ServerError(e)) => Err(refused(e.into())),
+        Ok(id) => StreamId::parse_ascii(as_bytes(&id)?).map_err(|_| bad_reply("stream id")),
+        Err(e) => Err(refused(e)),
+    }
+}
+
+/// The `XADD`s' answers (one per event, in run order) as one outcome per request: its ids, or
+/// the first refusal among its events. Each `XADD` stands alone, so a refused event does not
+/// stop the ones after it; as with the script, a request with a refused event fails. `events`
+/// holds each request's event count, in run order.
+fn split_answers(
+    answers: Vec<Result<StreamId, StoreError>>,
+    events: &[usize],
+) -> Result<Vec<AppendOutcome>, StoreError> {
     if answers.len() != events.iter().sum::<usize>() {
         return Err(bad_reply("a wrong number of XADD answers"));
     }
-    let mut answers = answers.iter();
-    let mut outcomes = Vec::new();
-    for &count in events {
-        let outcome = answers
-            .by_ref()
-            .take(count)
-            .map(|answer| match answer {
-                // A cluster in transition (a slot that moved, a failover) is worth a retry,
-                // as when the script is refused so; anything else is not.
-                Value::ServerError(e) => Err(match classify_error(e.clone().into()) {
-                    StoreError::Internal(e) => {
-                        StoreError::Internal(format!("redis refused the append: {e}"))
-                    }
-                    transient => transient,
-                }),
-                other => {
-                    let id = as_bytes(other)?;
-                    StreamId::parse_ascii(id).map_err(|_| bad_reply("stream id"))
-                }
-            })
-            .collect::<Result<Vec<_>, _>>();
-        outcomes.push(outcome);
-    }
-    Ok(outcomes)
+    let mut answers = answers.into_iter();
+    Ok(events
+        .iter()
+        .map(|&count| answers.by_ref().take(count).collect())
+        .collect())
 }
 
 /// One script call for the runs of `batch` (each its requests' indices), and per run its
@@ -659,15 +721,19 @@ mod tests {
 
     #[test]
     fn each_unannounced_request_gets_its_own_outcome() {
-        let answer = |resp: &str| redis::parse_redis_value(resp.as_bytes()).expect("RESP");
-        let answers = [
-            answer("$3\r\n1-0\r\n"),
-            answer("$3\r\n1-1\r\n"),
-            answer("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"),
-            answer("-MOVED 3999 127.0.0.1:6381\r\n"),
-            answer("$3\r\n2-0\r\n"),
-        ];
-        let outcomes = split_answers(&answers, &[2, 1, 1, 1]).expect("one answer per event");
+        let answers = || {
+            [
+                "$3\r\n1-0\r\n",
+                "$3\r\n1-1\r\n",
+                "-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+                "-MOVED 3999 127.0.0.1:6381\r\n",
+                "$3\r\n2-0\r\n",
+            ]
+            .iter()
+            .map(|resp| xadd_answer(redis::parse_redis_value(resp.as_bytes())))
+            .collect::<Vec<_>>()
+        };
+        let outcomes = split_answers(answers(), &[2, 1, 1, 1]).expect("one answer per event");
         assert_eq!(
             outcomes[0].as_ref().expect("stored"),
             &vec![StreamId::new(1, 0), StreamId::new(1, 1)]
@@ -687,9 +753,16 @@ mod tests {
             &vec![StreamId::new(2, 0)]
         );
         assert!(
-            split_answers(&answers, &[2, 1]).is_err(),
+            split_answers(answers(), &[2, 1]).is_err(),
             "answers left over"
         );
+        // A cluster's lone XADD answered with an error comes as one.
+        let moved = redis::parse_redis_value(b"-MOVED 3999 127.0.0.1:6381\r\n")
+            .and_then(|v| v.extract_error());
+        assert!(matches!(
+            xadd_answer(moved),
+            Err(StoreError::Unavailable(_))
+        ));
     }
 
     #[test]
