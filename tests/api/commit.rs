@@ -287,6 +287,62 @@ async fn an_unannounced_refused_request_fails_alone() {
     }
 }
 
+/// In a cluster, a call's unannounced events go as one transaction; an event Redis refuses
+/// there (its topic's key holds no stream) still fails its own request alone, and the other
+/// topic's events, in the same slot and the same transaction, are stored once with their ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unannounced_refused_request_fails_alone_in_a_cluster_transaction() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let (store, _metrics, _shutdown) = store_on(cluster.seeds(), Duration::from_secs(10)).await;
+    let prefix = Settings::default().key_prefix;
+    // Two topics whose keys share a slot, so that one call carries both.
+    let mut conn = cluster.nodes[0].conn().await;
+    let mut by_slot: HashMap<u16, String> = HashMap::new();
+    let (good, bad) = loop {
+        let name = format!("c{}", by_slot.len());
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{prefix}:{{{name}}}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(other) = by_slot.insert(slot, name.clone()) {
+            break (other, name);
+        }
+    };
+    let bad_key = format!("{prefix}:{{{bad}}}");
+    let mut master = cluster.nodes[cluster.master_of(&bad_key).await]
+        .conn()
+        .await;
+    let _: () = redis::cmd("SET")
+        .arg(&bad_key)
+        .arg("not a stream")
+        .query_async(&mut master)
+        .await
+        .unwrap();
+    let mut stored = Vec::new();
+    for i in 0.. {
+        assert!(i < 1000, "the batch was always announced");
+        let announced = cluster.calls("spublish").await;
+        let batch = vec![
+            (topic(&good), vec![keyed(&format!("good-{i}"), None)]),
+            (topic(&bad), vec![keyed(&format!("bad-{i}"), None)]),
+        ];
+        let outcomes = store.append_runs(batch).await;
+        match &outcomes[1] {
+            Err(StoreError::Internal(m)) if m.contains("WRONGTYPE") => {}
+            other => panic!("the bad topic's event: {other:?}"),
+        }
+        let ids = outcomes[0].as_ref().expect("the good topic's event");
+        stored.push((ids[0].to_string(), format!("good-{i}")));
+        if cluster.calls("spublish").await == announced {
+            break;
+        }
+    }
+    assert!(cluster.calls("multi").await > 0, "sent as a transaction");
+    assert_eq!(entries(&mut master, &good).await, stored);
+}
+
 /// A call Redis holds past the deadline fails its own requests (`Unavailable`, so `503`), not
 /// the ones waiting behind it; those go in the next call. Once Redis runs the held calls,
 /// retries with the same idempotency keys get the ids the events were stored under, and every
