@@ -268,12 +268,7 @@ async fn a_publish_to_an_unheard_topic_whose_slot_moved_is_stored_once() {
     let key = format!("ssegate:{{{topic}}}");
     let from = cluster.master_of(&key).await;
     let to = (0..3).find(|&n| n != from).unwrap();
-    let slot: u16 = redis::cmd("CLUSTER")
-        .arg("KEYSLOT")
-        .arg(&key)
-        .query_async(&mut cluster.nodes[from].conn().await)
-        .await
-        .unwrap();
+    let slot = cluster.slot_of(&key).await;
     let (from_id, to_id) = (node_id(&cluster, from).await, node_id(&cluster, to).await);
     let (mut source, mut target) = (
         cluster.nodes[from].conn().await,

@@ -296,16 +296,10 @@ async fn an_unannounced_refused_request_fails_alone_in_a_cluster_transaction() {
     let (store, _metrics, _shutdown) = store_on(cluster.seeds(), Duration::from_secs(10)).await;
     let prefix = Settings::default().key_prefix;
     // Two topics whose keys share a slot, so that one call carries both.
-    let mut conn = cluster.nodes[0].conn().await;
     let mut by_slot: HashMap<u16, String> = HashMap::new();
     let (good, bad) = loop {
         let name = format!("c{}", by_slot.len());
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(format!("{prefix}:{{{name}}}"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let slot = cluster.slot_of(&format!("{prefix}:{{{name}}}")).await;
         if let Some(other) = by_slot.insert(slot, name.clone()) {
             break (other, name);
         }

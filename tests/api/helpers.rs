@@ -878,14 +878,19 @@ impl RedisCluster {
             .collect()
     }
 
-    /// Index of the node that is master of `key`'s slot now.
-    pub async fn master_of(&self, key: &str) -> usize {
-        let slot: u16 = redis::cmd("CLUSTER")
+    /// `key`'s hash slot.
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
             .query_async(&mut self.live_node().conn().await)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Index of the node that is master of `key`'s slot now.
+    pub async fn master_of(&self, key: &str) -> usize {
+        let slot = self.slot_of(key).await;
         let (_, _, port) = self
             .slot_ranges()
             .await

@@ -252,15 +252,8 @@ async fn a_batch_on_a_cluster_is_one_call_per_slot() {
     let app = spawn_app(s).await;
     let users = users();
     let mut slots = HashSet::new();
-    let mut conn = cluster.nodes[0].conn().await;
     for user in &users {
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(format!("ssegate:{{{user}}}"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        slots.insert(slot);
+        slots.insert(cluster.slot_of(&format!("ssegate:{{{user}}}")).await);
     }
     let calls = async || {
         let text = crate::ops::scrape(&app.url("/metrics")).await;

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::cluster_routing::Slot;
-use redis::{ErrorKind, ServerErrorKind, Value};
+use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::audience::Audience;
@@ -431,49 +431,30 @@ async fn run_plain(
     for xadd in xadds {
         pipe.add_command(xadd);
     }
-    if !conn.is_cluster() {
-        let answers = runner
-            .run_pipeline(&mut conn.clone(), pipe, runner.replication)
-            .await?;
-        return Ok(Some(
-            answers.into_iter().map(|a| xadd_answer(Ok(a))).collect(),
-        ));
-    }
-    pipe.atomic().ignore_errors();
-    let started = std::time::Instant::now();
-    let answers = match tokio::time::timeout(
-        runner.response_timeout,
-        pipe.query_async::<Vec<Value>>(&mut conn.clone()),
-    )
-    .await
-    {
-        Err(_) => Err(StoreError::Unavailable(
-            "redis did not answer in time".into(),
-        )),
-        Ok(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort) => {
-            return Ok(None);
-        }
-        Ok(Err(e)) => Err(classify_error(e)),
-        Ok(Ok(answers)) => Ok(answers),
+    let replication = if conn.is_cluster() {
+        pipe.atomic();
+        None
+    } else {
+        runner.replication
     };
-    runner.observe(started, &answers);
-    Ok(Some(
-        answers?.into_iter().map(|a| xadd_answer(Ok(a))).collect(),
-    ))
+    let answers = runner
+        .run_pipeline(&mut conn.clone(), pipe, replication)
+        .await?;
+    Ok(answers.map(|answers| answers.iter().map(xadd_answer).collect()))
 }
 
 /// One `XADD`'s answer: the id it was given, or why Redis refused it. A cluster in transition
 /// (a slot that moved, a failover) is worth a retry, as when the script is refused so;
 /// anything else is not.
-fn xadd_answer(answer: redis::RedisResult<Value>) -> Result<StreamId, StoreError> {
-    let refused = |e: redis::RedisError| match classify_error(e) {
-        StoreError::Internal(e) => StoreError::Internal(format!("redis refused the append: {e}")),
-        transient => transient,
-    };
+fn xadd_answer(answer: &Value) -> Result<StreamId, StoreError> {
     match answer {
-        Ok(Value::ServerError(e)) => Err(refused(e.into())),
-        Ok(id) => StreamId::parse_ascii(as_bytes(&id)?).map_err(|_| bad_reply("stream id")),
-        Err(e) => Err(refused(e)),
+        Value::ServerError(e) => Err(match classify_error(e.clone().into()) {
+            StoreError::Internal(e) => {
+                StoreError::Internal(format!("redis refused the append: {e}"))
+            }
+            transient => transient,
+        }),
+        id => StreamId::parse_ascii(as_bytes(id)?).map_err(|_| bad_reply("stream id")),
     }
 }
 
@@ -730,7 +711,7 @@ mod tests {
                 "$3\r\n2-0\r\n",
             ]
             .iter()
-            .map(|resp| xadd_answer(redis::parse_redis_value(resp.as_bytes())))
+            .map(|resp| xadd_answer(&redis::parse_redis_value(resp.as_bytes()).expect("RESP")))
             .collect::<Vec<_>>()
         };
         let outcomes = split_answers(answers(), &[2, 1, 1, 1]).expect("one answer per event");
@@ -756,13 +737,6 @@ mod tests {
             split_answers(answers(), &[2, 1]).is_err(),
             "answers left over"
         );
-        // A cluster's lone XADD answered with an error comes as one.
-        let moved = redis::parse_redis_value(b"-MOVED 3999 127.0.0.1:6381\r\n")
-            .and_then(|v| v.extract_error());
-        assert!(matches!(
-            xadd_answer(moved),
-            Err(StoreError::Unavailable(_))
-        ));
     }
 
     #[test]

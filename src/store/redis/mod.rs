@@ -22,8 +22,8 @@
 //! against the announcement after them instead (`subscriptions`). Wherever every XADD is
 //! notified (on one Redis or every master of a cluster: `Link::keyspace`), a topic no node
 //! listens to (`audience`) is appended with plain XADDs and not announced, since a node that
-//! listens after all is told by those notifications. With `redis.min_replicas_ack`, `WAIT` follows the script
-//! (or the XADDs) in the same pipeline, on the same master.
+//! listens after all is told by those notifications. With `redis.min_replicas_ack`, `WAIT`
+//! follows the script (or, on one Redis, the XADDs) in the same pipeline, on the same master.
 //!
 //! Programs may also `XADD` straight into a stream. Those appends are seen through keyspace
 //! notifications (`notify-keyspace-events` with `K` and `t`, enabled at start where `CONFIG SET`
@@ -773,13 +773,14 @@ impl Runner {
 
     /// Runs one pipeline with an overall deadline, each command's answer its own (an error
     /// answer among them is a `Value::ServerError`); with `replication`, `WAIT`s behind it and
-    /// fails (retryably) if too few replicas confirmed.
+    /// fails (retryably) if too few replicas confirmed. `None`: the pipeline was a transaction
+    /// (`atomic`) that Redis refused whole (`EXECABORT`), applying none of it.
     async fn run_pipeline(
         &self,
         conn: &mut connection::Commands,
         mut pipe: redis::Pipeline,
         replication: Option<Replication>,
-    ) -> Result<Vec<Value>, StoreError> {
+    ) -> Result<Option<Vec<Value>>, StoreError> {
         let started = Instant::now();
         pipe.ignore_errors();
         if let Some(r) = replication {
@@ -790,20 +791,23 @@ impl Runner {
         let deadline = self.response_timeout + replication.map_or(Duration::ZERO, |r| r.timeout);
         let result =
             match tokio::time::timeout(deadline, pipe.query_async::<Vec<Value>>(conn)).await {
-                Ok(result) => result.map_err(reply::classify_error),
+                Ok(Err(e))
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort) =>
+                {
+                    Ok(None)
+                }
+                Ok(result) => result.map(Some).map_err(reply::classify_error),
                 Err(_) => Err(StoreError::Unavailable(
                     "redis did not answer in time".into(),
                 )),
             };
-        let result = result.and_then(|mut answers| {
-            let Some(wanted) = replication else {
-                return Ok(answers);
-            };
-            match answers.pop() {
-                Some(Value::Int(acked)) if acked >= i64::from(wanted.replicas) => Ok(answers),
+        let result = result.and_then(|answers| match (replication, answers) {
+            (Some(wanted), Some(mut answers)) => match answers.pop() {
+                Some(Value::Int(acked)) if acked >= i64::from(wanted.replicas) => Ok(Some(answers)),
                 Some(Value::Int(acked)) => Err(too_few_replicas(acked, wanted)),
                 _ => Err(bad_reply("WAIT")),
-            }
+            },
+            (_, answers) => Ok(answers),
         });
         self.observe(started, &result);
         result
